@@ -1,0 +1,213 @@
+"""Merge speed and memory: mergecore vs. mergekit on three ~1B-parameter Llama checkpoints.
+
+    python bench/merge_speed.py [--mergekit PATH/TO/mergekit-yaml] [--models DIR] [--repeats N]
+
+Builds (once, cached) a base and two "fine-tunes" (base + 0.01 N(0,1) noise), bf16, hidden 2048,
+16 layers, intermediate 5632, vocab 32000; then times cold-cache merges (page cache dropped
+before each run where allowed, else the input files are evicted with posix_fadvise) of
+TIES (base + 2, density 0.5, weight 0.5) and linear (2 models, weight 0.5). Each run is a
+separate process; wall time and its peak RSS (wait4) are printed as a table. With --mergekit
+the same recipes run through mergekit, alternating with mergecore, and ratios are printed.
+Outputs are checked against a plain reference implementation of the equations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mergecore.io.source import ModelSource, fadvise_dontneed  # noqa: E402
+
+LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=16,
+                num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    """Base (seed 0) and two noisy variants (seeds 1, 2), bf16, written tensor by tensor."""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    paths = {n: root / n for n in ("base", "ft_a", "ft_b")}
+    if all((p / "model.safetensors").is_file() for p in paths.values()):
+        return paths
+    cfg = tf.LlamaConfig(**LLAMA_1B)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        skeleton = tf.LlamaForCausalLM(cfg)
+    names = [(n, tuple(p.shape)) for n, p in skeleton.state_dict().items()]
+    for name, seed in (("base", None), ("ft_a", 1), ("ft_b", 2)):
+        t0 = time.time()
+        gen_base = torch.Generator().manual_seed(0)
+        gen_noise = torch.Generator().manual_seed(seed or 0)
+        sd = {}
+        for tname, shape in names:
+            if "norm" in tname:
+                w = torch.ones(shape)
+            else:
+                w = torch.randn(shape, generator=gen_base) * 0.02
+            if seed is not None:
+                w += torch.randn(shape, generator=gen_noise) * 0.01
+            sd[tname] = w.to(torch.bfloat16)
+        paths[name].mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(paths[name] / "model.safetensors"), metadata={"format": "pt"})
+        cfg.save_pretrained(paths[name])
+        del sd
+        print(f"built {name} in {time.time() - t0:.0f} s", flush=True)
+    return paths
+
+
+def recipes(models: dict[str, Path]) -> dict[str, str]:
+    return {
+        "ties": f"""merge_method: ties
+base_model: {models['base']}
+models:
+  - model: {models['ft_a']}
+    parameters: {{density: 0.5, weight: 0.5}}
+  - model: {models['ft_b']}
+    parameters: {{density: 0.5, weight: 0.5}}
+parameters:
+  normalize: true
+dtype: bfloat16
+""",
+        "linear": f"""merge_method: linear
+models:
+  - model: {models['ft_a']}
+    parameters: {{weight: 0.5}}
+  - model: {models['ft_b']}
+    parameters: {{weight: 0.5}}
+dtype: bfloat16
+""",
+    }
+
+
+def drop_cache(files: list[Path]) -> str:
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for f in files:
+            fadvise_dontneed(f)
+        return "fadvise"
+
+
+def timed_run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Run cmd; return (wall seconds, peak RSS GiB, exit status)."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        print(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}", file=sys.stderr)
+    return wall, usage.ru_maxrss / 1024**2, proc.returncode
+
+
+def reference_ties(base: torch.Tensor, fts: list[torch.Tensor], density: float, weights: list[float]) -> torch.Tensor:
+    """Plain TIES from the paper's equations (float32): trim, elect sign by sum, disjoint mean."""
+    base = base.float()
+    deltas = []
+    for ft in fts:
+        d = ft.float() - base
+        k = int(density * d.numel())
+        mask = torch.zeros(d.numel(), dtype=torch.bool)
+        mask[torch.topk(d.abs().flatten(), k).indices] = True
+        deltas.append(d * mask.view_as(d))
+    w = torch.tensor(weights).view(-1, *([1] * base.dim()))
+    stacked = torch.stack(deltas) * w
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    num = (stacked * agree).sum(0)
+    den = (w * agree).sum(0).clamp(min=1e-8)
+    return base + num / den
+
+
+def check_outputs(kind: str, out: Path, models: dict[str, Path], names: list[str]) -> str:
+    res = ModelSource(str(out))
+    src = {k: ModelSource(str(v)) for k, v in models.items()}
+    worst = 0.0
+    agree = []
+    for n in names:
+        got = res.read(n).float()
+        if kind == "linear":
+            ref = (0.5 * src["ft_a"].read(n).float() + 0.5 * src["ft_b"].read(n).float()).to(torch.bfloat16).float()
+            worst = max(worst, (got - ref).abs().max().item())
+        else:
+            ref = reference_ties(src["base"].read(n), [src["ft_a"].read(n), src["ft_b"].read(n)], 0.5, [0.5, 0.5])
+            ref = ref.to(torch.bfloat16).float()
+            agree.append(((got - ref).abs() <= 1e-2 * ref.abs().clamp(min=1e-3)).float().mean().item())
+    if kind == "linear":
+        return f"max |out - bf16(0.5a+0.5b)| = {worst:.3g}"
+    return f"agreement with reference TIES: {min(agree) * 100:.2f}% (min over {len(names)} tensors)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=Path(os.environ.get("MERGECORE_BENCH_DIR", Path.home() / ".cache/mergecore/bench-1b")))
+    ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml for side-by-side runs")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--methods", default="ties,linear")
+    ap.add_argument("--threads", type=int, default=None, help="mergecore --threads (default: its own)")
+    ap.add_argument("--keep", action="store_true", help="keep outputs")
+    args = ap.parse_args()
+
+    models = build_models(args.models)
+    files = [p / "model.safetensors" for p in models.values()]
+    work = Path(tempfile.mkdtemp(prefix="mergebench-", dir=args.models))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    rows = []
+    check_names = ["model.layers.3.mlp.down_proj.weight", "model.layers.10.self_attn.q_proj.weight", "model.norm.weight"]
+    try:
+        for kind in args.methods.split(","):
+            rfile = work / f"{kind}.yml"
+            rfile.write_text(recipes(models)[kind])
+            mc_out, mk_out = work / f"mc-{kind}", work / f"mk-{kind}"
+            tools = [("mergecore", mc_out, [sys.executable, "-m", "mergecore.cli", "merge", str(rfile), str(mc_out), "--quiet"]
+                      + (["--threads", str(args.threads)] if args.threads else []))]
+            if args.mergekit:
+                tools.append(("mergekit", mk_out, [args.mergekit, str(rfile), str(mk_out), "--device", "cpu", "--no-cuda"]))
+            for rep in range(args.repeats):
+                for tool, out, cmd in tools:
+                    shutil.rmtree(out, ignore_errors=True)
+                    how = drop_cache(files + [out])
+                    wall, rss, rc = timed_run(cmd, env)
+                    note = check_outputs(kind, out, models, check_names) if rc == 0 else f"FAILED ({rc})"
+                    rows.append({"method": kind, "tool": tool, "run": rep + 1, "wall_s": wall, "peak_rss_gib": rss, "cache": how, "check": note})
+                    print(json.dumps(rows[-1]), flush=True)
+                    if not args.keep:
+                        shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"{'method':<8} {'tool':<10} {'wall s':>8} {'peak RSS GiB':>13} {'wall ratio':>11} {'RSS ratio':>10}  check")
+    for kind in args.methods.split(","):
+        for tool in ("mergecore", "mergekit"):
+            rs = [r for r in rows if r["method"] == kind and r["tool"] == tool]
+            if not rs:
+                continue
+            wall = min(r["wall_s"] for r in rs)
+            rss = max(r["peak_rss_gib"] for r in rs)
+            mk = [r for r in rows if r["method"] == kind and r["tool"] == "mergekit"]
+            ratio_w = f"{wall / min(r['wall_s'] for r in mk):.2f}x" if mk else "-"
+            ratio_r = f"{rss / max(r['peak_rss_gib'] for r in mk):.2f}x" if mk else "-"
+            print(f"{kind:<8} {tool:<10} {wall:>8.1f} {rss:>13.2f} {ratio_w:>11} {ratio_r:>10}  {rs[-1]['check']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Progress events and the cancel token shared by the executor, the searches, the CLI and the app.
+
+Long work takes an optional `progress` callback and an optional `CancelToken`. The CLI turns
+the events into a progress bar; the app's job manager stores them for its polling plots.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+from mergecore.errors import Cancelled
+
+
+class CancelToken:
+    """A thread-safe flag; long work calls `check()` between units of work."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+@dataclass
+class Event:
+    """One event: `kind` says what (e.g. 'merge.progress', 'rmm.episode'), `data` the numbers."""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MergeProgress:
+    """Progress of a merge: tensors and bytes written, elapsed seconds and an ETA."""
+
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+    elapsed: float
+    current: str = ""
+
+    @property
+    def fraction(self) -> float:
+        if self.bytes_total:
+            return self.bytes_done / self.bytes_total
+        return self.tensors_done / self.tensors_total if self.tensors_total else 1.0
+
+    @property
+    def eta(self) -> Optional[float]:
+        f = self.fraction
+        if f <= 0:
+            return None
+        return self.elapsed * (1 - f) / f
+
+    def as_event(self) -> Event:
+        d = asdict(self)
+        d["fraction"] = self.fraction
+        d["eta"] = self.eta
+        return Event("merge.progress", d)
+
+
+ProgressCallback = Callable[[MergeProgress], None]
+EventCallback = Callable[[Event], None]

@@ -1,0 +1,565 @@
+"""Plan and execute a merge: one job per output tensor, streamed read -> method -> write.
+
+`plan_merge` opens the sources (headers only), checks everything that can be checked before a
+byte is written (models, architectures, shapes, slices, parameters, output path) and returns a
+`Plan`. `execute_plan` runs the jobs on a small thread pool under a memory budget: each job reads
+its input tensors, calls the method, writes the result at its final offset and releases
+everything, so peak memory is a few tensors, not a model. `merge` does both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mergecore.arch import config_num_layers, is_pre_weight, layer_of, layer_stacks, relayer_config
+from mergecore.errors import MergeError
+from mergecore.events import CancelToken, MergeProgress, ProgressCallback
+from mergecore.io.extras import write_side_files
+from mergecore.io.source import ModelSource, dtype_from_name, dtype_name
+from mergecore.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, prepare_output_dir
+from mergecore.methods import MergeMethod, get_method
+from mergecore.params import UNSET, layer_position, resolve
+from mergecore.recipe import InputSlice, OutputSlice, Recipe, validate_parameters
+
+PROCESS_BASELINE_BYTES = 450 * 1024**2  # python + torch + libraries, measured on CPU
+
+
+@dataclass
+class TensorJob:
+    """Everything needed to produce one output tensor."""
+
+    out_name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    inputs: list[tuple[str, str]]  # (model ref, tensor name) in method order
+    base: Optional[tuple[str, str]]
+    params: dict[str, Any]
+    layer: Optional[int]
+    t: float
+    copy: bool = False  # output is the single input unchanged (raw copy, no math)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def working_bytes(self) -> int:
+        """Rough peak bytes while this job runs (inputs, float32 copies, temporaries)."""
+        n_in = len(self.inputs) + (1 if self.base else 0)
+        if self.copy:
+            return self.numel * 4
+        return self.numel * 4 * (2 * n_in + 3)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    method: MergeMethod
+    sources: dict[str, ModelSource]
+    jobs: list[TensorJob]
+    reference: str  # the model whose config, names and side files the output follows
+    base: Optional[str]
+    config: dict[str, Any]
+    layer_sources: list[tuple[str, int]]  # per output layer: (model, source layer)
+    source_layer_count: int
+    compute_dtype: torch.dtype
+    tokenizer_source: Optional[str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(j.numel * torch.empty((), dtype=j.out_dtype).element_size() for j in self.jobs)
+
+    @property
+    def in_bytes(self) -> int:
+        return sum(
+            self.sources[m].info(n).nbytes
+            for j in self.jobs
+            for (m, n) in (j.inputs + ([j.base] if j.base else []))
+        )
+
+    def peak_memory_estimate(self, memory_budget: Optional[int] = None) -> int:
+        largest = max((j.working_bytes() for j in self.jobs), default=0)
+        budget = memory_budget or default_memory_budget(self)
+        return PROCESS_BASELINE_BYTES + max(largest, budget)
+
+    def describe(self, memory_budget: Optional[int] = None) -> str:
+        """Human-readable plan: models, tensors, per-layer parameters, memory estimate."""
+        lines = [
+            f"method: {self.method.name} -- {self.method.summary}",
+            f"models: {', '.join(self.sources)}" + (f" (base: {self.base})" if self.base else ""),
+            f"output: {len(self.jobs)} tensors, {self.out_bytes / 1e9:.3f} GB, "
+            f"{len(self.layer_sources)} layers (sources have {self.source_layer_count}), "
+            f"reads {self.in_bytes / 1e9:.3f} GB",
+        ]
+        lines.append(f"estimated peak memory: {self.peak_memory_estimate(memory_budget) / 2**30:.2f} GiB")
+        lines += [f"warning: {w}" for w in self.warnings]
+        by_layer: dict[Optional[int], list[TensorJob]] = {}
+        for j in self.jobs:
+            by_layer.setdefault(j.layer, []).append(j)
+        lines.append("per-layer parameters (attn / mlp / other tensors where they differ):")
+        for layer in sorted(by_layer, key=lambda x: -1 if x is None else x):
+            jobs = by_layer[layer]
+            label = "non-layer" if layer is None else f"layer {layer:>3}"
+            if layer is not None:
+                src_model, src_layer = self.layer_sources[layer]
+                label += f" <- {src_model}[{src_layer}]"
+            lines.append(f"  {label}: {_describe_params(jobs)}")
+        return "\n".join(lines)
+
+
+def _group(name: str) -> str:
+    if any(k in name for k in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")):
+        return "attn"
+    if any(k in name for k in ("mlp", "ffn", "intermediate", "feed_forward", "fc1", "fc2", "c_fc")):
+        return "mlp"
+    return "other"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def _describe_params(jobs: list[TensorJob]) -> str:
+    keys = list(dict.fromkeys(k for j in jobs for k in j.params))
+    parts = []
+    for k in keys:
+        by_group: dict[str, set[str]] = {}
+        for j in jobs:
+            if k in j.params:
+                by_group.setdefault(_group(j.out_name), set()).add(_fmt(j.params[k]))
+        values = {v for s in by_group.values() for v in s}
+        if len(values) == 1:
+            parts.append(f"{k}={values.pop()}")
+        else:
+            parts.append(f"{k}=" + " ".join(f"{g}:{'|'.join(sorted(s))}" for g, s in by_group.items()))
+    return ", ".join(parts) if parts else "(copy)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def _open_sources(refs: list[str], search_dirs: tuple[Path, ...]) -> dict[str, ModelSource]:
+    return {r: ModelSource(r, search_dirs=search_dirs) for r in refs}
+
+
+def _check_architectures(sources: dict[str, ModelSource]) -> None:
+    archs = {ref: s.architecture for ref, s in sources.items()}
+    if len(set(archs.values())) > 1:
+        desc = ", ".join(f"{r} is {a}" for r, a in archs.items())
+        raise MergeError(f"architectures do not match: {desc}")
+
+
+def _normalize_slices(recipe: Recipe, method: MergeMethod, sources: dict[str, ModelSource]) -> list[OutputSlice]:
+    """`models:` recipes become one full-depth slice, as in mergekit."""
+    if recipe.slices is not None:
+        return recipe.slices
+    srcs = []
+    for m in recipe.models or []:
+        n = _depth(sources[m.model])
+        srcs.append(InputSlice(model=m.model, layer_range=(0, n), parameters=m.parameters))
+    base = recipe.base_model
+    if base and method.base != "ignored" and all(m.model != base for m in recipe.models or []):
+        srcs.append(InputSlice(model=base, layer_range=(0, _depth(sources[base]))))
+    return [OutputSlice(sources=srcs)]
+
+
+def _depth(src: ModelSource) -> int:
+    stacks = layer_stacks(src.tensors)
+    if not stacks:
+        return 0
+    if len(stacks) > 1:
+        return max(stacks.values())
+    return next(iter(stacks.values()))
+
+
+class _ParamReader:
+    """Resolve a method parameter for one tensor with mergekit's precedence:
+    slice source > output slice > global."""
+
+    def __init__(self, recipe: Recipe, method: MergeMethod):
+        self.recipe = recipe
+        self.method = method
+
+    def value(self, spec, out_slice: OutputSlice, source: Optional[InputSlice], tensor: str, t: float, model: str) -> Any:
+        levels = []
+        if source is not None and source.parameters:
+            levels.append(source.parameters)
+        if out_slice.parameters:
+            levels.append(out_slice.parameters)
+        if self.recipe.parameters:
+            levels.append(self.recipe.parameters)
+        for params in levels:
+            if spec.name in params:
+                v = resolve(params[spec.name], tensor, t)
+                if v is not UNSET:
+                    return spec.coerce(v, f"{model}, {tensor}" if model else tensor)
+        if spec.required:
+            who = f" for model '{model}'" if spec.per_model and model else ""
+            raise MergeError(
+                f"method '{self.method.name}' needs parameter '{spec.name}'{who} (tensor {tensor}); "
+                f"set it under the model's parameters or the global parameters"
+            )
+        return spec.default
+
+
+def plan_merge(
+    recipe: Recipe,
+    *,
+    out_dtype: Optional[str] = None,
+    search_dirs: tuple[Path, ...] = (),
+    sources: Optional[dict[str, ModelSource]] = None,
+) -> Plan:
+    """Check the recipe against the models and build one job per output tensor."""
+    method = get_method(recipe.merge_method)
+    validate_parameters(recipe)
+    refs = recipe.referenced_models()
+    if sources is None:
+        sources = _open_sources(refs, search_dirs)
+    else:
+        missing = [r for r in refs if r not in sources]
+        sources = {**sources, **_open_sources(missing, search_dirs)}
+        sources = {r: sources[r] for r in refs}
+    _check_architectures(sources)
+    if method.base == "required" and not recipe.base_model and not any(s.base_model for s in recipe.slices or []):
+        raise MergeError(f"method '{method.name}' needs a base_model")
+
+    slices = _normalize_slices(recipe, method, sources)
+    reference = recipe.base_model or slices[0].sources[0].model
+    ref_src = sources[reference]
+    forced = dtype_from_name(out_dtype) or dtype_from_name(recipe.out_dtype) or dtype_from_name(recipe.dtype)
+    compute_dtype = torch.float64 if dtype_from_name(recipe.dtype) == torch.float64 else torch.float32
+    reader = _ParamReader(recipe, method)
+    warnings: list[str] = []
+    seen_shapes: dict[str, tuple] = {}
+
+    # per output slice: the models that feed it and how they map onto method arguments
+    def split_inputs(out_slice: OutputSlice, where: str) -> tuple[list[InputSlice], Optional[InputSlice]]:
+        base_ref = out_slice.base_model or recipe.base_model
+        srcs = list(out_slice.sources)
+        base_src = None
+        if method.base in ("required", "optional") and base_ref:
+            matches = [s for s in srcs if s.model == base_ref]
+            if not matches:
+                raise MergeError(f"{where}: base model '{base_ref}' must be one of the slice's sources")
+            base_src = matches[0]
+            srcs = [s for s in srcs if s is not base_src]
+        elif method.base == "required":
+            raise MergeError(f"method '{method.name}' needs a base_model")
+        n = len(srcs)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            want = (
+                f"exactly {method.min_models}" if method.max_models == method.min_models
+                else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else "")
+            )
+            besides = " besides the base" if method.base != "ignored" else ""
+            raise MergeError(f"{where}: method '{method.name}' takes {want} model(s){besides}, got {n}")
+        return srcs, base_src
+
+    jobs: list[TensorJob] = []
+
+    def add_job(out_name: str, ref_name: str, out_slice: OutputSlice, feeds: list[tuple[InputSlice, str]],
+                base_feed: Optional[tuple[InputSlice, str]], layer: Optional[int], t: float) -> None:
+        ref_info = ref_src.info(ref_name) if ref_src.has(ref_name) else sources[feeds[0][0].model].info(feeds[0][1])
+        shape = ref_info.shape
+        for src, name in feeds + ([base_feed] if base_feed else []):
+            s = sources[src.model]
+            if not s.has(name):
+                raise MergeError(f"model '{src.model}' has no tensor '{name}' (needed for output tensor '{out_name}')")
+            other = s.info(name).shape
+            if other != shape:
+                raise MergeError(
+                    f"tensor '{name}' has shape {list(other)} in '{src.model}' but {list(shape)} in "
+                    f"'{reference if ref_src.has(ref_name) else feeds[0][0].model}'"
+                )
+        if out_name in seen_shapes:
+            raise MergeError(f"output tensor '{out_name}' would be written twice; check the slices")
+        seen_shapes[out_name] = shape
+        if not ref_info.dtype.is_floating_point:
+            # integer buffers (position ids, ...) are copied from the first source
+            jobs.append(TensorJob(out_name, shape, ref_info.dtype, [(feeds[0][0].model, feeds[0][1])], None, {}, layer, t, copy=True))
+            return
+        params: dict[str, Any] = {}
+        for spec in method.global_params:
+            params[spec.name] = reader.value(spec, out_slice, None, out_name, t, "")
+        for spec in method.per_model_params:
+            params[spec.name] = [reader.value(spec, out_slice, src, name, t, src.model) for src, name in feeds]
+        dtype = forced or ref_info.dtype
+        inputs = [(src.model, name) for src, name in feeds]
+        base_in = (base_feed[0].model, base_feed[1]) if base_feed else None
+        copy = (
+            method.name == "passthrough"
+            and all(s in (None, 1.0) for s in params.get("scale", [None]))
+            and sources[inputs[0][0]].info(inputs[0][1]).dtype == dtype
+        )
+        jobs.append(TensorJob(out_name, shape, dtype, inputs, base_in, params, layer, t, copy=copy))
+
+    # layer tensors, grouped by (stack, layer) of the reference layout
+    layer_names: dict[str, dict[int, list[str]]] = {}
+    non_layer: list[str] = []
+    for name in ref_src.tensors:
+        ref = layer_of(name)
+        if ref is None:
+            non_layer.append(name)
+        else:
+            layer_names.setdefault(ref.stack, {}).setdefault(ref.index, []).append(name)
+    if len(layer_names) > 1 and recipe.slices is not None:
+        raise MergeError(
+            f"slices need a model with one layer stack; '{reference}' has {len(layer_names)} "
+            f"({', '.join(layer_names)})"
+        )
+
+    def names_in_layer(src: ModelSource, idx: int) -> list[str]:
+        return [n for n in src.tensors if (r := layer_of(n)) is not None and r.index == idx]
+
+    pre = [n for n in non_layer if is_pre_weight(n)]
+    post = [n for n in non_layer if not is_pre_weight(n)]
+    first_srcs, first_base = split_inputs(slices[0], "slices[0]")
+    for name in pre:
+        add_job(name, name, slices[0], [(s, name) for s in first_srcs], (first_base, name) if first_base else None, None, 0.0)
+
+    layer_sources: list[tuple[str, int]] = []
+    out_layer = 0
+    for si, out_slice in enumerate(slices):
+        where = f"slices[{si}]"
+        srcs, base_src = split_inputs(out_slice, where)
+        all_srcs = list(out_slice.sources)
+        lengths = set()
+        for s in all_srcs:
+            a, b = s.layer_range
+            depth = _depth(sources[s.model])
+            if not (0 <= a < b <= depth) and not (a == b == 0 == depth):
+                raise MergeError(f"{where}: layer_range [{a}, {b}] is outside model '{s.model}', which has {depth} layers")
+            lengths.add(b - a)
+        if len(lengths) > 1:
+            raise MergeError(f"{where}: all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        n = lengths.pop()
+        lead = all_srcs[0]
+        lead_src = sources[lead.model]
+        for off in range(n):
+            t = layer_position(off, n)
+            lead_layer = lead.layer_range[0] + off
+            for lead_name in names_in_layer(lead_src, lead_layer):
+                lref = layer_of(lead_name)
+                out_name = lref.name(out_layer)
+
+                def src_name(s: InputSlice) -> str:
+                    return lref.name(s.layer_range[0] + off)
+
+                add_job(out_name, out_name, out_slice, [(s, src_name(s)) for s in srcs],
+                        (base_src, src_name(base_src)) if base_src else None, out_layer, t)
+            layer_sources.append((lead.model, lead_layer))
+            out_layer += 1
+
+    last_srcs, last_base = split_inputs(slices[-1], f"slices[{len(slices) - 1}]")
+    for name in post:
+        add_job(name, name, slices[-1], [(s, name) for s in last_srcs], (last_base, name) if last_base else None, None, 0.0)
+
+    # output config follows the reference model, with its depth and dtype updated
+    config = dict(ref_src.config)
+    src_count = _depth(ref_src)
+    declared = config_num_layers(config)
+    if declared is not None and src_count and declared != src_count:
+        warnings.append(f"config of '{reference}' declares {declared} layers but its weights have {src_count}")
+    identity = [(reference, i) for i in range(src_count)]
+    if layer_sources != identity and config:
+        config = relayer_config(config, [layer for _, layer in layer_sources], declared or src_count)
+    float_dtypes = Counter(j.out_dtype for j in jobs if j.out_dtype.is_floating_point)
+    if float_dtypes and config:
+        name = dtype_name(float_dtypes.most_common(1)[0][0])
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+
+    tok = recipe.effective_tokenizer_source
+    return Plan(
+        recipe=recipe, method=method, sources=sources, jobs=jobs, reference=reference,
+        base=recipe.base_model, config=config, layer_sources=layer_sources,
+        source_layer_count=src_count, compute_dtype=compute_dtype, tokenizer_source=tok,
+        warnings=warnings,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+
+
+def default_memory_budget(plan: Plan) -> int:
+    """Bytes of job working memory allowed in flight: the largest job, and at least 1 GiB."""
+    largest = max((j.working_bytes() for j in plan.jobs), default=0)
+    return max(largest, 1024**3)
+
+
+class _Budget:
+    """Counting semaphore over bytes; a job larger than the budget runs alone."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, cancel: CancelToken) -> int:
+        n = min(n, self.total)
+        with self.cond:
+            while self.used + n > self.total:
+                self.cond.wait(0.2)
+                cancel.check()
+            self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+def _seed_for(recipe_seed: int, name: str) -> int:
+    return (recipe_seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Run one job's method and return the output tensor (out dtype, on CPU)."""
+    if job.copy:
+        model, name = job.inputs[0]
+        return plan.sources[model].read(name).to(job.out_dtype)
+    dev = torch.device(device)
+    tensors = [plan.sources[m].read(n).to(dev, plan.compute_dtype) for m, n in job.inputs]
+    base = plan.sources[job.base[0]].read(job.base[1]).to(dev, plan.compute_dtype) if job.base else None
+    gen = None
+    if plan.method.randomized:
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(_seed_for(plan.recipe.seed or 0, job.out_name))
+    out = plan.method(tensors, base, job.params, generator=gen, tensor_name=job.out_name)
+    del tensors, base
+    if tuple(out.shape) != job.shape:
+        raise MergeError(f"method '{plan.method.name}' returned shape {list(out.shape)} for '{job.out_name}', expected {list(job.shape)}")
+    return out.to("cpu", job.out_dtype)
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    seconds: float
+    tensors: int
+    bytes_written: int
+    shards: int
+    plan: Plan
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.tensors} tensors ({self.bytes_written / 1e9:.3f} GB in {self.shards} "
+            f"shard{'s' if self.shards != 1 else ''}) to {self.out_dir} in {self.seconds:.1f} s"
+        )
+
+
+def execute_plan(
+    plan: Plan,
+    out_dir: str | Path,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    threads: int = 2,
+    device: str = "cpu",
+    memory_budget: Optional[int] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> MergeResult:
+    """Stream every job of `plan` into a checkpoint at `out_dir` (atomically)."""
+    cancel = cancel or CancelToken()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError("--device cuda was asked for but no CUDA device is available")
+    start = time.time()
+    layout = [(j.out_name, j.out_dtype, j.shape) for j in plan.jobs]
+    meta = {"mergecore_method": plan.method.name}
+    budget = _Budget(memory_budget or default_memory_budget(plan))
+    done_tensors = 0
+    done_bytes = 0
+    with ShardedWriter(out_dir, layout, shard_size=shard_size, metadata=meta) as writer:
+        total_bytes = writer.total_bytes
+
+        def run(job: TensorJob) -> int:
+            cancel.check()
+            held = budget.acquire(job.working_bytes(), cancel)
+            try:
+                cancel.check()
+                out = compute_tensor(plan, job, device)
+                return writer.write(job.out_name, out)
+            finally:
+                budget.release(held)
+
+        if progress:
+            progress(MergeProgress(0, len(plan.jobs), 0, total_bytes, 0.0))
+        # largest jobs first keeps the pool busy at the end; writes land at fixed offsets anyway
+        order = sorted(plan.jobs, key=lambda j: -j.working_bytes())
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="merge") as pool:
+            pending: dict[Future, TensorJob] = {pool.submit(run, j): j for j in order}
+            try:
+                while pending:
+                    finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    if cancel.cancelled:
+                        cancel.check()
+                    for fut in finished:
+                        job = pending.pop(fut)
+                        done_bytes += fut.result()
+                        done_tensors += 1
+                        if progress:
+                            progress(MergeProgress(done_tensors, len(plan.jobs), done_bytes, total_bytes,
+                                                   time.time() - start, job.out_name))
+            except BaseException:
+                cancel.cancel()
+                for fut in pending:
+                    fut.cancel()
+                raise
+        write_side_files(writer, plan)
+        out = writer.finalize()
+    return MergeResult(out, time.time() - start, len(plan.jobs), done_bytes, len(writer.shard_names), plan)
+
+
+def merge(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    out_dtype: Optional[str] = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    threads: int = 2,
+    device: str = "cpu",
+    memory_budget: Optional[int] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    search_dirs: tuple[Path, ...] = (),
+) -> MergeResult:
+    """Plan and execute `recipe` into `out_dir`; the one entry point the CLI, app and searches use."""
+    prepare_output_dir(out_dir)
+    plan = plan_merge(recipe, out_dtype=out_dtype, search_dirs=search_dirs)
+    return execute_plan(plan, out_dir, shard_size=shard_size, threads=threads, device=device,
+                        memory_budget=memory_budget, progress=progress, cancel=cancel)
+
+
+def plan_to_json(plan: Plan) -> str:
+    """Machine-readable plan (used by --dry-run --json)."""
+    return json.dumps({
+        "method": plan.method.name,
+        "models": list(plan.sources),
+        "base": plan.base,
+        "layers": [list(x) for x in plan.layer_sources],
+        "tensors": [
+            {"name": j.out_name, "shape": list(j.shape), "dtype": dtype_name(j.out_dtype), "layer": j.layer,
+             "inputs": [list(i) for i in j.inputs], "base": list(j.base) if j.base else None, "params": j.params}
+            for j in plan.jobs
+        ],
+        "estimated_peak_bytes": plan.peak_memory_estimate(),
+    }, indent=1)

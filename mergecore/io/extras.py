@@ -1,0 +1,160 @@
+"""Files written beside the weights: config, generation config, tokenizer, chat template, card."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from mergecore.errors import MergeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mergecore.executor import Plan
+    from mergecore.io.writer import ShardedWriter
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+    "chat_template.jinja", "chat_template.json",
+)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
+
+# Short, well-known chat templates selectable by name (as in mergekit).
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+        " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+        "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+}
+
+
+def _tokenizer_donor(plan: "Plan") -> Optional[str]:
+    src = plan.tokenizer_source
+    if src in (None, "base"):
+        return plan.base or plan.reference
+    if src == "union":
+        return None
+    return src
+
+
+def _vocab_signature(path: Path) -> Optional[str]:
+    tj = path / "tokenizer.json"
+    if tj.is_file():
+        try:
+            model = json.loads(tj.read_text()).get("model", {})
+            return json.dumps(model.get("vocab"), sort_keys=True)
+        except json.JSONDecodeError:
+            return None
+    vt = path / "vocab.txt"
+    return vt.read_text() if vt.is_file() else None
+
+
+def _union_donor(plan: "Plan") -> str:
+    """`union` of identical vocabularies is the base's tokenizer; differing ones are refused."""
+    donor = plan.base or plan.reference
+    sig = _vocab_signature(plan.sources[donor].path)
+    for ref, src in plan.sources.items():
+        if _vocab_signature(src.path) != sig:
+            raise MergeError(
+                f"tokenizer_source: union needs identical vocabularies, but '{ref}' differs from "
+                f"'{donor}'; use tokenizer_source: base (or a model) instead"
+            )
+    return donor
+
+
+def _chat_template(plan: "Plan") -> Optional[str]:
+    spec = plan.recipe.chat_template
+    if not spec:
+        return None
+    if spec == "auto":
+        found = []
+        for src in plan.sources.values():
+            jinja = src.path / "chat_template.jinja"
+            cfg = src.path / "tokenizer_config.json"
+            if jinja.is_file():
+                found.append(jinja.read_text())
+            elif cfg.is_file():
+                t = json.loads(cfg.read_text()).get("chat_template")
+                if isinstance(t, str):
+                    found.append(t)
+        return Counter(found).most_common(1)[0][0] if found else None
+    if spec in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[spec]
+    if "{" not in spec or len(spec) < 20:
+        raise MergeError(
+            f"chat_template '{spec[:40]}' is neither a known name ({', '.join(CHAT_TEMPLATES)}, auto) "
+            f"nor a Jinja template"
+        )
+    return spec
+
+
+def model_card(plan: "Plan") -> str:
+    models = list(plan.sources)
+    front = ["---", "library_name: transformers", "tags:", "- mergecore", "- merge"]
+    hub = [m for m in models if not Path(m).exists()]
+    if hub:
+        front.append("base_model:")
+        front += [f"- {m}" for m in hub]
+    front.append("---")
+    lines = front + [
+        "",
+        f"# {Path(str(plan.recipe.name or 'merged-model')).name}",
+        "",
+        f"This model was merged with [mergecore](https://pypi.org/project/mergecore/) using the "
+        f"**{plan.method.name}** method ({plan.method.summary}).",
+    ]
+    if plan.method.paper:
+        lines.append(f"Reference: {plan.method.paper}.")
+    lines += ["", "## Source models", ""]
+    for m in models:
+        tag = " (base)" if m == plan.base else ""
+        lines.append(f"- {m}{tag}")
+    lines += ["", "## Recipe", "", "```yaml", plan.recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_side_files(writer: "ShardedWriter", plan: "Plan") -> None:
+    """config.json, generation_config.json, tokenizer/processor files, chat template, README."""
+    ref = plan.sources[plan.reference]
+    if plan.config:
+        writer.add_file("config.json", json.dumps(plan.config, indent=2) + "\n")
+    gen_src = plan.sources[plan.base] if plan.base else ref
+    gen = gen_src.path / "generation_config.json"
+    if gen.is_file():
+        writer.copy_file(gen)
+    donor = _tokenizer_donor(plan)
+    if plan.tokenizer_source == "union":
+        donor = _union_donor(plan)
+    if donor is not None:
+        dpath = plan.sources[donor].path
+        for fname in TOKENIZER_FILES + PROCESSOR_FILES:
+            if (dpath / fname).is_file():
+                writer.copy_file(dpath / fname)
+    template = _chat_template(plan)
+    if template:
+        writer.add_file("chat_template.jinja", template)
+        cfg = writer.tmp_dir / "tokenizer_config.json"
+        if cfg.is_file():
+            data = json.loads(cfg.read_text())
+            if "chat_template" in data:
+                data["chat_template"] = template
+                cfg.write_text(json.dumps(data, indent=2))
+    writer.add_file("mergecore_recipe.yml", plan.recipe.to_yaml())
+    writer.add_file("README.md", model_card(plan))

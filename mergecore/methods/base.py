@@ -1,0 +1,297 @@
+"""Merge-method registry: a method is a small pure function whose signature is its schema.
+
+A method module defines one function per method name and decorates it with `@merge_method`.
+The decorator reads the function's keyword-only parameters and turns each into a `ParamSpec`:
+
+* a parameter annotated `float`, `int`, `bool` or `str` is *global*: one value per tensor;
+* a parameter annotated `PerModel[float]` (etc.) is *per-model*: the function receives a list
+  with one value per entry of `tensors`;
+* `Annotated[..., Range(lo, hi), "help text"]` adds a range check and a help line;
+* a trailing underscore is dropped from the YAML name (`lambda_` is `lambda` in recipes);
+* a parameter without a default is required;
+* two keyword names are *context*, not parameters: `generator` (a `torch.Generator` seeded per
+  tensor, for randomised methods) and `tensor_name` (the output tensor's name).
+
+The function's positional arguments are always `(tensors, base)`: `tensors` is the list of
+input tensors (float32, same shape) in recipe order, `base` the base model's tensor or None.
+For methods with `base="required"` or `"optional"` the base model is *not* part of `tensors`
+even if the recipe lists it under `models`; for `base="ignored"` every listed model is in
+`tensors` and `base` is None.
+
+Adding a method takes one new module in this package and nothing else: `mergecore.methods`
+imports every module here at start-up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Literal, Sequence, TypeVar
+
+import torch
+
+from mergecore.errors import MergeError
+
+T = TypeVar("T")
+
+
+class PerModel(list, Generic[T]):
+    """Annotation marker: one value per input model (the function receives a list)."""
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "required"
+
+
+REQUIRED: Any = _Required()
+
+CONTEXT_ARGS = ("generator", "tensor_name")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Closed or half-open numeric interval used to validate parameter values."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return False
+        if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One recipe parameter of a method."""
+
+    name: str  # name in recipes
+    arg: str  # python argument name
+    type: type  # float, int, bool or str
+    per_model: bool
+    default: Any = REQUIRED
+    range: Range | None = None
+    choices: tuple | None = None
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def coerce(self, value: Any, where: str = "") -> Any:
+        """Convert a resolved recipe value to this parameter's type, or raise MergeError."""
+        at = f" ({where})" if where else ""
+        if value is None and not self.required:
+            return self.default
+        try:
+            if self.type is bool:
+                if isinstance(value, str):
+                    low = value.strip().lower()
+                    if low not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    value = low in ("true", "1", "yes")
+                elif isinstance(value, (int, float, bool)):
+                    value = bool(value)
+                else:
+                    raise ValueError(value)
+            elif self.type is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise ValueError(value)
+                value = float(value)
+            elif self.type is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError(value)
+                value = int(value)
+            elif self.type is str:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise MergeError(
+                f"parameter '{self.name}'{at} must be a {self.type.__name__}, got {value!r}"
+            ) from None
+        if self.range is not None and not self.range.contains(float(value)):
+            raise MergeError(
+                f"parameter '{self.name}'{at} = {value!r} is out of range {self.range}"
+            )
+        if self.choices is not None and value not in self.choices:
+            raise MergeError(
+                f"parameter '{self.name}'{at} = {value!r} is not one of {', '.join(map(str, self.choices))}"
+            )
+        return value
+
+    def describe(self) -> str:
+        kind = "per-model" if self.per_model else "global"
+        default = "required" if self.required else f"default {self.default!r}"
+        extra = f", range {self.range}" if self.range else ""
+        if self.choices:
+            extra += f", one of {'/'.join(map(str, self.choices))}"
+        return f"{self.name} ({self.type.__name__}, {kind}, {default}{extra})"
+
+
+BaseRule = Literal["required", "optional", "ignored"]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: the function plus what the executor needs to call it."""
+
+    name: str
+    func: Callable[..., torch.Tensor]
+    params: tuple[ParamSpec, ...]
+    base: BaseRule
+    summary: str
+    paper: str
+    doc: str
+    min_models: int = 1
+    max_models: int | None = None
+    context: tuple[str, ...] = ()
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def global_params(self) -> tuple[ParamSpec, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+    @property
+    def per_model_params(self) -> tuple[ParamSpec, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    @property
+    def randomized(self) -> bool:
+        return "generator" in self.context
+
+    def param(self, name: str) -> ParamSpec | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    def __call__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        params: dict[str, Any],
+        *,
+        generator: torch.Generator | None = None,
+        tensor_name: str = "",
+    ) -> torch.Tensor:
+        """Call the method with recipe-named parameters (already resolved and coerced)."""
+        kwargs = {p.arg: params[p.name] for p in self.params if p.name in params}
+        if "generator" in self.context:
+            kwargs["generator"] = generator
+        if "tensor_name" in self.context:
+            kwargs["tensor_name"] = tensor_name
+        return self.func(list(tensors), base, **kwargs)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def _param_from_signature(p: inspect.Parameter, hint: Any) -> ParamSpec:
+    rng: Range | None = None
+    help_text = ""
+    choices: tuple | None = None
+    if typing.get_origin(hint) is typing.Annotated:
+        hint, *meta = typing.get_args(hint)
+        for m in meta:
+            if isinstance(m, Range):
+                rng = m
+            elif isinstance(m, str):
+                help_text = m
+    per_model = False
+    if typing.get_origin(hint) is PerModel or hint is PerModel:
+        per_model = True
+        args = typing.get_args(hint)
+        hint = args[0] if args else float
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        hint = type(choices[0])
+    if hint not in (float, int, bool, str):
+        raise TypeError(f"parameter {p.name}: unsupported annotation {hint!r}")
+    default = REQUIRED if p.default is inspect.Parameter.empty else p.default
+    return ParamSpec(
+        name=p.name.rstrip("_"),
+        arg=p.name,
+        type=hint,
+        per_model=per_model,
+        default=default,
+        range=rng,
+        choices=choices,
+        help=help_text,
+    )
+
+
+def merge_method(
+    name: str,
+    *,
+    base: BaseRule = "ignored",
+    summary: str,
+    paper: str = "",
+    min_models: int = 1,
+    max_models: int | None = None,
+    tags: Sequence[str] = (),
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register `func` as merge method `name`; its keyword-only parameters are its schema.
+
+    `min_models`/`max_models` count the entries of `tensors` (the base excluded when the method
+    takes a base). `summary` is the one line shown by `mergecore methods`; the function's
+    docstring (equation and paper) is the long description.
+    """
+
+    def decorate(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} registered twice")
+        sig = inspect.signature(func)
+        hints = typing.get_type_hints(func, include_extras=True)
+        params: list[ParamSpec] = []
+        context: list[str] = []
+        for p in sig.parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            if p.name in CONTEXT_ARGS:
+                context.append(p.name)
+                continue
+            params.append(_param_from_signature(p, hints.get(p.name, float)))
+        _REGISTRY[name] = MergeMethod(
+            name=name,
+            func=func,
+            params=tuple(params),
+            base=base,
+            summary=summary,
+            paper=paper,
+            doc=inspect.cleandoc(func.__doc__ or ""),
+            min_models=min_models,
+            max_models=max_models,
+            context=tuple(context),
+            tags=tuple(tags),
+        )
+        return func
+
+    return decorate
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look a method up by name; unknown names raise a MergeError listing the valid ones."""
+    from mergecore import methods  # noqa: F401  (imports every method module)
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MergeError(
+            f"unknown merge method '{name}'; valid methods: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    from mergecore import methods  # noqa: F401
+
+    return dict(sorted(_REGISTRY.items()))

@@ -1,0 +1,202 @@
+"""Recipe schema and YAML load/save, compatible with mergekit's merge configurations.
+
+A recipe names a method, its models (or layer slices of them) and parameters. Everything that
+makes a checkpoint -- a hand-written YAML, the app's form, a search -- produces one of these,
+and the executor is the only thing that turns it into files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergecore.errors import MergeError
+from mergecore.params import is_filter_list
+
+ParamDict = dict[str, Any]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Optional[ParamDict] = None
+
+
+class InputSlice(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Optional[ParamDict] = None
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice]
+    base_model: Optional[str] = None
+    residual_weight: Optional[float] = None
+    parameters: Optional[ParamDict] = None
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty(cls, v: list[InputSlice]) -> list[InputSlice]:
+        if not v:
+            raise ValueError("a slice needs at least one source")
+        return v
+
+
+class TokenizerConfig(_Strict):
+    source: Optional[str] = None
+    tokens: Optional[dict[str, Any]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+
+class Recipe(_Strict):
+    """A merge recipe (mergekit's `MergeConfiguration` plus mergecore extras)."""
+
+    merge_method: str
+    base_model: Optional[str] = None
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    modules: Optional[dict[str, Any]] = None
+    parameters: Optional[ParamDict] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerConfig] = None
+    chat_template: Optional[str] = None
+    name: Optional[str] = None
+    # mergecore extras
+    seed: Optional[int] = Field(default=None, description="seed for randomised methods (DARE, DELLA)")
+    artifacts: Optional[dict[str, str]] = Field(
+        default=None, description="extra files a method reads (e.g. DAM coefficients)"
+    )
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "Recipe":
+        given = [k for k in ("models", "slices", "modules") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a recipe needs exactly one of 'models', 'slices' or 'modules'")
+        if self.modules is not None:
+            raise ValueError("multi-module recipes ('modules:') are not supported yet; use 'models' or 'slices'")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give either 'tokenizer' or 'tokenizer_source', not both")
+        return self
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @property
+    def effective_tokenizer_source(self) -> Optional[str]:
+        if self.tokenizer is not None:
+            return self.tokenizer.source or "union"
+        return self.tokenizer_source
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe names, base first, without duplicates, in recipe order."""
+        seen: list[str] = []
+        if self.base_model:
+            seen.append(self.base_model)
+        if self.models:
+            seen += [m.model for m in self.models]
+        for s in self.slices or []:
+            if s.base_model:
+                seen.append(s.base_model)
+            seen += [src.model for src in s.sources]
+        tok = self.effective_tokenizer_source
+        if tok and tok not in ("base", "union"):
+            seen.append(tok)
+        return list(dict.fromkeys(seen))
+
+    def parameter_dicts(self) -> list[tuple[str, ParamDict]]:
+        """(where, dict) for every parameter block, for validation."""
+        out: list[tuple[str, ParamDict]] = []
+        if self.parameters:
+            out.append(("parameters", self.parameters))
+        for i, m in enumerate(self.models or []):
+            if m.parameters:
+                out.append((f"models[{i}] ({m.model})", m.parameters))
+        for i, s in enumerate(self.slices or []):
+            if s.parameters:
+                out.append((f"slices[{i}]", s.parameters))
+            for j, src in enumerate(s.sources):
+                if src.parameters:
+                    out.append((f"slices[{i}].sources[{j}] ({src.model})", src.parameters))
+        return out
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(exclude_none=True, mode="json")
+        for s in data.get("slices", []):
+            for src in s["sources"]:
+                src["layer_range"] = list(src["layer_range"])
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        fields = ", ".join(Recipe.model_fields) if len(first["loc"]) == 1 else None
+        msg = f"unknown key '{first['loc'][-1]}'" + (f" (valid keys: {fields})" if fields else "")
+        loc = ".".join(str(p) for p in first["loc"][:-1])
+    more = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
+    return f"{where}: {loc + ': ' if loc else ''}{msg}{more}"
+
+
+def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise MergeError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise MergeError(_format_validation_error(err, where)) from None
+
+
+def parse_recipe(text: str, where: str = "recipe") -> Recipe:
+    """Parse YAML text into a Recipe; errors name the line and column."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        pos = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise MergeError(f"{where}:{pos}: malformed YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise MergeError(f"{where}: malformed YAML: {err}") from None
+    return recipe_from_dict(data, where)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise MergeError(f"recipe file not found: {p}")
+    return parse_recipe(p.read_text(), where=str(p))
+
+
+def validate_parameters(recipe: Recipe) -> None:
+    """Check every parameter name against the method's schema (values are checked per tensor)."""
+    from mergecore.methods import get_method
+
+    method = get_method(recipe.merge_method)
+    valid = {p.name for p in method.params}
+    for where, params in recipe.parameter_dicts():
+        for key, value in params.items():
+            if key not in valid:
+                raise MergeError(
+                    f"{where}: unknown parameter '{key}' for method '{method.name}'; valid: "
+                    f"{', '.join(sorted(valid)) or '(none)'}"
+                )
+            if is_filter_list(value):
+                for entry in value:
+                    if "value" not in entry or set(entry) - {"filter", "value"}:
+                        raise MergeError(
+                            f"{where}: parameter '{key}': each filter entry needs 'value' and "
+                            f"optionally 'filter', got {entry}"
+                        )

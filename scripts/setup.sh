@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install mergecore with the app and test extras.
+# torch==2.13.0 goes first: a bare `torch` requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.mergecore-installed
+want=$(cat pyproject.toml requirements-lock.txt scripts/setup.sh | sha1sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements-lock.txt -e ".[app,test]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import torch, transformers, mergecore" >/dev/null
+  echo "$want" > "$stamp"
+fi
