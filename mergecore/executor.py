@@ -48,6 +48,7 @@ class TensorJob:
     layer: Optional[int]
     t: float
     copy: bool = False  # output is the single input unchanged (raw copy, no math)
+    method: str = ""  # merge method of this tensor (slices may override the recipe's)
 
     @property
     def numel(self) -> int:
@@ -244,12 +245,17 @@ def plan_merge(
     ref_src = sources[reference]
     forced = dtype_from_name(out_dtype) or dtype_from_name(recipe.out_dtype) or dtype_from_name(recipe.dtype)
     compute_dtype = torch.float64 if dtype_from_name(recipe.dtype) == torch.float64 else torch.float32
-    reader = _ParamReader(recipe, method)
     warnings: list[str] = []
+    if recipe.non_layer_from and recipe.non_layer_from not in sources:
+        raise MergeError(f"non_layer_from: model '{recipe.non_layer_from}' is not one of the recipe's models")
+
+    def slice_method(out_slice: OutputSlice) -> MergeMethod:
+        return get_method(out_slice.merge_method) if out_slice.merge_method else method
     seen_shapes: dict[str, tuple] = {}
 
     # per output slice: the models that feed it and how they map onto method arguments
     def split_inputs(out_slice: OutputSlice, where: str) -> tuple[list[InputSlice], Optional[InputSlice]]:
+        method = slice_method(out_slice)
         base_ref = out_slice.base_model or recipe.base_model
         srcs = list(out_slice.sources)
         base_src = None
@@ -294,6 +300,8 @@ def plan_merge(
             # integer buffers (position ids, ...) are copied from the first source
             jobs.append(TensorJob(out_name, shape, ref_info.dtype, [(feeds[0][0].model, feeds[0][1])], None, {}, layer, t, copy=True))
             return
+        method = slice_method(out_slice)
+        reader = _ParamReader(recipe, method)
         params: dict[str, Any] = {}
         for spec in method.global_params:
             params[spec.name] = reader.value(spec, out_slice, None, out_name, t, "")
@@ -307,7 +315,16 @@ def plan_merge(
             and all(s in (None, 1.0) for s in params.get("scale", [None]))
             and sources[inputs[0][0]].info(inputs[0][1]).dtype == dtype
         )
-        jobs.append(TensorJob(out_name, shape, dtype, inputs, base_in, params, layer, t, copy=copy))
+        jobs.append(TensorJob(out_name, shape, dtype, inputs, base_in, params, layer, t, copy=copy, method=method.name))
+
+    def add_copy_job(name: str, model: str) -> None:
+        src = sources[model]
+        info = src.info(name)
+        if name in seen_shapes:
+            raise MergeError(f"output tensor '{name}' would be written twice; check the slices")
+        seen_shapes[name] = info.shape
+        dtype = (forced or info.dtype) if info.dtype.is_floating_point else info.dtype
+        jobs.append(TensorJob(name, info.shape, dtype, [(model, name)], None, {}, None, 0.0, copy=True))
 
     # layer tensors, grouped by (stack, layer) of the reference layout
     layer_names: dict[str, dict[int, list[str]]] = {}
@@ -329,9 +346,13 @@ def plan_merge(
 
     pre = [n for n in non_layer if is_pre_weight(n)]
     post = [n for n in non_layer if not is_pre_weight(n)]
-    first_srcs, first_base = split_inputs(slices[0], "slices[0]")
-    for name in pre:
-        add_job(name, name, slices[0], [(s, name) for s in first_srcs], (first_base, name) if first_base else None, None, 0.0)
+    if recipe.non_layer_from:
+        for name in pre:
+            add_copy_job(name, recipe.non_layer_from)
+    else:
+        first_srcs, first_base = split_inputs(slices[0], "slices[0]")
+        for name in pre:
+            add_job(name, name, slices[0], [(s, name) for s in first_srcs], (first_base, name) if first_base else None, None, 0.0)
 
     layer_sources: list[tuple[str, int]] = []
     out_layer = 0
@@ -366,9 +387,13 @@ def plan_merge(
             layer_sources.append((lead.model, lead_layer))
             out_layer += 1
 
-    last_srcs, last_base = split_inputs(slices[-1], f"slices[{len(slices) - 1}]")
-    for name in post:
-        add_job(name, name, slices[-1], [(s, name) for s in last_srcs], (last_base, name) if last_base else None, None, 0.0)
+    if recipe.non_layer_from:
+        for name in post:
+            add_copy_job(name, recipe.non_layer_from)
+    else:
+        last_srcs, last_base = split_inputs(slices[-1], f"slices[{len(slices) - 1}]")
+        for name in post:
+            add_job(name, name, slices[-1], [(s, name) for s in last_srcs], (last_base, name) if last_base else None, None, 0.0)
 
     # output config follows the reference model, with its depth and dtype updated
     config = dict(ref_src.config)
@@ -440,14 +465,15 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu
     dev = torch.device(device)
     tensors = [plan.sources[m].read(n).to(dev, plan.compute_dtype) for m, n in job.inputs]
     base = plan.sources[job.base[0]].read(job.base[1]).to(dev, plan.compute_dtype) if job.base else None
+    method = get_method(job.method) if job.method else plan.method
     gen = None
-    if plan.method.randomized:
+    if method.randomized:
         gen = torch.Generator(device=dev)
         gen.manual_seed(_seed_for(plan.recipe.seed or 0, job.out_name))
-    out = plan.method(tensors, base, job.params, generator=gen, tensor_name=job.out_name)
+    out = method(tensors, base, job.params, generator=gen, tensor_name=job.out_name)
     del tensors, base
     if tuple(out.shape) != job.shape:
-        raise MergeError(f"method '{plan.method.name}' returned shape {list(out.shape)} for '{job.out_name}', expected {list(job.shape)}")
+        raise MergeError(f"method '{method.name}' returned shape {list(out.shape)} for '{job.out_name}', expected {list(job.shape)}")
     return out.to("cpu", job.out_dtype)
 
 

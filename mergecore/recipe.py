@@ -39,6 +39,8 @@ class OutputSlice(_Strict):
     base_model: Optional[str] = None
     residual_weight: Optional[float] = None
     parameters: Optional[ParamDict] = None
+    # mergecore extension: this slice uses its own method (searches mix methods per layer)
+    merge_method: Optional[str] = None
 
     @field_validator("sources")
     @classmethod
@@ -71,6 +73,9 @@ class Recipe(_Strict):
     name: Optional[str] = None
     # mergecore extras
     seed: Optional[int] = Field(default=None, description="seed for randomised methods (DARE, DELLA)")
+    non_layer_from: Optional[str] = Field(
+        default=None, description="copy tensors outside the layer stack (embeddings, final norm, heads) from this model"
+    )
     artifacts: Optional[dict[str, str]] = Field(
         default=None, description="extra files a method reads (e.g. DAM coefficients)"
     )
@@ -107,25 +112,29 @@ class Recipe(_Strict):
             if s.base_model:
                 seen.append(s.base_model)
             seen += [src.model for src in s.sources]
+        if self.non_layer_from:
+            seen.append(self.non_layer_from)
         tok = self.effective_tokenizer_source
         if tok and tok not in ("base", "union"):
             seen.append(tok)
         return list(dict.fromkeys(seen))
 
-    def parameter_dicts(self) -> list[tuple[str, ParamDict]]:
-        """(where, dict) for every parameter block, for validation."""
-        out: list[tuple[str, ParamDict]] = []
+    def parameter_dicts(self) -> list[tuple[str, ParamDict, list[str]]]:
+        """(where, dict, methods that read it) for every parameter block, for validation."""
+        all_methods = [self.merge_method] + [s.merge_method for s in self.slices or [] if s.merge_method]
+        out: list[tuple[str, ParamDict, list[str]]] = []
         if self.parameters:
-            out.append(("parameters", self.parameters))
+            out.append(("parameters", self.parameters, all_methods))
         for i, m in enumerate(self.models or []):
             if m.parameters:
-                out.append((f"models[{i}] ({m.model})", m.parameters))
+                out.append((f"models[{i}] ({m.model})", m.parameters, [self.merge_method]))
         for i, s in enumerate(self.slices or []):
+            methods = [s.merge_method or self.merge_method]
             if s.parameters:
-                out.append((f"slices[{i}]", s.parameters))
+                out.append((f"slices[{i}]", s.parameters, methods))
             for j, src in enumerate(s.sources):
                 if src.parameters:
-                    out.append((f"slices[{i}].sources[{j}] ({src.model})", src.parameters))
+                    out.append((f"slices[{i}].sources[{j}] ({src.model})", src.parameters, methods))
         return out
 
     def to_yaml(self) -> str:
@@ -184,14 +193,15 @@ def validate_parameters(recipe: Recipe) -> None:
     """Check every parameter name against the method's schema (values are checked per tensor)."""
     from mergecore.methods import get_method
 
-    method = get_method(recipe.merge_method)
-    valid = {p.name for p in method.params}
-    for where, params in recipe.parameter_dicts():
+    get_method(recipe.merge_method)
+    for where, params, names in recipe.parameter_dicts():
+        methods = [get_method(n) for n in names]
+        valid = {p.name for m in methods for p in m.params}
         for key, value in params.items():
             if key not in valid:
                 raise MergeError(
-                    f"{where}: unknown parameter '{key}' for method '{method.name}'; valid: "
-                    f"{', '.join(sorted(valid)) or '(none)'}"
+                    f"{where}: unknown parameter '{key}' for method '{'/'.join(dict.fromkeys(names))}'; "
+                    f"valid: {', '.join(sorted(valid)) or '(none)'}"
                 )
             if is_filter_list(value):
                 for entry in value:
