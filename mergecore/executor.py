@@ -364,6 +364,8 @@ def plan_merge(
         for s in all_srcs:
             a, b = s.layer_range
             depth = _depth(sources[s.model])
+            if a >= b and not (a == b == 0 == depth):
+                raise MergeError(f"{where}: layer_range [{a}, {b}] is empty; it must be [start, end) with start < end")
             if not (0 <= a < b <= depth) and not (a == b == 0 == depth):
                 raise MergeError(f"{where}: layer_range [{a}, {b}] is outside model '{s.model}', which has {depth} layers")
             lengths.add(b - a)
@@ -453,8 +455,11 @@ class _Budget:
             self.cond.notify_all()
 
 
-def _seed_for(recipe_seed: int, name: str) -> int:
-    return (recipe_seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+def seed_for_tensor(seed: int, name: str) -> int:
+    """Seed of a randomised method for one tensor, from the recipe seed and the *source* tensor
+    name: the same source layer gets the same random mask wherever it lands in the output (so a
+    search's layer bank and the replayed recipe agree)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
 def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -469,7 +474,7 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu
     gen = None
     if method.randomized:
         gen = torch.Generator(device=dev)
-        gen.manual_seed(_seed_for(plan.recipe.seed or 0, job.out_name))
+        gen.manual_seed(seed_for_tensor(plan.recipe.seed or 0, job.inputs[0][1]))
     out = method(tensors, base, job.params, generator=gen, tensor_name=job.out_name)
     del tensors, base
     if tuple(out.shape) != job.shape:
@@ -545,6 +550,9 @@ def execute_plan(
                         if progress:
                             progress(MergeProgress(done_tensors, len(plan.jobs), done_bytes, total_bytes,
                                                    time.time() - start, job.out_name))
+                        # a cancel from the progress callback (or while the last jobs finished)
+                        # stops here: nothing has been renamed into place yet
+                        cancel.check()
             except BaseException:
                 cancel.cancel()
                 for fut in pending:

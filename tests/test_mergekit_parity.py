@@ -204,14 +204,18 @@ def test_same_result_as_mergekit(parity_runs, name):
     assert ours_cfg["num_hidden_layers"] == theirs_cfg["num_hidden_layers"]
     base = ModelSource(str(models["base"]))
     method = recipe.merge_method
+    randomized = method in RANDOMIZED and name != "dare_ties_dense"
+    moved = [0.0, 0.0]
     for tname in mine.tensors:
         x, y = mine.read(tname).float(), theirs.read(tname).float()
         assert x.shape == y.shape, tname
-        if method in RANDOMIZED and name != "dare_ties_dense":
-            # different random masks: compare how far each moved from the base
+        if randomized:
+            # different random masks: compare how far the whole model moved from the base
             b = base.read(tname).float()
-            dx, dy = (x - b).norm().item(), (y - b).norm().item()
-            assert dx == pytest.approx(dy, rel=0.25, abs=1e-6), f"{tname}: |Δ| {dx} vs {dy}"
+            moved[0] += (x - b).pow(2).sum().item()
+            moved[1] += (y - b).pow(2).sum().item()
         else:
             diff = (x - y).abs().max().item()
             assert diff <= 1e-5 + 1e-5 * y.abs().max().item(), f"{name} {tname}: max |diff| {diff}"
+    if randomized:
+        assert moved[0] ** 0.5 == pytest.approx(moved[1] ** 0.5, rel=0.05), f"|Δ| {moved[0] ** 0.5} vs {moved[1] ** 0.5}"

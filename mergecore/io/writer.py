@@ -70,7 +70,9 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir():
+        raise MergeError(f"cannot write to output path {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise MergeError(f"cannot write to output path {out}: {probe} is not writable")
     return out
 
@@ -88,6 +90,12 @@ class ShardedWriter:
         self.out_dir = prepare_output_dir(out_dir)
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
+            missing = []
+            p = self.out_dir.parent
+            while not p.exists():
+                missing.append(p)
+                p = p.parent
+            self._created_parents = missing  # removed again if the merge fails
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             self.tmp_dir.mkdir()
         except OSError as err:
@@ -214,6 +222,11 @@ class ShardedWriter:
         self._close_fds()
         if not self._closed:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            for parent in getattr(self, "_created_parents", []):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
             self._closed = True
 
     def __enter__(self) -> "ShardedWriter":
