@@ -29,6 +29,7 @@ from mergecore.io.extras import write_side_files
 from mergecore.io.source import ModelSource, dtype_from_name, dtype_name
 from mergecore.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, prepare_output_dir
 from mergecore.methods import MergeMethod, get_method
+from mergecore.methods.base import OwnedInputs
 from mergecore.params import UNSET, layer_position, resolve
 from mergecore.recipe import InputSlice, OutputSlice, Recipe, validate_parameters
 
@@ -49,6 +50,7 @@ class TensorJob:
     t: float
     copy: bool = False  # output is the single input unchanged (raw copy, no math)
     method: str = ""  # merge method of this tensor (slices may override the recipe's)
+    streaming: bool = False  # the method reads inputs one at a time (see methods.base)
 
     @property
     def numel(self) -> int:
@@ -59,6 +61,8 @@ class TensorJob:
         n_in = len(self.inputs) + (1 if self.base else 0)
         if self.copy:
             return self.numel * 4
+        if self.streaming:  # base + the one input being read + accumulators
+            return self.numel * 4 * 8
         return self.numel * 4 * (2 * n_in + 3)
 
 
@@ -315,7 +319,8 @@ def plan_merge(
             and all(s in (None, 1.0) for s in params.get("scale", [None]))
             and sources[inputs[0][0]].info(inputs[0][1]).dtype == dtype
         )
-        jobs.append(TensorJob(out_name, shape, dtype, inputs, base_in, params, layer, t, copy=copy, method=method.name))
+        jobs.append(TensorJob(out_name, shape, dtype, inputs, base_in, params, layer, t, copy=copy, method=method.name,
+                              streaming="streaming" in method.tags))
 
     def add_copy_job(name: str, model: str) -> None:
         src = sources[model]
@@ -468,9 +473,16 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu
         model, name = job.inputs[0]
         return plan.sources[model].read(name).to(job.out_dtype)
     dev = torch.device(device)
-    tensors = [plan.sources[m].read(n).to(dev, plan.compute_dtype) for m, n in job.inputs]
-    base = plan.sources[job.base[0]].read(job.base[1]).to(dev, plan.compute_dtype) if job.base else None
     method = get_method(job.method) if job.method else plan.method
+
+    def loader(model: str, name: str):
+        return lambda: plan.sources[model].read(name).to(dev, plan.compute_dtype)
+
+    if "streaming" in method.tags:  # read each input when the method gets to it
+        tensors = OwnedInputs([loader(m, n) for m, n in job.inputs])
+    else:
+        tensors = [loader(m, n)() for m, n in job.inputs]
+    base = loader(*job.base)() if job.base else None
     gen = None
     if method.randomized:
         gen = torch.Generator(device=dev)

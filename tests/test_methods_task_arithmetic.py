@@ -445,3 +445,29 @@ def test_sparsify_wrapper_matches_methods():
     close(sparsify(x, "magnitude", 0.5, rescale=True), trimmed * (10.6 / 9))  # ||x||_1 / 9
     close(sparsify(x, "magnitude_outliers", 0.5, gamma=0.2), [0.0, -3.0, 2.0, -1.0, 0.0, 0.0])
     assert torch.equal(sparsify(x, "random", 1.0), x)
+
+
+@pytest.mark.parametrize("n_models", [3, 8, 11])
+def test_ties_many_models_matches_plain_reference(n_models):
+    """The bit-mask divisor (<= 8 models) and its float fallback (> 8) give the plain TIES result."""
+    g = torch.Generator().manual_seed(n_models)
+    base = torch.randn(40, 30, generator=g)
+    tensors = [base + torch.randn(40, 30, generator=g) for _ in range(n_models)]
+    weights = [0.3 + 0.1 * i for i in range(n_models)]
+    got = get_method("ties")(tensors, base, {"weight": weights, "density": [0.6] * n_models, "lambda": 1.0,
+                                             "normalize": True, "rescale": False, "int8_mask": False,
+                                             "consensus": "sum"})
+    deltas = []
+    for t in tensors:
+        d = (t - base).flatten()
+        keep = torch.zeros_like(d, dtype=torch.bool)
+        keep[torch.topk(d.abs(), int(0.6 * d.numel())).indices] = True
+        deltas.append((d * keep).view_as(base))
+    w = torch.tensor(weights).view(-1, 1, 1)
+    stacked = torch.stack(deltas) * w
+    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(stacked) == sign)
+    num = (stacked * agree).sum(0)
+    den = (w * agree).sum(0)
+    den = torch.where(den == 0, torch.ones_like(den), den)
+    assert torch.allclose(got, base + num / den, atol=1e-5)

@@ -365,12 +365,16 @@ def sign_consensus_mask(
 class SignConsensus:
     """Streaming TIES "disjoint merge": add scaled deltas one at a time, then combine.
 
-    For every entry it keeps the sums of positive and of negative contributions (and of the
-    weights behind them, for normalisation), so each delta is read once and no per-model
-    mask is stored. `result()` elects the sign (sum: Σ contributions >= 0; count: Σ signs
+    For every entry it keeps the sums of positive and of negative contributions, so each delta
+    is read once and no per-model float mask is stored. For normalisation it remembers, per
+    entry, which contributions were positive and which negative as bits (one byte each for up
+    to 8 models, instead of two float32 weight sums), and rebuilds the agreeing weight sum
+    exactly at the end. `result()` elects the sign (sum: Σ contributions >= 0; count: Σ signs
     >= 0; ties go to +) and returns the agreeing sum, divided by the agreeing weights when
     `normalize` (entries whose divisor is 0 are divided by 1, as mergekit does).
     """
+
+    MAX_BIT_MODELS = 8
 
     def __init__(self, like: torch.Tensor, method: ConsensusMethod = "sum", normalize: bool = True):
         if method not in ("sum", "count"):
@@ -379,9 +383,22 @@ class SignConsensus:
         self.normalize = normalize
         self.pos = torch.zeros_like(like)
         self.neg = torch.zeros_like(like)
-        self.pos_w = torch.zeros_like(like) if normalize else None
-        self.neg_w = torch.zeros_like(like) if normalize else None
+        self.weights: list[float] = []  # weight of each non-zero contribution, in order
+        self.pos_bits = torch.zeros(like.shape, dtype=torch.uint8, device=like.device) if normalize else None
+        self.neg_bits = torch.zeros(like.shape, dtype=torch.uint8, device=like.device) if normalize else None
+        self.pos_w: torch.Tensor | None = None  # float fallback beyond MAX_BIT_MODELS contributions
+        self.neg_w: torch.Tensor | None = None
         self.votes = torch.zeros_like(like) if method == "count" else None
+
+    def _spill_bits(self) -> None:
+        """Switch from bit masks to float weight sums (more than MAX_BIT_MODELS models)."""
+        self.pos_w = torch.zeros_like(self.pos)
+        self.neg_w = torch.zeros_like(self.pos)
+        for k, w in enumerate(self.weights):
+            bit = 1 << k
+            self.pos_w.add_(torch.bitwise_and(self.pos_bits, bit).ne_(0), alpha=w)
+            self.neg_w.add_(torch.bitwise_and(self.neg_bits, bit).ne_(0), alpha=w)
+        self.pos_bits = self.neg_bits = None
 
     def add_(self, delta: torch.Tensor, scale: float, weight: float, scratch: torch.Tensor) -> None:
         """Add contribution `scale · delta`; `weight` counts towards the divisor where it agrees.
@@ -391,8 +408,16 @@ class SignConsensus:
         if scale == 0:
             return  # a zero contribution has no sign: it neither votes nor is merged
         up, down = (self.pos, self.neg) if scale > 0 else (self.neg, self.pos)
-        up_w, down_w = (self.pos_w, self.neg_w) if scale > 0 else (self.neg_w, self.pos_w)
         sign = 1.0 if scale > 0 else -1.0
+        k = len(self.weights)
+        self.weights.append(weight)
+        if self.normalize and self.pos_bits is not None and k >= self.MAX_BIT_MODELS:
+            self._spill_bits()
+        if self.normalize and self.pos_bits is not None:
+            up_bits, down_bits = (self.pos_bits, self.neg_bits) if scale > 0 else (self.neg_bits, self.pos_bits)
+            up_bits.bitwise_or_(delta.gt(0).to(torch.uint8).mul_(1 << k))
+            down_bits.bitwise_or_(delta.lt(0).to(torch.uint8).mul_(1 << k))
+        up_w, down_w = (self.pos_w, self.neg_w) if scale > 0 else (self.neg_w, self.pos_w)
         torch.clamp(delta, min=0, out=scratch)
         up.add_(scratch, alpha=scale)
         if up_w is not None or self.votes is not None:
@@ -410,6 +435,25 @@ class SignConsensus:
             if self.votes is not None:
                 self.votes.add_(delta, alpha=-sign)
 
+    def _divisor(self, elect: torch.Tensor) -> torch.Tensor:
+        """Σ of the weights of contributions whose sign agrees with the elected one."""
+        if self.pos_w is not None:
+            div = self.pos_w.mul_(elect)
+            div.add_(self.neg_w.mul_(1 - elect))
+            self.pos_w = self.neg_w = None
+            return div
+        # agreeing bits: the positive ones where + was elected, the negative ones elsewhere
+        keep = elect.to(torch.uint8)  # 1 where + won
+        agree = self.pos_bits.mul_(keep)
+        keep.neg_().add_(1)  # 1 where - won
+        agree.bitwise_or_(self.neg_bits.mul_(keep))
+        del keep
+        self.pos_bits = self.neg_bits = None
+        div = torch.zeros_like(self.pos)
+        for k, w in enumerate(self.weights):
+            div.add_(torch.bitwise_and(agree, 1 << k).ne_(0), alpha=w)
+        return div
+
     def result(self, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The merged delta (a tensor owned by the caller); the accumulator is spent.
 
@@ -422,18 +466,13 @@ class SignConsensus:
             elect = torch.add(self.pos, self.neg, out=scratch).ge_(0)
         # Select without bool tensors: x·1 + y·0 is exact.
         out = self.pos.mul_(elect)
-        other = self.neg
         if self.normalize:
-            div = self.pos_w.mul_(elect)
+            div = self._divisor(elect)
         elect.neg_().add_(1)
-        out.add_(other.mul_(elect))
-        if self.normalize:
-            div.add_(self.neg_w.mul_(elect))
-            self.neg_w = None
-            torch.eq(div, 0, out=elect)
-            div.add_(elect)
-            out.div_(div)
-            self.pos_w = None
+        out.add_(self.neg.mul_(elect))
         del elect
         self.pos = self.neg = None
+        if self.normalize:
+            div.add_(div.eq(0))
+            out.div_(div)
         return out

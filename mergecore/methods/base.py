@@ -12,6 +12,11 @@ The decorator reads the function's keyword-only parameters and turns each into a
 * two keyword names are *context*, not parameters: `generator` (a `torch.Generator` seeded per
   tensor, for randomised methods) and `tensor_name` (the output tensor's name).
 
+Tag `streaming` (in `merge_method(..., tags=("streaming",))`) says the method reads each entry
+of `tensors` once, in order. The executor then hands it an `OwnedInputs` sequence that reads
+each tensor from disk when it is accessed, so only one model's tensor is in memory at a time,
+and the method may overwrite it (`owns_inputs(tensors)` is True).
+
 The function's positional arguments are always `(tensors, base)`: `tensors` is the list of
 input tensors (float32, same shape) in recipe order, `base` the base model's tensor or None.
 For methods with `base="required"` or `"optional"` the base model is *not* part of `tensors`
@@ -190,7 +195,31 @@ class MergeMethod:
             kwargs["generator"] = generator
         if "tensor_name" in self.context:
             kwargs["tensor_name"] = tensor_name
-        return self.func(list(tensors), base, **kwargs)
+        if not owns_inputs(tensors):
+            tensors = list(tensors)
+        return self.func(tensors, base, **kwargs)
+
+
+class OwnedInputs(Sequence[torch.Tensor]):
+    """Input tensors loaded on access: each `[i]` returns a fresh float tensor the method owns."""
+
+    owned = True
+
+    def __init__(self, loaders: list[Callable[[], torch.Tensor]]):
+        self._loaders = loaders
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._loaders[j]() for j in range(*i.indices(len(self)))]
+        return self._loaders[i]()
+
+
+def owns_inputs(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when the method may overwrite the tensors it reads from `tensors`."""
+    return bool(getattr(tensors, "owned", False))
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 import torch
 
 from mergecore.methods._sparsify import SignConsensus, sparsify_
+from mergecore.methods.base import owns_inputs
 from mergecore.methods.base import PerModel, Range, merge_method
 
 Weight = Annotated[PerModel[float], "weight of each model's task vector"]
@@ -56,12 +57,16 @@ def _gta(
     """Generalized task arithmetic, streaming over the models (see the module docstring)."""
     if not tensors:
         return base.clone()
-    delta = torch.empty_like(base)
+    owned = owns_inputs(tensors)
+    delta = None if owned else torch.empty_like(base)
     scratch = torch.empty_like(base)
     merger = SignConsensus(base, consensus, normalize) if consensus else None
     mixed = None if merger else torch.zeros_like(base)
-    for i, t in enumerate(tensors):
-        torch.sub(t, base, out=delta)
+    for i in range(len(tensors)):
+        if owned:  # the input is ours: turn it into the task vector in place
+            delta = tensors[i].sub_(base)
+        else:
+            torch.sub(tensors[i], base, out=delta)
         factor = 1.0
         if sparsification:
             factor = sparsify_(
@@ -93,6 +98,7 @@ def _gta(
 @merge_method(
     "task_arithmetic",
     base="required",
+    tags=("streaming",),
     summary="base + λ·Σ w_i (θ_i − base): weighted sum of task vectors",
     paper="Ilharco et al. 2022, Editing models with task arithmetic (arXiv:2212.04089)",
 )
@@ -121,6 +127,7 @@ def task_arithmetic(
 @merge_method(
     "ties",
     base="required",
+    tags=("streaming",),
     summary="TIES: trim task vectors by magnitude, elect signs, average the agreeing entries",
     paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
 )
@@ -152,6 +159,7 @@ def ties(
 @merge_method(
     "dare_ties",
     base="required",
+    tags=("streaming",),
     summary="DARE drop-and-rescale of task vectors, then TIES sign election",
     paper="Yu et al. 2023, Language Models are Super Mario (arXiv:2311.03099)",
 )
@@ -184,6 +192,7 @@ def dare_ties(
 @merge_method(
     "dare_linear",
     base="required",
+    tags=("streaming",),
     summary="DARE drop-and-rescale of task vectors, then a weighted sum",
     paper="Yu et al. 2023, Language Models are Super Mario (arXiv:2311.03099)",
 )
@@ -214,6 +223,7 @@ def dare_linear(
 @merge_method(
     "breadcrumbs",
     base="required",
+    tags=("streaming",),
     summary="Model Breadcrumbs: drop outliers and small entries of task vectors, weighted sum",
     paper="Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
 )
@@ -243,6 +253,7 @@ def breadcrumbs(
 @merge_method(
     "breadcrumbs_ties",
     base="required",
+    tags=("streaming",),
     summary="Model Breadcrumbs sparsification followed by TIES sign election",
     paper="Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
 )
@@ -274,6 +285,7 @@ def breadcrumbs_ties(
 @merge_method(
     "della",
     base="required",
+    tags=("streaming",),
     summary="DELLA: magnitude-ranked random drop (MagPrune), rescale, TIES sign election",
     paper="Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
 )
@@ -308,6 +320,7 @@ def della(
 @merge_method(
     "della_linear",
     base="required",
+    tags=("streaming",),
     summary="DELLA magnitude-ranked random drop, rescale, then a weighted sum",
     paper="Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
 )
