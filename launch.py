@@ -1,33 +1,61 @@
-"""Start mergecore on its built-in demo.
+"""Start the mergecore app: `python launch.py [--host 127.0.0.1] [--port 7860] [--share]`.
 
-Until the Gradio app lands this runs a demo merge of locally built synthetic models and prints
-where the checkpoint is.
+On first run the built-in demo models are built locally (no download; progress is printed),
+then the app opens on them. Everything the app writes goes under --work-dir.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="mergecore demo")
-    parser.add_argument("--out", default=None, help="where to write the demo merge")
+    parser = argparse.ArgumentParser(description="mergecore: the model-merging workbench (Gradio app)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--demo-dir", default=None, help="where the demo models are built and cached "
+                        "(default: $MERGECORE_CACHE/demo, i.e. ~/.cache/mergecore/demo)")
+    parser.add_argument("--demo-family", default=None, help="which built-in demo family to open on")
+    parser.add_argument("--no-demo", action="store_true", help="start without building or loading the demo models")
+    parser.add_argument("--work-dir", default=None, help="where merges and downloads are written "
+                        "(default: $MERGECORE_CACHE/app)")
+    parser.add_argument("--zip-limit", default="2GB", help="largest checkpoint offered as a zip download (default 2GB)")
     args = parser.parse_args(argv)
 
-    from mergecore.demo import build_synthetic_llamas, cache_root, demo_recipe
-    from mergecore.executor import merge
+    from mergecore.demo import cache_root
+    from mergecore.io.writer import parse_size
 
-    print("building demo models (synthetic tiny Llamas) ...", flush=True)
-    models = build_synthetic_llamas()
-    recipe = demo_recipe(models)
-    out = args.out or str(cache_root() / "demo-merge")
-    print("recipe:\n" + recipe.to_yaml())
-    result = merge(recipe, out)
-    print(result.summary())
-    print(f"merged checkpoint: {result.out_dir}")
+    from app.demo_family import build_demo_family
+
+    family = None
+    if not args.no_demo:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        start = time.time()
+        print("preparing the demo models (built locally on first run; cached afterwards) ...", flush=True)
+
+        def progress(ev):
+            d = ev.data
+            bar = "#" * int(30 * d.get("fraction", 0))
+            print(f"\r  [{bar:<30}] {100 * d.get('fraction', 0):5.1f}%  {d.get('stage', '')}", end="", flush=True)
+
+        family = build_demo_family(args.demo_family, args.demo_dir, progress=progress)
+        print(f"\n  {family.title}: {len(family.models)} models ready in {time.time() - start:.1f} s", flush=True)
+
+    from app.ui import build_app, launch_kwargs, make_context
+
+    ctx = make_context(args.work_dir or (cache_root() / "app"), demo=family, zip_limit=parse_size(args.zip_limit))
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(ctx))
     return 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     sys.exit(main())

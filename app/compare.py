@@ -1,0 +1,393 @@
+"""The Compare tab's work: one input through several checkpoints, side by side.
+
+- Causal LMs (`*ForCausalLM`): the prompt's tokens (through the checkpoint's tokenizer, or as
+  token ids when it has none), the greedy continuation, the top-k next tokens with their
+  probabilities, the prompt's perplexity, and how far each model's next-token distributions
+  are from a reference model's (mean KL over the prompt positions).
+- Image classifiers (`*ForImageClassification`): the top-k classes with confidences for one
+  image; optionally with another checkpoint's classifier head on each body (`head_from`, as
+  in task-head merging).
+- With a tasks file (`mergecore.eval`), `evaluate_models` scores every model on the tasks.
+
+Models load through transformers with `trust_remote_code` off unless the caller turns it on;
+a few recently used models stay in memory.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from mergecore.errors import MergeError
+
+_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
+_CACHE_LOCK = threading.RLock()
+CACHE_SIZE = 6
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        raise MergeError(f"{path} has no config.json")
+    return json.loads(p.read_text())
+
+
+def model_kind(path: str | Path) -> str:
+    """'causal-lm', 'image-classification' or 'other' (from config.json's architectures)."""
+    archs = read_config(path).get("architectures") or []
+    arch = archs[0] if archs else ""
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return "causal-lm"
+    if arch.endswith("ForImageClassification"):
+        return "image-classification"
+    return "other"
+
+
+def _stamp(path: Path) -> float:
+    return max((p.stat().st_mtime for p in path.glob("*") if p.is_file()), default=0.0)
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False):
+    """A checkpoint as an eval-mode transformers model on CPU (float32), cached."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    p = Path(path).resolve()
+    key = (str(p), _stamp(p), trust_remote_code)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    cfg = read_config(p)
+    archs = cfg.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    try:
+        if cls is not None:
+            model = cls.from_pretrained(str(p), dtype=torch.float32, local_files_only=True,
+                                        trust_remote_code=False)
+        elif trust_remote_code:
+            kind = model_kind(p)
+            auto = {"causal-lm": transformers.AutoModelForCausalLM,
+                    "image-classification": transformers.AutoModelForImageClassification}.get(kind, transformers.AutoModel)
+            model = auto.from_pretrained(str(p), dtype=torch.float32, local_files_only=True, trust_remote_code=True)
+        else:
+            raise MergeError(f"{p.name}: architecture {archs[0] if archs else '(none)'} is not in transformers; it "
+                             f"would need the repository's own code -- turn on 'trust remote code' on the Models "
+                             f"tab only if you trust it")
+    except MergeError:
+        raise
+    except Exception as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MergeError(f"cannot load {p.name}: {msg}") from None
+    model.eval()
+    with _CACHE_LOCK:
+        _CACHE[key] = model
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return model
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# language models
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    p = Path(path)
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+
+
+def encode_prompt(prompt: str, tokenizer, vocab_size: int) -> tuple[list[int], str]:
+    """Token ids for the prompt and how they were made."""
+    prompt = prompt or ""
+    if tokenizer is not None:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if ids:
+            return list(ids), "tokenizer"
+    parts = prompt.replace(",", " ").split()
+    if parts and all(p.lstrip("-").isdigit() for p in parts):
+        ids = [int(p) for p in parts]
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise MergeError(f"token ids must be in [0, {vocab_size}); got {bad[:5]}")
+        return ids, "token ids"
+    data = prompt.encode("utf-8") or b"\x00"
+    return [b % vocab_size for b in data], "bytes (no tokenizer)"
+
+
+def _token_text(tok, i: int) -> str:
+    if tok is None:
+        return str(i)
+    try:
+        return tok.decode([i])
+    except Exception:
+        return str(i)
+
+
+def lm_outputs(path: str | Path, ids: list[int], *, new_tokens: int = 8, top_k: int = 5,
+               tokenizer=None, trust_remote_code: bool = False) -> dict[str, Any]:
+    import torch
+
+    model = load_model(path, trust_remote_code)
+    x = torch.tensor([ids], dtype=torch.long)
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        nll = -logp[:-1].gather(1, x[0, 1:, None]).mean().item() if len(ids) > 1 else float("nan")
+        probs = logp[-1].exp()
+        top = torch.topk(probs, min(top_k, probs.numel()))
+        cur = x
+        gen: list[int] = []
+        for _ in range(max(0, int(new_tokens))):
+            nxt = model(input_ids=cur).logits[0, -1].argmax().item()
+            gen.append(int(nxt))
+            cur = torch.cat([cur, torch.tensor([[nxt]])], dim=1)
+    return {
+        "logp": logp,  # [positions, vocab]
+        "top": [(int(i), _token_text(tokenizer, int(i)), float(p)) for p, i in zip(top.values, top.indices)],
+        "greedy": gen,
+        "greedy_text": tokenizer.decode(gen) if tokenizer is not None else " ".join(map(str, gen)),
+        "perplexity": math.exp(nll) if not math.isnan(nll) else float("nan"),
+    }
+
+
+def compare_lms(models: dict[str, str | Path], prompt: str, *, new_tokens: int = 8, top_k: int = 5,
+                reference: Optional[str] = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Run the prompt through every model; returns per-model outputs and a summary table."""
+    import torch
+
+    if not models:
+        raise MergeError("choose at least one model to compare")
+    first = next(iter(models.values()))
+    tok = load_tokenizer(first, trust_remote_code)
+    vocab = int(read_config(first).get("vocab_size") or 0) or 32000
+    ids, how = encode_prompt(prompt, tok, vocab)
+    out: dict[str, Any] = {}
+    for name, path in models.items():
+        if model_kind(path) != "causal-lm":
+            raise MergeError(f"'{name}' is not a causal language model; compare models of one kind")
+        out[name] = lm_outputs(path, ids, new_tokens=new_tokens, top_k=top_k, tokenizer=tok,
+                               trust_remote_code=trust_remote_code)
+    ref = reference if reference in out else next(iter(out))
+    rows = []
+    for name, r in out.items():
+        kl = torch.nn.functional.kl_div(r["logp"], out[ref]["logp"], log_target=True, reduction="none").sum(-1).mean().item()
+        same = sum(a == b for a, b in zip(r["greedy"], out[ref]["greedy"]))
+        rows.append({
+            "model": name,
+            "next token": r["top"][0][1] if r["top"] else "",
+            "p(next)": round(r["top"][0][2], 4) if r["top"] else None,
+            "prompt perplexity": round(r["perplexity"], 3),
+            f"KL({ref} ‖ model)": round(kl, 5),
+            f"greedy tokens same as {ref}": f"{same}/{len(r['greedy'])}",
+        })
+    return {"kind": "causal-lm", "input": ids, "encoding": how, "reference": ref, "outputs": out, "rows": rows,
+            "tokenizer": tok is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# image classifiers
+
+
+def _head_names(model) -> list[str]:
+    names = [n for n, _ in model.named_parameters() if n.startswith("classifier")]
+    return names or [n for n, _ in model.named_parameters() if ".classifier." in n or n.startswith("head")]
+
+
+def image_inputs(image: Any, path: str | Path, config: dict[str, Any]):
+    """Pixel values for one image (numpy array, PIL image or file path) as the model expects."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if image is None:
+        raise MergeError("give an image to classify")
+    if isinstance(image, (str, Path)):
+        image = Image.open(image)
+    if not isinstance(image, Image.Image):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(arr)
+    if (Path(path) / "preprocessor_config.json").is_file():
+        try:
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+            channels = int(config.get("num_channels", 3))
+            img = image.convert("L" if channels == 1 else "RGB")
+            pv = proc(images=img, return_tensors="pt")["pixel_values"]
+            if pv.shape[1] == channels:
+                return pv
+        except Exception:
+            pass
+    channels = int(config.get("num_channels", 3))
+    size = config.get("image_size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    img = image.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    arr = (arr - 0.5) / 0.5
+    return torch.from_numpy(arr)[None]
+
+
+def classify(path: str | Path, image: Any, *, top_k: int = 5, head_from: Optional[str | Path] = None,
+             trust_remote_code: bool = False) -> dict[str, Any]:
+    import torch
+
+    from app.state import open_source
+
+    model = load_model(path, trust_remote_code)
+    cfg = read_config(path)
+    pv = image_inputs(image, path, cfg)
+    saved = {}
+    with _CACHE_LOCK, torch.no_grad():
+        params = dict(model.named_parameters())
+        if head_from is not None and Path(head_from).resolve() != Path(path).resolve():
+            src = open_source(head_from)
+            for n in _head_names(model):
+                if not src.has(n):
+                    raise MergeError(f"{Path(head_from).name} has no classifier tensor '{n}'")
+                t = src.read(n).float()
+                if tuple(t.shape) != tuple(params[n].shape):
+                    raise MergeError(f"classifier '{n}' of {Path(head_from).name} has shape {list(t.shape)}, "
+                                     f"the model's has {list(params[n].shape)}")
+                saved[n] = params[n].detach().clone()
+                params[n].copy_(t)
+        try:
+            logits = model(pixel_values=pv).logits[0].float()
+        finally:
+            for n, t in saved.items():
+                params[n].copy_(t)
+    probs = torch.softmax(logits, -1)
+    id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
+    top = torch.topk(probs, min(top_k, probs.numel()))
+    return {
+        "probs": probs,
+        "top": [(int(i), id2label.get(int(i), f"class {int(i)}"), float(p)) for p, i in zip(top.values, top.indices)],
+    }
+
+
+def compare_classifiers(models: dict[str, str | Path], image: Any, *, top_k: int = 5,
+                        head_from: Optional[str | Path] = None, reference: Optional[str] = None,
+                        trust_remote_code: bool = False) -> dict[str, Any]:
+    if not models:
+        raise MergeError("choose at least one model to compare")
+    out = {}
+    for name, path in models.items():
+        if model_kind(path) != "image-classification":
+            raise MergeError(f"'{name}' is not an image classifier; compare models of one kind")
+        out[name] = classify(path, image, top_k=top_k, head_from=head_from, trust_remote_code=trust_remote_code)
+    ref = reference if reference in out else next(iter(out))
+    rows = []
+    for name, r in out.items():
+        p, q = r["probs"], out[ref]["probs"]
+        kl = float((q * (q.clamp_min(1e-12).log() - p.clamp_min(1e-12).log())).sum()) if p.shape == q.shape else float("nan")
+        rows.append({
+            "model": name,
+            "prediction": r["top"][0][1],
+            "confidence": round(r["top"][0][2], 4),
+            f"same as {ref}": "yes" if r["top"][0][0] == out[ref]["top"][0][0] else "no",
+            f"KL({ref} ‖ model)": round(kl, 5),
+        })
+    return {"kind": "image-classification", "reference": ref, "outputs": out, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def _bar(label: str, p: float) -> str:
+    pct = max(0.0, min(100.0, 100 * p))
+    return (f'<div class="cmp-row"><span class="cmp-label">{html.escape(label)}</span>'
+            f'<span class="cmp-bar"><span style="width:{pct:.1f}%"></span></span>'
+            f'<span class="cmp-p">{p:.3f}</span></div>')
+
+
+CSS = """
+.cmp-grid { display: flex; flex-wrap: wrap; gap: 10px; }
+.cmp-card { flex: 1 1 200px; border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 10px;
+            background: var(--block-background-fill); min-width: 180px; }
+.cmp-card h4 { margin: 0 0 4px 0; font-size: 15px; }
+.cmp-tag { font-size: 11px; padding: 1px 6px; border-radius: 8px; background: var(--neutral-200); color: #333;
+           margin-left: 6px; }
+.cmp-tag.merged { background: #fde68a; }
+.cmp-row { display: flex; align-items: center; gap: 6px; font-size: 13px; margin: 2px 0; }
+.cmp-label { flex: 0 0 40%; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; font-family: var(--font-mono); }
+.cmp-bar { flex: 1; height: 10px; background: var(--neutral-200); border-radius: 5px; overflow: hidden; }
+.cmp-bar span { display: block; height: 100%; background: var(--color-accent); }
+.cmp-p { flex: 0 0 44px; text-align: right; font-family: var(--font-mono); }
+.cmp-gen { font-family: var(--font-mono); font-size: 13px; background: var(--background-fill-secondary);
+           padding: 4px 6px; border-radius: 4px; margin: 4px 0; word-break: break-all; }
+.cmp-note { font-size: 12px; color: var(--body-text-color-subdued); }
+"""
+
+
+def render_html(result: dict[str, Any], merged: Optional[set[str]] = None) -> str:
+    merged = merged or set()
+    cards = []
+    for name, r in result["outputs"].items():
+        tag = '<span class="cmp-tag merged">merged</span>' if name in merged else '<span class="cmp-tag">source</span>'
+        body = [f"<h4>{html.escape(name)}{tag}</h4>"]
+        if result["kind"] == "causal-lm":
+            body.append(f'<div class="cmp-note">greedy continuation</div><div class="cmp-gen">'
+                        f'{html.escape(r["greedy_text"])}</div>')
+            body.append('<div class="cmp-note">next token</div>')
+        else:
+            body.append('<div class="cmp-note">prediction</div>')
+        body += [_bar(label, p) for _, label, p in r["top"]]
+        cards.append(f'<div class="cmp-card">{"".join(body)}</div>')
+    note = ""
+    if result["kind"] == "causal-lm":
+        note = (f'<div class="cmp-note">input: {len(result["input"])} tokens ({html.escape(result["encoding"])}): '
+                f'{html.escape(" ".join(map(str, result["input"][:40])))}{" ..." if len(result["input"]) > 40 else ""}</div>')
+    return note + f'<div class="cmp-grid">{"".join(cards)}</div>'
+
+
+def rows_frame(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation on tasks
+
+
+def evaluate_models(models: dict[str, str | Path], tasks: str | Path, *, subset: Any = None,
+                    progress: Optional[Callable[[Any], None]] = None, cancel=None,
+                    log: Optional[Callable[[str], None]] = None):
+    """Score every model on the tasks; one row per model (task scores and their mean)."""
+    import pandas as pd
+
+    from mergecore.eval import Evaluator
+
+    ev = Evaluator(tasks, subset=subset, processor_from=next(iter(models.values())) if models else None)
+    rows = []
+    for name, path in models.items():
+        if cancel is not None:
+            cancel.check()
+        res = ev.evaluate(path, progress=progress, cancel=cancel)
+        row = {"model": name, **{k: round(v, 4) for k, v in res.scores.items()}, "mean": round(res.mean, 4)}
+        rows.append(row)
+        if log:
+            log(f"{name}: mean {res.mean:.4f} ({res.seconds:.1f} s)")
+    return pd.DataFrame(rows)

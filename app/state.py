@@ -1,0 +1,235 @@
+"""Per-session model lists, what the Models tab shows about each model, and compatibility.
+
+The session state is a plain dict (deep-copyable, so it can live in a `gr.State`)::
+
+    {"models": [{"name": "base", "ref": "/path/or/org-name", "path": "/resolved/folder"}, ...],
+     "base": "base" | None,
+     "family": {...} | None,          # the demo family, if loaded (see demo_family.DemoFamily)
+     "trust_remote_code": False}
+
+Opened `ModelSource`s (headers only, no weights) are cached process-wide by folder: they hold
+no session data.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+from mergecore.errors import MergeError
+
+_SOURCES: dict[tuple[str, float], Any] = {}
+_SOURCES_LOCK = threading.Lock()
+
+
+def new_session() -> dict[str, Any]:
+    return {"models": [], "base": None, "family": None, "trust_remote_code": False}
+
+
+def _stamp(path: Path) -> float:
+    stamps = [p.stat().st_mtime for p in path.glob("*") if p.suffix in (".json", ".safetensors", ".bin")]
+    return max(stamps, default=0.0)
+
+
+def open_source(path: str | Path):
+    """A ModelSource for a local folder, cached until the folder's files change."""
+    from mergecore.io.source import ModelSource
+
+    p = Path(path).resolve()
+    key = (str(p), _stamp(p))
+    with _SOURCES_LOCK:
+        src = _SOURCES.get(key)
+    if src is None:
+        src = ModelSource(str(p), path=p)
+        with _SOURCES_LOCK:
+            _SOURCES[key] = src
+    return src
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def model_info(path: str | Path) -> dict[str, Any]:
+    """Architecture, layers, parameters, dtype and size of a checkpoint folder."""
+    from mergecore.arch import config_num_layers, main_stack
+    from mergecore.io.source import dtype_name
+
+    src = open_source(path)
+    stack = main_stack(src.tensors)
+    dtypes = Counter()
+    for t in src.tensors.values():
+        dtypes[dtype_name(t.dtype)] += t.numel
+    return {
+        "architecture": src.architecture,
+        "layers": stack[1] if stack else (config_num_layers(src.config) or 0),
+        "parameters": src.num_parameters(),
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else "?",
+        "bytes": src.total_bytes(),
+        "tensors": len(src.tensors),
+    }
+
+
+def short_name(ref: str, taken: list[str]) -> str:
+    """A short unique display name for a model reference (folder or Hub id)."""
+    base = ref.rstrip("/").split("@")[0]
+    base = Path(base).name if not re.match(r"^[\w.\-]+/[\w.\-]+$", base) else base.split("/")[-1]
+    base = re.sub(r"[^\w.\-]", "_", base) or "model"
+    name, i = base, 2
+    while name in taken:
+        name = f"{base}-{i}"
+        i += 1
+    return name
+
+
+def add_model(state: dict[str, Any], ref: str, path: str | Path, name: Optional[str] = None) -> dict[str, Any]:
+    """A copy of `state` with the model added (its folder is opened to check it has weights)."""
+    state = copy.deepcopy(state or new_session())
+    path = str(Path(path).resolve())
+    for m in state["models"]:
+        if m["path"] == path:
+            return state  # already there
+    open_source(path)  # raises MergeError if the folder holds no usable weights
+    taken = [m["name"] for m in state["models"]]
+    name = name if name and name not in taken else short_name(name or ref, taken)
+    state["models"].append({"name": name, "ref": ref, "path": path})
+    if state.get("base") is None and len(state["models"]) == 1:
+        state["base"] = name
+    return state
+
+
+def remove_model(state: dict[str, Any], name: str) -> dict[str, Any]:
+    state = copy.deepcopy(state)
+    state["models"] = [m for m in state["models"] if m["name"] != name]
+    if state.get("base") == name:
+        state["base"] = None
+    return state
+
+
+def model_names(state: dict[str, Any]) -> list[str]:
+    return [m["name"] for m in (state or {}).get("models", [])]
+
+
+def model_by_name(state: dict[str, Any], name: str) -> dict[str, Any]:
+    for m in state.get("models", []):
+        if m["name"] == name:
+            return m
+    raise MergeError(f"no model named '{name}' in this session")
+
+
+def find_model(state: dict[str, Any], ref: str) -> Optional[dict[str, Any]]:
+    """The session model a recipe reference points at (by name, reference or folder)."""
+    resolved = None
+    try:
+        p = Path(ref).expanduser()
+        if p.is_dir():
+            resolved = str(p.resolve())
+    except OSError:
+        pass
+    for m in state.get("models", []):
+        if ref in (m["name"], m["ref"]) or (resolved and resolved == m["path"]):
+            return m
+    return None
+
+
+def models_table(state: dict[str, Any]) -> list[list[Any]]:
+    """Rows for the Models tab: name, base?, architecture, layers, parameters, dtype, size, path."""
+    rows = []
+    for m in state.get("models", []):
+        try:
+            info = model_info(m["path"])
+            rows.append([m["name"], "base" if m["name"] == state.get("base") else "", info["architecture"],
+                         info["layers"], human_count(info["parameters"]), info["dtype"],
+                         human_bytes(info["bytes"]), m["ref"]])
+        except MergeError as err:
+            rows.append([m["name"], "", f"unreadable: {err}", "", "", "", "", m["ref"]])
+    return rows
+
+
+MODEL_COLUMNS = ["name", "role", "architecture", "layers", "parameters", "dtype", "size", "source"]
+
+
+def compatibility(state: dict[str, Any], limit: int = 6) -> tuple[bool, str]:
+    """Whether the session's models can be merged tensor by tensor, and exactly what differs."""
+    models = state.get("models", [])
+    if len(models) < 2:
+        return False, "Add at least two models to merge."
+    srcs = {m["name"]: open_source(m["path"]) for m in models}
+    names = list(srcs)
+    ref = state.get("base") if state.get("base") in srcs else names[0]
+    problems: list[str] = []
+    archs = {n: s.architecture for n, s in srcs.items()}
+    if len(set(archs.values())) > 1:
+        problems.append("architectures differ: " + ", ".join(f"`{n}` is {a}" for n, a in archs.items()))
+    ref_t = srcs[ref].tensors
+    for n in names:
+        if n == ref:
+            continue
+        other = srcs[n].tensors
+        missing = [t for t in ref_t if t not in other]
+        extra = [t for t in other if t not in ref_t]
+        shapes = [(t, ref_t[t].shape, other[t].shape) for t in ref_t if t in other and ref_t[t].shape != other[t].shape]
+        if missing:
+            problems.append(f"`{n}` lacks {len(missing)} tensor(s) `{ref}` has, e.g. " +
+                            ", ".join(f"`{t}`" for t in missing[:3]))
+        if extra:
+            problems.append(f"`{n}` has {len(extra)} tensor(s) `{ref}` lacks, e.g. " +
+                            ", ".join(f"`{t}`" for t in extra[:3]))
+        for t, a, b in shapes[:3]:
+            problems.append(f"`{t}` is {list(a)} in `{ref}` but {list(b)} in `{n}`")
+        if len(shapes) > 3:
+            problems.append(f"... and {len(shapes) - 3} more tensors differ in shape between `{ref}` and `{n}`")
+    if problems:
+        shown = problems[:limit] + ([f"... and {len(problems) - limit} more differences"] if len(problems) > limit else [])
+        return False, "**Not compatible** (a tensor-by-tensor merge needs the same architecture and shapes):\n" + \
+            "\n".join(f"- {p}" for p in shown)
+    info = model_info(srcs[ref].path)
+    return True, (f"**Compatible**: {len(names)} models, all {archs[ref]} with the same "
+                  f"{info['tensors']} tensors and shapes ({info['layers']} layers).")
+
+
+def num_layers(state: dict[str, Any]) -> int:
+    """Layer count of the base model (or the first model); 1 if there are no models."""
+    models = state.get("models", [])
+    if not models:
+        return 1
+    base = state.get("base")
+    m = next((m for m in models if m["name"] == base), models[0])
+    try:
+        return max(1, int(model_info(m["path"])["layers"]))
+    except MergeError:
+        return 1
+
+
+def tensor_names(state: dict[str, Any]) -> list[str]:
+    models = state.get("models", [])
+    if not models:
+        return []
+    base = state.get("base")
+    m = next((m for m in models if m["name"] == base), models[0])
+    return list(open_source(m["path"]).tensors)
+
+
+def resolve_ref(ref: str) -> Path:
+    """A local folder for a Hub id or a path (downloads Hub models through the engine)."""
+    from mergecore.io.source import resolve_model_path
+
+    ref = ref.strip()
+    if not ref:
+        raise MergeError("give a Hub id (org/name) or a local folder")
+    return resolve_model_path(ref)

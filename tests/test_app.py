@@ -1,0 +1,503 @@
+"""The app: job manager, schema-driven form, compare helpers (plain Python), and the running app
+through `gradio_client` (merge from the demo family, events, comparison, export, failures,
+two sessions)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from _app_helpers import app_server, demo_family  # noqa: F401  (fixtures)
+from mergecore.errors import MergeError
+from mergecore.events import Event
+
+
+# ---------------------------------------------------------------------------------------------
+# job manager (no Gradio)
+
+
+def _wait(job, timeout=10.0):
+    assert job.wait(timeout), f"job {job.id} did not finish: {job.status}"
+
+
+def test_search_like_job_streams_events_through_the_cursor():
+    from app.jobs import DONE, JobManager
+    from app.plots import events_frame
+
+    jobs = JobManager()
+    gate = threading.Event()
+
+    def fake_search(ctx):
+        best = 0.0
+        for step in range(6):
+            ctx.check()
+            reward = 0.1 * step
+            best = max(best, reward)
+            ctx.emit(Event("search.step", {"step": step, "reward": reward, "best": best}))
+            ctx.log(f"step {step}: reward {reward:.2f}")
+            if step == 2:
+                gate.wait(5)
+        return {"best": best}
+
+    job = jobs.submit("alice", "search", fake_search, title="fake search")
+    deadline = time.time() + 5
+    snap = jobs.snapshot("alice", job.id)
+    while len(snap["events"]) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+        snap = jobs.snapshot("alice", job.id)
+    assert snap["status"] == "running" and [e["data"]["step"] for e in snap["events"]] == [0, 1, 2]
+    cursor = snap["cursor"]
+    gate.set()
+    _wait(job)
+    rest = jobs.snapshot("alice", job.id, since=cursor)
+    assert [e["data"]["step"] for e in rest["events"]] == [3, 4, 5]  # only what is new
+    assert rest["status"] == DONE and job.result == {"best": pytest.approx(0.5)}
+    assert rest["log"][-1].endswith("step 5: reward 0.50")
+    frame = events_frame(snap["events"] + rest["events"], "search.step", "step", ["reward", "best"])
+    assert len(frame) == 12 and set(frame["series"]) == {"reward", "best"}
+
+
+def test_jobs_cancel_fail_and_keep_working():
+    from app.jobs import CANCELLED, DONE, FAILED, JobManager
+
+    jobs = JobManager()
+
+    def slow(ctx):
+        while True:
+            ctx.check()
+            time.sleep(0.01)
+
+    job = jobs.submit("bob", "merge", slow)
+    with pytest.raises(MergeError, match="already running"):
+        jobs.submit("bob", "merge", slow)  # one merge at a time per session
+    jobs.cancel("bob", job.id)
+    _wait(job)
+    assert job.status == CANCELLED
+
+    def bad_input(ctx):
+        raise MergeError("tensor 'x' has shape [2]\n  but [3] elsewhere")
+
+    def crash(ctx):
+        raise ValueError("something\nbroke")
+
+    j1 = jobs.submit("bob", "merge", bad_input)
+    _wait(j1)
+    j2 = jobs.submit("bob", "merge", crash)
+    _wait(j2)
+    assert (j1.status, j1.error) == (FAILED, "tensor 'x' has shape [2] but [3] elsewhere")
+    assert (j2.status, j2.error) == (FAILED, "ValueError: something broke")
+    j3 = jobs.submit("bob", "merge", lambda ctx: 42)
+    _wait(j3)
+    assert (j3.status, j3.result) == (DONE, 42)
+
+
+def test_jobs_are_private_to_their_session():
+    from app.jobs import JobManager, JobNotFound
+
+    jobs = JobManager()
+    job = jobs.submit("alice", "merge", lambda ctx: "secret")
+    _wait(job)
+    with pytest.raises(JobNotFound):
+        jobs.snapshot("mallory", job.id)
+    with pytest.raises(JobNotFound):
+        jobs.cancel("mallory", job.id)
+    assert jobs.jobs("mallory") == [] and [j.id for j in jobs.jobs("alice")] == [job.id]
+
+
+# ---------------------------------------------------------------------------------------------
+# form, curves, recipes (no Gradio)
+
+
+@pytest.fixture(scope="module")
+def demo_state(demo_family):  # noqa: F811
+    from app import state as st
+
+    s = st.new_session()
+    for name, path in demo_family.models.items():
+        s = st.add_model(s, str(path), path, name=name)
+    s["base"] = "base"
+    return s
+
+
+def test_every_method_gets_a_form_from_its_schema(demo_state):
+    from app import forms
+    from mergecore.methods import all_methods
+    from mergecore.recipe import recipe_from_dict, validate_parameters
+
+    for name, method in all_methods().items():
+        fields = forms.form_fields(name, demo_state)
+        per_model = [p for p in method.params if p.per_model]
+        targets = 2 if method.base in ("required", "optional") else 3
+        assert len(fields) == len(method.params) - len(per_model) + targets * len(per_model), name
+        form = forms.new_form(name, demo_state)
+        recipe = recipe_from_dict(forms.build_recipe_dict(form, demo_state))
+        validate_parameters(recipe)
+        assert recipe.merge_method == name
+        assert (recipe.base_model is not None) == (method.base in ("required", "optional")), name
+
+
+def test_values_parse_and_validate(demo_state):
+    from app import forms
+
+    form = forms.new_form("ties", demo_state)
+    f = forms.field_by_key(form, demo_state, "density@variant_a")
+    assert forms.text_to_value(f, "0.4") == 0.4
+    assert forms.text_to_value(f, "[0.2, 0.8]") == [0.2, 0.8]
+    assert forms.text_to_value(f, "{attn: [0, 1], mlp: 0.5}") == {"attn": [0, 1], "mlp": 0.5}
+    with pytest.raises(MergeError, match="out of range"):
+        forms.text_to_value(f, "1.5")
+    with pytest.raises(MergeError, match="attn, mlp and other"):
+        forms.text_to_value(f, "{foo: 1}")
+    with pytest.raises(MergeError):
+        forms.text_to_value(f, "[0.2, banana]")
+    text = forms.value_to_text({"attn": [0.0, 1.0], "mlp": [1.0, 0.0], "other": 0.5})
+    assert forms.text_to_value(f, text) == {"attn": [0.0, 1.0], "mlp": [1.0, 0.0], "other": 0.5}
+
+
+def test_split_curves_reach_attention_and_mlp_tensors(demo_state):
+    from app import forms
+    from mergecore.executor import plan_merge
+
+    form = forms.new_form("ties", demo_state)
+    form = forms.set_split(form, demo_state, "weight@variant_a", True)
+    form = forms.set_curve(form, demo_state, "weight@variant_a", [0.0, 1.0], group="attn")
+    form = forms.set_curve(form, demo_state, "weight@variant_a", [1.0, 0.0], group="mlp")
+    d = forms.build_recipe_dict(form, demo_state)
+    w = d["models"][0]["parameters"]["weight"]
+    assert w == [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": [1.0, 0.0]},
+                 {"value": 0.5}]
+    plan = plan_merge(forms.build_recipe(form, demo_state))
+    got = {(j.layer, "attn" if "self_attn" in j.out_name else "mlp" if "mlp" in j.out_name else "other"):
+           j.params["weight"][0] for j in plan.jobs if j.layer in (0, 5)}
+    assert got[(0, "attn")] == 0.0 and got[(5, "attn")] == 1.0
+    assert got[(0, "mlp")] == 1.0 and got[(5, "mlp")] == 0.0
+    assert got[(0, "other")] == 0.5
+    # a preset through the curve editor's path, then back to one curve for all tensors
+    from mergecore.params import preset_curve
+
+    form = forms.set_curve(form, demo_state, "density@variant_b", preset_curve("bell", 0.2, 0.9, 5))
+    assert forms.get_curve(form, "density@variant_b") == preset_curve("bell", 0.2, 0.9, 5)
+    form = forms.set_split(form, demo_state, "weight@variant_a", False)
+    assert form["values"]["weight@variant_a"] == [0.0, 1.0]
+    md = forms.formula_markdown(form, demo_state)
+    assert "θ₀ = **base**" in md and "| density · variant_b |" in md
+
+
+MERGEKIT_SLERP = """
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 6]
+      - model: {b}
+        layer_range: [0, 6]
+merge_method: slerp
+base_model: {a}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+"""
+
+MERGEKIT_TIES = """
+models:
+  - model: {base}
+  - model: {a}
+    parameters: {{density: 0.53, weight: 0.4}}
+  - model: {b}
+    parameters: {{density: [0.2, 0.8], weight: 0.6}}
+merge_method: ties
+base_model: {base}
+parameters: {{normalize: true, int8_mask: true}}
+dtype: float32
+"""
+
+
+def test_mergekit_recipes_import_into_the_form(demo_family):  # noqa: F811
+    from app import forms
+    from app import state as st
+    from app.ui import _import_yaml
+    from mergecore.recipe import parse_recipe
+
+    m = {k: str(v) for k, v in demo_family.models.items()}
+    text = MERGEKIT_TIES.format(base=m["base"], a=m["variant_a"], b=m["variant_b"])
+    state, form, notes = _import_yaml(text, st.new_session())
+    assert state["base"] == "base" and form["method"] == "ties"
+    assert form["values"]["density@variant_b"] == [0.2, 0.8] and form["values"]["int8_mask"] is True
+    again = parse_recipe(forms.recipe_yaml(form, state))
+    orig = parse_recipe(text)
+    assert again.parameters == orig.parameters
+    assert [x.parameters for x in again.models] == [x.parameters for x in orig.models if x.parameters]
+
+    text = MERGEKIT_SLERP.format(a=m["base"], b=m["variant_a"])
+    state, form, notes = _import_yaml(text, st.new_session())
+    assert form["slices"] and any("slices" in n for n in notes)
+    assert form["values"]["t"] == {"attn": [0, 0.5, 0.3, 0.7, 1], "mlp": [1, 0.5, 0.7, 0.3, 0], "other": 0.5}
+    again = parse_recipe(forms.recipe_yaml(form, state))
+    assert again.parameters == parse_recipe(text).parameters and again.slices == parse_recipe(text).slices
+    llama = ("self_attn", ("mlp",))
+    assert forms.value_from_recipe([{"filter": "self_attn", "value": 1}, {"value": 0}], llama) == {"attn": 1, "other": 0}
+    for kept in ([{"filter": "attention", "value": 1}],  # matches no Llama tensor: keep it as it is
+                 [{"filter": "mlp", "value": 1}, {"filter": "self_attn", "value": 0}],  # order matters
+                 [{"filter": "self_attn", "value": "x"}]):
+        assert forms.value_from_recipe(kept, llama) == {"raw": kept}
+    vit = ("attention", ("intermediate", "output.dense"))
+    assert forms.value_from_recipe([{"filter": "intermediate", "value": 1}], vit) == {"raw": [{"filter": "intermediate", "value": 1}]}
+    with pytest.raises(MergeError, match="line"):
+        _import_yaml("merge_method: ties\nmodels: [", st.new_session())
+    with pytest.raises(MergeError, match="unknown merge method"):
+        _import_yaml("merge_method: nope\nmodels: [{model: x}]", st.new_session())
+
+
+def test_compatibility_says_what_differs(model_factory, tmp_path):
+    import transformers as tf
+
+    from app import state as st
+
+    llama = model_factory("llama", 0)
+    gpt2 = model_factory("gpt2", 0)
+    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, tie_word_embeddings=False)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "wide-vocab")
+    s = st.add_model(st.add_model(st.new_session(), str(llama), llama, name="llama"),
+                     str(tmp_path / "wide-vocab"), tmp_path / "wide-vocab")
+    ok, text = st.compatibility(s)
+    assert not ok and "`model.embed_tokens.weight` is [96, 32] in `llama` but [100, 32] in `wide-vocab`" in text
+    s = st.add_model(s, str(gpt2), gpt2, name="gpt2")
+    ok, text = st.compatibility(s)
+    assert "architectures differ" in text and "`gpt2` is GPT2LMHeadModel" in text
+    rows = st.models_table(s)
+    assert rows[0][:4] == ["llama", "base", "LlamaForCausalLM", 4]
+    with pytest.raises(MergeError):
+        st.add_model(s, str(tmp_path), tmp_path)  # no weights there
+
+
+def test_classifier_compare_with_a_tiny_vit(model_factory):
+    import numpy as np
+
+    from app import compare as cmp
+
+    a = model_factory("vit", 1, base_seed=0)
+    b = model_factory("vit", 2, base_seed=0, noise=0.5)
+    img = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    res = cmp.compare_classifiers({"a": a, "b": b}, img, reference="b")
+    assert set(res["outputs"]) == {"a", "b"} and res["reference"] == "b"
+    top = res["outputs"]["a"]["top"]
+    assert len(top) == 3 and all(0 <= p <= 1 for _, _, p in top) and top[0][2] >= top[-1][2]
+    assert top[0][1].startswith("LABEL_") or top[0][1].startswith("class")
+    assert {r["model"] for r in res["rows"]} == {"a", "b"}
+    own = cmp.classify(a, img)["probs"]
+    swapped = cmp.classify(a, img, head_from=b)["probs"]
+    assert not np.allclose(own.numpy(), swapped.numpy())
+    assert np.allclose(cmp.classify(a, img)["probs"].numpy(), own.numpy())  # the head was put back
+    html = cmp.render_html(res, merged={"b"})
+    assert html.count('class="cmp-card"') == 2 and "merged" in html
+
+
+def test_remote_code_is_never_run_unless_asked(tmp_path, model_factory):
+    import shutil
+
+    from app import compare as cmp
+
+    src = model_factory("llama", 0)
+    dst = tmp_path / "custom"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["architectures"] = ["SneakyModelForCausalLM"]
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_sneaky.SneakyModelForCausalLM"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "modeling_sneaky.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(MergeError, match="trust remote code"):
+        cmp.load_model(dst)
+
+
+def test_workspace_zips_only_small_checkpoints(tmp_path, model_factory):
+    import gradio as gr  # noqa: F401
+
+    from app.files import Workspace
+
+    ws = Workspace(tmp_path / "work", zip_limit=10_000_000)
+    ckpt = model_factory("llama", 0)
+    z = ws.zip_checkpoint(ckpt, "tiny")
+    assert z is not None and ws.owns(z) and z.parent.parent == ws.exports
+    with zipfile.ZipFile(z) as zf:
+        assert "tiny/config.json" in zf.namelist()
+    assert Workspace(tmp_path / "w2", zip_limit=1000).zip_checkpoint(ckpt) is None
+    a = ws.merge_dir("s1", "my merge!")
+    a.mkdir()
+    assert ws.merge_dir("s1", "my merge!").name == "my-merge-2" and a.name == "my-merge"
+    assert ws.session_dir("s1") != ws.session_dir("s2")
+
+
+def test_launch_flags():
+    import launch
+
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--help"])
+    assert e.value.code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the running app, through gradio_client
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def _find(out, pred):
+    for o in out:
+        if pred(o):
+            return o
+    raise AssertionError(f"no matching output in {[str(o)[:80] for o in out]}")
+
+
+def _poll_merge(c, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        out = c.predict(api_name="/poll_merge")
+        summary = str(out[2])
+        if "Merged" in summary or "Failed" in summary or "Cancelled" in summary:
+            return out
+        time.sleep(0.2)
+    raise AssertionError("merge did not finish")
+
+
+def test_client_demo_merge_events_compare_export(app_server):  # noqa: F811
+    url, ctx = app_server
+    c = _client(url)
+    out = c.predict(api_name="/load_demo")
+    assert any("Compatible" in str(o) for o in out)
+    yaml_text = _find(out, lambda o: isinstance(o, str) and o.startswith("merge_method: ties"))
+    assert "density: [0.3, 0.7]" in yaml_text
+
+    # a curve edit through the editor's endpoint lands in the recipe
+    out = c.predict([0.25, 0.9], "density@variant_a", "attn", False, api_name="/set_curve")
+    assert "density: [0.25, 0.9]" in _find(out, lambda o: isinstance(o, str) and "merge_method" in o)
+
+    out = c.predict(api_name="/merge")
+    assert "Merging into" in str(out[2])
+    out = _poll_merge(c)
+    assert "Merged" in out[2] and "57 tensors" in out[2]
+    job = next(j for j in list(ctx.jobs._jobs.values()) if j.kind == "merge" and j.status == "done"
+               and f"`{j.result.out_dir}`" in out[2])
+    owner = job.owner
+    events = ctx.jobs.snapshot(owner, job.id)["events"]
+    assert events[0]["kind"] == "merge.progress" and events[-1]["data"]["fraction"] == 1.0
+    out_dir = Path(job.result.out_dir)
+    assert "density: [0.25, 0.9]" in (out_dir / "mergecore_recipe.yml").read_text()
+
+    models = ["base", "variant_a", "variant_b", job.meta["name"]]
+    status, html, table = c.predict(models, "1 2 3 4 5", 4, None, "each model's own", api_name="/compare")
+    assert f"**{job.meta['name']}**" in status
+    assert html.count('class="cmp-card"') == 4
+    rows = {r[0]: r for r in table["data"]}
+    assert set(rows) == set(models) and rows[job.meta["name"]][4] == 0  # KL to itself
+
+    md, recipe_btn, ckpt_btn = c.predict(job.meta["name"], api_name="/export")
+    assert "zipped" in md
+    served = [p for p in ctx.workspace.exports.rglob("*") if p.is_file()]
+    assert {p.suffix for p in served} == {".yml", ".zip"}
+    import gradio as gr
+
+    assert all(gr.utils.is_static_file(str(p)) for p in served)  # served in place, not copied
+    import httpx
+
+    def status(path):
+        return httpx.get(f"{url}gradio_api/file={path}").status_code
+
+    assert all(status(p) == 200 for p in served)
+    assert status(out_dir / "config.json") == 403  # merges are not served, only prepared downloads
+    assert status(Path(__file__).resolve()) == 403 and status("/etc/passwd") == 403
+
+
+def test_client_failed_job_shows_one_line_and_app_recovers(app_server):  # noqa: F811
+    url, _ = app_server
+    c = _client(url)
+    c.predict(api_name="/load_demo")
+    c.predict("slerp", api_name="/set_method")  # slerp takes one model besides the base; the demo has two
+    c.predict(api_name="/merge")
+    out = _poll_merge(c)
+    assert out[2].startswith("**Failed:**") and "exactly 1 model" in out[2] and "\n" not in out[2]
+    c.predict("task_arithmetic", api_name="/set_method")
+    c.predict(api_name="/merge")
+    assert "Merged" in _poll_merge(c)[2]
+    plan = c.predict(api_name="/plan")
+    assert "method: task_arithmetic" in str(plan)
+
+
+def test_client_sessions_do_not_see_each_other(app_server):  # noqa: F811
+    url, ctx = app_server
+    a, b = _client(url), _client(url)
+    a.predict(api_name="/load_demo")
+    a.predict(api_name="/merge")
+    assert "Merged" in _poll_merge(a)[2]
+    out = b.predict(api_name="/load_demo")
+    export_choices = out[-4]  # ..., export dropdown, status, fetch timer, fetch progress
+    assert export_choices["choices"] == []  # B has no merges of its own
+    md, _, _ = b.predict(None, api_name="/export")
+    assert "No merged checkpoint" in md
+    assert b.predict(api_name="/cancel_merge") == "Nothing to cancel."
+    owners = {j.owner for j in ctx.jobs._jobs.values()}
+    assert len(owners) >= 1
+
+
+def test_client_imports_a_recipe_and_searches_the_hub_offline(app_server, demo_family, monkeypatch):  # noqa: F811
+    url, _ = app_server
+    c = _client(url)
+    m = {k: str(v) for k, v in demo_family.models.items()}
+    text = MERGEKIT_SLERP.format(a=m["base"], b=m["variant_b"])
+    out = c.predict(text, api_name="/import_yaml")
+    assert "Recipe loaded" in out[-1]
+    assert "merge_method: slerp" in _find(out, lambda o: isinstance(o, str) and "merge_method" in o)
+    out = c.predict("merge_method: ties\nmodels: [", api_name="/import_yaml")
+    assert out[-1].startswith("**Error:**") and "line" in out[-1]
+    c.predict(api_name="/merge")
+    assert "Merged" in _poll_merge(c)[2]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, msg = c.predict("llama", api_name="/hub_search")
+    assert "offline" in msg
+    # a Hub id that cannot be fetched: a background job that fails with one line
+    out = c.predict("nobody-here/no-such-model", api_name="/add_model")
+    assert "Fetching" in out[-3]
+    end = time.time() + 30
+    while time.time() < end:
+        out = c.predict(api_name="/poll_models")
+        if "Error" in str(out[-3]):
+            break
+        time.sleep(0.2)
+    assert "cannot fetch 'nobody-here/no-such-model'" in out[-3] and "\n" not in out[-3]
+    out = c.predict("/no/such/folder", api_name="/add_model")
+    assert "neither a local folder nor a Hub id" in out[-3]
+
+
+def test_client_builds_the_demo_when_started_without_it(app_server, demo_family, monkeypatch):  # noqa: F811
+    url, ctx = app_server
+    saved = ctx.demo
+    monkeypatch.setenv("MERGECORE_DEMO_DIR", str(Path(demo_family.models["base"]).parents[2]))
+    ctx.demo = None  # as with `launch.py --no-demo`
+    try:
+        c = _client(url)
+        out = c.predict(api_name="/load_demo")
+        assert "Building the demo models" in out[-3]
+        end = time.time() + 60
+        while time.time() < end:
+            out = c.predict(api_name="/poll_models")
+            if "Loaded the demo" in str(out[-3]) or "Error" in str(out[-3]):
+                break
+            time.sleep(0.2)
+        assert "Loaded the demo models" in out[-3]
+        assert any("Compatible" in str(o) for o in out)
+        assert ctx.demo is not None and ctx.demo.synthetic
+    finally:
+        ctx.demo = saved

@@ -1,0 +1,117 @@
+"""Browser test: Playwright (from PyPI) drives Debian's chromium against the app.
+
+It loads the app on the demo family, drags a point of the curve editor, runs a merge, compares
+the models, prepares the downloads and saves a screenshot of each tab (into
+$MERGECORE_SCREENSHOTS when set, e.g. assets/screenshots; otherwise into the test's tmp dir).
+`scripts/setup.sh` installs chromium; with MERGECORE_REQUIRE_BROWSER=1 (as `scripts/test.sh`
+sets) a missing browser is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from _app_helpers import SCREENSHOT_DIR, app_server, demo_family  # noqa: F401  (fixtures)
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("MERGECORE_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium is not installed (scripts/setup.sh installs it with apt-get)")
+        pytest.skip("chromium is not installed")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("MERGECORE_REQUIRE_BROWSER") == "1":
+            pytest.fail("playwright is not installed (it is in the test extra)")
+        pytest.skip("playwright is not installed")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _shot(page, out: Path, name: str) -> None:
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+
+
+def test_drag_curve_merge_compare_export(app_server, browser, tmp_path):  # noqa: F811
+    from playwright.sync_api import expect
+
+    url, _ = app_server
+    out = SCREENSHOT_DIR or tmp_path
+    out.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+
+    # Models: every new session opens on the demo family
+    expect(page.get_by_text("Compatible", exact=False).first).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("SYNTHETIC").first).to_be_visible()
+    _shot(page, out, "1-models")
+
+    # Recipe: drag the last point of the density curve upwards
+    page.get_by_role("tab", name="Recipe").click()
+    anchors = page.locator("#curve-anchors textarea")
+    expect(anchors).to_have_value("0.3, 0.7", timeout=15_000)
+    point = page.locator("#curve-editor circle[data-anchor='0']")
+    expect(point).to_be_visible()
+    point.scroll_into_view_if_needed()
+    page.wait_for_timeout(200)
+    box = point.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x, y - 30, steps=4)
+    page.mouse.move(x, y - 70, steps=6)
+    page.mouse.up()
+    expect(anchors).not_to_have_value("0.3, 0.7", timeout=10_000)
+    new_first = float(anchors.input_value().split(",")[0])
+    assert new_first > 0.45, anchors.input_value()
+    # the YAML preview and the form follow the dragged curve
+    yaml_box = page.locator(".cm-content").first
+    expect(yaml_box).to_contain_text(re.compile(r"density: \[0\.[4-9]\d*, 0\.7\]"), timeout=10_000)
+    expect(page.locator("#field-density--variant_a textarea")).to_have_value(re.compile(r"\[0\.[4-9]"), timeout=10_000)
+    _shot(page, out, "2-recipe")
+
+    # Merge in the background, with progress and a summary
+    page.get_by_role("tab", name="Merge").click()
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-summary")).to_contain_text("Merged", timeout=60_000)
+    expect(page.locator("#merge-progress [data-status='done']")).to_be_visible()
+    _shot(page, out, "3-merge")
+
+    # Compare: the sources and the merge side by side
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    expect(page.locator(".cmp-card")).to_have_count(4, timeout=60_000)
+    expect(page.locator(".cmp-tag.merged")).to_have_count(1)
+    _shot(page, out, "4-compare")
+
+    # Export: recipe and zipped checkpoint, served from the app's own exports folder
+    page.get_by_role("tab", name="Export").click()
+    page.get_by_role("button", name="Prepare downloads").click()
+    expect(page.locator("#export-status")).to_contain_text("zipped (", timeout=30_000)
+    link = page.get_by_role("button", name=re.compile(r"Download .*\.zip"))
+    expect(link).to_be_visible()
+    _shot(page, out, "5-export")
+    assert not errors, errors
