@@ -1,0 +1,289 @@
+"""The RMM search loop: episodes, rewards, DAR, PPO updates, checkpoints, events, recipe.
+
+The loop is independent of how a candidate is scored: it takes a `Scorer`, which maps
+(candidate model, data-subset index) to a reward and its metrics. `run_rmm` wires the real one
+(the evaluator over a task list) from a search config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from mergecore.errors import MergeError
+from mergecore.events import CancelToken, Event, EventCallback
+from mergecore.methods import get_method
+from mergecore.recipe import Recipe, recipe_from_dict
+from mergecore.search.rmm.dar import DynamicAverageReward
+from mergecore.search.rmm.env import LayerWalk
+from mergecore.search.rmm.layers import Assembler, LayerBank, Operator, PrefixCache
+from mergecore.search.rmm.ppo import PPOAgent, PPOConfig
+
+
+class Scorer(Protocol):
+    n_subsets: int
+
+    def __call__(self, model: nn.Module, subset: int) -> tuple[float, dict[str, float]]:
+        """Reward (higher is better) and per-task metrics of `model` on data subset `subset`."""
+
+
+@dataclass
+class RMMSettings:
+    episodes: int = 700
+    max_steps: Optional[int] = None  # default 2L
+    update_every: int = 4
+    dar: bool = True
+    dar_lambda: float = 0.8
+    back_penalty: float = -10.0
+    seed: int = 0
+    memoize: bool = True  # reuse the reward of an identical (trajectory, subset)
+    prefix_cache: bool = True
+    cache_bytes: int = 1 << 30
+    keep_top: int = 5
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+@dataclass
+class Trajectory:
+    emitted: list[tuple[int, int]]
+    actions: list[int]
+    reward: float
+    metrics: dict[str, float]
+    episode: int
+
+
+@dataclass
+class RMMResult:
+    best: Trajectory
+    top: list[Trajectory]
+    episodes: int
+    evaluations: int
+    seconds: float
+    recipe: Optional[Recipe] = None
+
+
+def trajectory_recipe(emitted: list[tuple[int, int]], base: str, models: list[str], operators: list[Operator],
+                      seed: int = 0, name: str = "rmm") -> Recipe:
+    """Replayable recipe: one slice per emitted layer; consecutive layers of one model are joined.
+    Embeddings, final norm and heads come from the base (`non_layer_from`)."""
+    slices: list[dict[str, Any]] = []
+    n = len(models)
+    for layer, action in emitted:
+        if action < n:
+            last = slices[-1] if slices else None
+            if (last and "merge_method" not in last and last["sources"][0]["model"] == models[action]
+                    and last["sources"][0]["layer_range"][1] == layer):
+                last["sources"][0]["layer_range"][1] = layer + 1
+            else:
+                slices.append({"sources": [{"model": models[action], "layer_range": [layer, layer + 1]}]})
+        else:
+            op = operators[action - n]
+            takes_base = get_method(op.method).base != "ignored"
+            srcs = [{"model": base, "layer_range": [layer, layer + 1]}] if takes_base else []
+            srcs += [{"model": m, "layer_range": [layer, layer + 1]} for m in models]
+            block: dict[str, Any] = {"merge_method": op.method, "sources": srcs}
+            if op.parameters:
+                block["parameters"] = dict(op.parameters)
+            slices.append(block)
+    if not slices:
+        raise MergeError("the trajectory emitted no layer; nothing to replay")
+    return recipe_from_dict({
+        "merge_method": "passthrough",
+        "base_model": base,
+        "non_layer_from": base,
+        "slices": slices,
+        "seed": seed,
+        "name": name,
+    })
+
+
+class RMMSearch:
+    """One RMM run over in-memory models; resumable from `out_dir`."""
+
+    def __init__(self, base: nn.Module, models: list[nn.Module], operators: list[Operator], scorer: Scorer,
+                 settings: RMMSettings, out_dir: Optional[Path] = None,
+                 on_event: Optional[EventCallback] = None, cancel: Optional[CancelToken] = None,
+                 model_names: Optional[list[str]] = None):
+        self.settings = settings
+        self.scorer = scorer
+        self.operators = operators
+        self.bank = LayerBank(models, base, operators, seed=settings.seed)
+        self.cache = PrefixCache(settings.cache_bytes) if settings.prefix_cache else None
+        self.assembler = Assembler(base, self.bank, self.cache)
+        self.walk = LayerWalk(len(models), len(operators), self.bank.n_layers, settings.max_steps)
+        self.agent = PPOAgent(self.walk.state_dim, self.walk.n_actions, settings.ppo, seed=settings.seed)
+        self.dar = DynamicAverageReward(settings.dar_lambda, settings.episodes, scorer.n_subsets, settings.dar)
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.on_event = on_event
+        self.cancel = cancel or CancelToken()
+        self.names = model_names or [f"model{i}" for i in range(len(models))]
+        self.episode = 0
+        self.evaluations = 0
+        self.eval_seconds = 0.0
+        self.memo: dict[tuple, tuple[float, dict[str, float]]] = {}
+        self.top: list[Trajectory] = []
+        self.history: list[dict[str, Any]] = []
+
+    # -- persistence -------------------------------------------------------------------------
+
+    @property
+    def _ckpt(self) -> Optional[Path]:
+        return self.out_dir / "rmm_checkpoint.pt" if self.out_dir else None
+
+    def save(self) -> None:
+        if not self._ckpt:
+            return
+        state = {
+            "episode": self.episode,
+            "evaluations": self.evaluations,
+            "agent": self.agent.state_dict(),
+            "dar": self.dar.state_dict(),
+            "top": [t.__dict__ for t in self.top],
+            "history": self.history,
+            "memo": {repr(k): v for k, v in self.memo.items()},
+        }
+        tmp = self._ckpt.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self._ckpt)
+
+    def try_resume(self) -> bool:
+        if not self._ckpt or not self._ckpt.is_file():
+            return False
+        state = torch.load(self._ckpt, weights_only=False)
+        self.episode = state["episode"]
+        self.evaluations = state["evaluations"]
+        self.agent.load_state_dict(state["agent"])
+        self.dar.load_state_dict(state["dar"])
+        self.top = [Trajectory(**t) for t in state["top"]]
+        self.history = state["history"]
+        import ast
+
+        self.memo = {ast.literal_eval(k): v for k, v in state.get("memo", {}).items()}
+        self._emit("rmm.resumed", {"episode": self.episode})
+        return True
+
+    # -- loop --------------------------------------------------------------------------------
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        if self.on_event:
+            self.on_event(Event(kind, data))
+
+    def score(self, emitted: list[tuple[int, int]], subset: int) -> tuple[float, dict[str, float], float]:
+        key = (tuple(emitted), subset)
+        if self.settings.memoize and key in self.memo:
+            r, m = self.memo[key]
+            return r, m, 0.0
+        t0 = time.time()
+        model = self.assembler.build(emitted)
+        with torch.no_grad():
+            reward, metrics = self.scorer(model, subset)
+        dt = time.time() - t0
+        self.evaluations += 1
+        self.eval_seconds += dt
+        if self.settings.memoize:
+            self.memo[key] = (reward, metrics)
+        return reward, metrics, dt
+
+    def run_episode(self) -> dict[str, Any]:
+        e = self.episode
+        subset = e % max(1, self.scorer.n_subsets)
+        state = self.walk.reset()
+        transitions = []
+        while True:
+            action, logp = self.agent.act(state)
+            step = self.walk.step(action)
+            transitions.append((state, action, logp))
+            state = step.state
+            if step.done:
+                break
+        if step.fell_off:
+            raw, metrics, dt = self.settings.back_penalty, {}, 0.0
+        else:
+            raw, metrics, dt = self.score(list(self.walk.emitted), subset)
+        smoothed = self.dar(e, raw)
+        for i, (s, a, lp) in enumerate(transitions):
+            last = i == len(transitions) - 1
+            self.agent.record(s, a, lp, smoothed if last else 0.0, last)
+        if not step.fell_off:
+            self._keep(Trajectory(list(self.walk.emitted), list(self.walk.actions), raw, metrics, e))
+        best = self.top[0] if self.top else None
+        info = {
+            "episode": e,
+            "subset": subset,
+            "raw_reward": raw,
+            "dar_reward": smoothed,
+            "best_reward": best.reward if best else None,
+            "best_trajectory": [list(x) for x in best.emitted] if best else None,
+            "actions": [self.walk.action_name(a, self.names, [o.name for o in self.operators]) for a in self.walk.actions],
+            "depth": len(self.walk.emitted),
+            "eval_seconds": dt,
+            "evaluations": self.evaluations,
+            "metrics": metrics,
+        }
+        self.history.append(info)
+        self.episode += 1
+        if self._at_boundary():
+            info["ppo"] = self.agent.update()
+        self._emit("rmm.episode", info)
+        return info
+
+    def _at_boundary(self) -> bool:
+        return self.episode % self.settings.update_every == 0 or self.episode >= self.settings.episodes
+
+    def _keep(self, traj: Trajectory) -> None:
+        for t in self.top:
+            if t.emitted == traj.emitted:
+                if traj.reward > t.reward:
+                    t.reward, t.metrics, t.episode = traj.reward, traj.metrics, traj.episode
+                break
+        else:
+            self.top.append(traj)
+        self.top.sort(key=lambda t: -t.reward)
+        del self.top[self.settings.keep_top:]
+
+    def run(self) -> RMMResult:
+        start = time.time()
+        if self.out_dir:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        log = None
+        if self.out_dir:
+            # the log always mirrors the checkpointed history (episodes after it are redone)
+            log = open(self.out_dir / "rmm_log.jsonl", "w")
+            for info in self.history:
+                log.write(json.dumps(info) + "\n")
+        try:
+            while self.episode < self.settings.episodes:
+                self.cancel.check()
+                info = self.run_episode()
+                if log:
+                    log.write(json.dumps(info) + "\n")
+                    log.flush()
+                if self._at_boundary():
+                    self.save()  # at PPO-update boundaries the rollout buffer is empty
+        finally:
+            if log:
+                log.close()
+        if not self.top:
+            raise MergeError("no episode produced a model (every episode fell off the first layer)")
+        return RMMResult(self.top[0], list(self.top), self.episode, self.evaluations, time.time() - start)
+
+
+def rerank_on_full(search: RMMSearch, full_scorer: Callable[[nn.Module], tuple[float, dict[str, float]]]) -> Trajectory:
+    """Re-score the kept top trajectories with `full_scorer` (e.g. the whole validation split)
+    and return the best; subset rewards are noisy, so the final pick uses all the data."""
+    best: Optional[Trajectory] = None
+    for t in search.top:
+        with torch.no_grad():
+            reward, metrics = full_scorer(search.assembler.build(t.emitted))
+        cand = Trajectory(t.emitted, t.actions, reward, metrics, t.episode)
+        if best is None or cand.reward > best.reward:
+            best = cand
+    if best is None:
+        raise MergeError("no trajectory to re-rank")
+    return best

@@ -1,0 +1,235 @@
+"""RMM: the layer walk, DAR, PPO, the layer bank / assembly / prefix cache, replay, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mergecore.errors import Cancelled, MergeError
+from mergecore.events import CancelToken
+from mergecore.search.rmm.dar import DynamicAverageReward
+from mergecore.search.rmm.env import LayerWalk
+from mergecore.search.rmm.ppo import PPOAgent, PPOConfig
+
+# ----------------------------------------------------------------------------- environment
+
+
+def test_walk_actions_state_and_termination():
+    w = LayerWalk(n_models=2, n_ops=1, n_layers=3)
+    assert (w.n_actions, w.skip, w.back, w.max_steps) == (5, 3, 4, 6)
+    s = w.reset()
+    assert s.shape == (3 * 3 + 4,) and s[-4] == 1  # position one-hot at layer 0
+    r = w.step(1)  # layer 0 from model 1
+    assert r.emitted == (0, 1) and not r.done and w.position == 1
+    r = w.step(w.skip)  # skip layer 1: nothing emitted
+    assert r.emitted is None and w.position == 2
+    before = r.state.copy()
+    r = w.step(w.back)  # back to layer 1: the state changes only in its position part
+    assert w.position == 1 and not r.done
+    assert np.array_equal(before[:9], r.state[:9]) and not np.array_equal(before, r.state)
+    r = w.step(2)  # operator at layer 1
+    assert r.emitted == (1, 2)
+    r = w.step(0)
+    assert r.done and not r.fell_off and w.emitted == [(0, 1), (1, 2), (2, 0)]
+    assert w.merge_map[1, 0] == 1 and w.merge_map[2, 1] == 1 and w.merge_map[0, 2] == 1
+
+
+def test_walk_falls_off_and_step_cap():
+    w = LayerWalk(2, 0, 4, max_steps=3)
+    w.reset()
+    assert w.step(w.back).fell_off
+    w.reset()
+    w.step(0)
+    w.step(w.back)
+    r = w.step(w.back)
+    assert r.done and r.fell_off
+    w.reset()
+    for _ in range(2):
+        assert not w.step(0 if w.position == 0 else w.back).done
+    assert w.step(0).done and w.steps == 3  # capped by max_steps
+    with pytest.raises(ValueError):
+        w.step(9)
+
+
+# ----------------------------------------------------------------------------- DAR
+
+
+def test_dar_formula_and_reset_on_cycle():
+    dar = DynamicAverageReward(lam=0.8, total_episodes=10, cycle_length=3)
+    assert dar(0, 50.0) == 50.0
+    # e=1: w = 0.8 * 1/10 = 0.08 -> 0.08*50 + 0.92*60
+    assert dar(1, 60.0) == pytest.approx(0.08 * 50 + 0.92 * 60)
+    prev = 0.08 * 50 + 0.92 * 60
+    assert dar(2, 40.0) == pytest.approx(0.16 * prev + 0.84 * 40)
+    assert dar(3, 70.0) == 70.0  # new subset cycle: reset to the raw reward
+    off = DynamicAverageReward(enabled=False, cycle_length=3)
+    assert [off(e, r) for e, r in enumerate([1.0, 2.0, 3.0])] == [1.0, 2.0, 3.0]
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def test_ppo_learns_a_bandit_and_is_deterministic():
+    """One state, action 2 pays 1, others 0: PPO must come to prefer action 2."""
+
+    def run(seed):
+        agent = PPOAgent(4, 3, PPOConfig(epochs=10, lr_actor=3e-3), seed=seed)
+        s = np.ones(4, dtype=np.float32)
+        picks = []
+        for ep in range(60):
+            a, lp = agent.act(s)
+            picks.append(a)
+            agent.record(s, a, lp, 1.0 if a == 2 else 0.0, True)
+            if (ep + 1) % 4 == 0:
+                agent.update()
+        probs = torch.softmax(agent.actor(torch.as_tensor(s)), -1)
+        return picks, probs
+
+    picks, probs = run(0)
+    assert probs[2] > 0.8
+    picks2, probs2 = run(0)
+    assert picks == picks2 and torch.equal(probs, probs2)
+
+
+def test_ppo_state_dict_round_trip():
+    a = PPOAgent(5, 4, seed=1)
+    b = PPOAgent(5, 4, seed=2)
+    b.load_state_dict(a.state_dict())
+    s = np.arange(5, dtype=np.float32)
+    assert [a.act(s)[0] for _ in range(20)] == [b.act(s)[0] for _ in range(20)]
+
+
+# ----------------------------------------------------------------------------- bank, assembly, replay
+
+
+@pytest.fixture(scope="module")
+def lm_family(model_factory):
+    import transformers as tf
+
+    paths = {"base": model_factory("llama", 0), "a": model_factory("llama", 1, base_seed=0),
+             "b": model_factory("llama", 2, base_seed=0)}
+    models = {k: tf.AutoModelForCausalLM.from_pretrained(v).eval() for k, v in paths.items()}
+    return paths, models
+
+
+def _lm_scorer(n_subsets=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = [torch.randint(0, 96, (3, 12), generator=g) for _ in range(n_subsets)]
+
+    class Scorer:
+        def __init__(self):
+            self.n_subsets = n_subsets
+
+        def __call__(self, model, subset):
+            x = data[subset]
+            loss = model(x, labels=x, use_cache=False).loss.item()
+            return -loss, {"loss": loss}
+
+    return Scorer()
+
+
+OPS_SPEC = [("ties", "ties", {"density": 0.5, "weight": 1.0}), ("dare", "dare_ties", {"density": 0.6, "weight": 0.5}),
+            ("avg", "linear", {"weight": 0.5})]
+
+
+def _ops():
+    from mergecore.search.rmm.layers import Operator
+
+    return [Operator(n, m, dict(p)) for n, m, p in OPS_SPEC]
+
+
+def test_bank_reuses_modules_and_replayed_recipe_matches(lm_family, tmp_path):
+    import transformers as tf
+
+    from mergecore.executor import merge
+    from mergecore.search.rmm.layers import Assembler, LayerBank, PrefixCache
+    from mergecore.search.rmm.search import trajectory_recipe
+
+    paths, models = lm_family
+    bank = LayerBank([models["a"], models["b"]], models["base"], _ops(), seed=3)
+    assert bank.module(1, 0) is models["a"].model.layers[1]  # model action: the model's own layer
+    assert bank.module(2, 3) is bank.module(2, 3)  # operator layers are built once
+    cache = PrefixCache()
+    asm = Assembler(models["base"], bank, cache)
+    emitted = [(0, 2), (1, 3), (1, 1), (2, 4), (3, 0)]  # dare op, ties op, repeat a layer, linear op
+    x = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = asm.build(emitted)(x, use_cache=False).logits
+        again = asm.build(emitted)(x, use_cache=False).logits
+    assert torch.equal(got, again) and cache.hits == len(emitted)
+    assert len(models["base"].model.layers) == 4 and models["base"].config.num_hidden_layers == 4
+
+    recipe = trajectory_recipe(emitted, str(paths["base"]), [str(paths["a"]), str(paths["b"])], _ops(), seed=3)
+    out = merge(recipe, tmp_path / "replay").out_dir
+    replay = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert replay.config.num_hidden_layers == 5
+    with torch.no_grad():
+        want = replay(x, use_cache=False).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_search_runs_emits_events_and_resumes(lm_family, tmp_path):
+    from mergecore.search.rmm.search import RMMSearch, RMMSettings
+
+    paths, models = lm_family
+    events = []
+    settings = RMMSettings(episodes=12, update_every=4, seed=0, ppo=PPOConfig(epochs=4))
+    s = RMMSearch(models["base"], [models["a"], models["b"]], _ops(), _lm_scorer(), settings, out_dir=tmp_path,
+                  on_event=events.append)
+    res = s.run()
+    eps = [e.data for e in events if e.kind == "rmm.episode"]
+    assert [e["episode"] for e in eps] == list(range(12))
+    assert res.best.reward == max(e["raw_reward"] for e in eps if e["raw_reward"] != settings.back_penalty)
+    assert all(e["best_reward"] >= e2["best_reward"] for e, e2 in zip(eps[1:], eps) if e2["best_reward"] is not None)
+    assert len((tmp_path / "rmm_log.jsonl").read_text().splitlines()) == 12
+
+    # an uninterrupted 20-episode run equals 12 episodes + resume to 20
+    full_dir = tmp_path / "full"
+    full = RMMSearch(models["base"], [models["a"], models["b"]], _ops(), _lm_scorer(),
+                     RMMSettings(episodes=20, update_every=4, seed=0, ppo=PPOConfig(epochs=4)), out_dir=full_dir)
+    full_res = full.run()
+    resumed = RMMSearch(models["base"], [models["a"], models["b"]], _ops(), _lm_scorer(),
+                        RMMSettings(episodes=20, update_every=4, seed=0, ppo=PPOConfig(epochs=4)), out_dir=tmp_path)
+    assert resumed.try_resume() and resumed.episode == 12
+    res2 = resumed.run()
+    log_full = [json.loads(line) for line in (full_dir / "rmm_log.jsonl").read_text().splitlines()]
+    log_res = [json.loads(line) for line in (tmp_path / "rmm_log.jsonl").read_text().splitlines()]
+    assert [e["actions"] for e in log_full] == [e["actions"] for e in log_res]
+    assert res2.best.emitted == full_res.best.emitted
+
+
+def test_cancel_stops_and_keeps_last_checkpoint(lm_family, tmp_path):
+    from mergecore.search.rmm.search import RMMSearch, RMMSettings
+
+    paths, models = lm_family
+    cancel = CancelToken()
+
+    def on_event(e):
+        if e.kind == "rmm.episode" and e.data["episode"] == 5:
+            cancel.cancel()
+
+    s = RMMSearch(models["base"], [models["a"], models["b"]], _ops(), _lm_scorer(),
+                  RMMSettings(episodes=50, update_every=4, ppo=PPOConfig(epochs=2)), out_dir=tmp_path,
+                  on_event=on_event, cancel=cancel)
+    with pytest.raises(Cancelled):
+        s.run()
+    again = RMMSearch(models["base"], [models["a"], models["b"]], _ops(), _lm_scorer(),
+                      RMMSettings(episodes=50, update_every=4), out_dir=tmp_path)
+    assert again.try_resume() and again.episode == 4  # the last PPO-update boundary
+
+
+def test_operator_errors():
+    from mergecore.search.rmm.layers import Operator
+    from mergecore.search.rmm.search import trajectory_recipe
+
+    with pytest.raises(MergeError, match="unknown parameter"):
+        Operator("x", "ties", {"densty": 0.5}).resolved(2)
+    with pytest.raises(MergeError, match="out of range"):
+        Operator("x", "ties", {"density": 2.0, "weight": 1.0}).resolved(2)
+    with pytest.raises(MergeError, match="unknown merge method"):
+        Operator("x", "nope").resolved(2)
+    with pytest.raises(MergeError, match="no layer"):
+        trajectory_recipe([], "base", ["a"], [])
