@@ -7,6 +7,18 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+# Fashion-MNIST (Debian's dataset-fashion-mnist) for the fmnist-vit family and the app's demo
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
+  if command -v apt-get >/dev/null 2>&1 \
+     && { $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+          || { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }; }; then
+    echo "installed dataset-fashion-mnist"
+  else
+    echo "warning: could not install dataset-fashion-mnist with apt-get; the fmnist-vit family needs it" >&2
+  fi
+fi
 stamp=.venv/.mergecore-installed
 want=$(cat pyproject.toml requirements-lock.txt scripts/setup.sh | sha1sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

@@ -1,0 +1,234 @@
+"""Merge quality on an offline family: the shape of the RMM paper's Table I.
+
+    python bench/quality.py fmnist-vit [--quick] [--out quality.csv] [--subset 0.1] [--split test]
+
+Builds the family if needed (cached), then scores, on every task of the family (each task with
+its own expert's classifier head on the evaluated body, as in the RMM paper):
+
+- **pretrained**: the base body (rotation-pretrained, never saw a class label) with the task heads;
+- **individual**: each fine-tuned expert on its own task only (the upper reference);
+- the data-free merges of the experts, run by `mergecore.executor.merge` with the
+  hyper-parameters mergekit users reach for by default:
+
+  | row              | method          | parameters                                               |
+  |------------------|-----------------|----------------------------------------------------------|
+  | weight averaging | linear          | weight 1.0 each, normalize (a model soup of the experts) |
+  | task arithmetic  | task_arithmetic | weight 1.0 each, lambda 0.3                              |
+  | TIES             | ties            | density 0.5, weight 1.0, normalize, lambda 1.0           |
+  | DARE-TIES        | dare_ties       | density 0.5, weight 1.0, normalize, lambda 1.0, seed 0   |
+  | DARE-linear      | dare_linear     | density 0.5, weight 1.0, lambda 0.3, seed 0              |
+
+  Why these: mergekit's own defaults are lambda 1.0 and (for TIES) normalize true; density 0.5
+  is the value of mergekit's README examples and of most published TIES/DARE recipes. Plain
+  task arithmetic with lambda 1.0 adds all four task vectors at full strength, which nobody
+  uses beyond two models; lambda 0.3 is the scaling the task-arithmetic paper settles on for
+  many tasks (and FusionBench's default). DARE-TIES keeps TIES's settings with random
+  drop-and-rescale instead of magnitude trimming; DARE-linear is DARE in front of task
+  arithmetic, with task arithmetic's lambda.
+
+Rows are printed as a table (tasks, mean, merge / eval / wall seconds per row) and saved as CSV.
+Later rows (RMM, DAM, evolutionary search) append to `ROWS` a function returning a model or a
+checkpoint folder (see `Row`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mergecore.errors import MergeError  # noqa: E402
+
+
+@dataclass
+class MergeRow:
+    """A data-free merge of all experts onto the base."""
+
+    label: str
+    method: str
+    per_model: dict[str, Any]
+    global_params: dict[str, Any] = field(default_factory=dict)
+    with_base: bool = True  # base_model in the recipe (task-vector methods)
+    seed: Optional[int] = None
+
+    def describe(self) -> str:
+        params = {**self.per_model, **self.global_params}
+        if self.seed is not None:
+            params["seed"] = self.seed
+        return f"{self.method}(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+
+    def recipe(self, base: Path, experts: list[Path]):
+        from mergecore.recipe import recipe_from_dict
+
+        data: dict[str, Any] = {
+            "merge_method": self.method,
+            "models": [{"model": str(p), "parameters": dict(self.per_model)} for p in experts],
+            "dtype": "float32",
+        }
+        if self.with_base:
+            data["base_model"] = str(base)
+        if self.global_params:
+            data["parameters"] = dict(self.global_params)
+        if self.seed is not None:
+            data["seed"] = self.seed
+        return recipe_from_dict(data, where=self.label)
+
+
+MERGE_ROWS: list[MergeRow] = [
+    MergeRow("weight averaging", "linear", {"weight": 1.0}, {"normalize": True}, with_base=False),
+    MergeRow("task arithmetic", "task_arithmetic", {"weight": 1.0}, {"lambda": 0.3}),
+    MergeRow("TIES", "ties", {"weight": 1.0, "density": 0.5}, {"normalize": True, "lambda": 1.0}),
+    MergeRow("DARE-TIES", "dare_ties", {"weight": 1.0, "density": 0.5}, {"normalize": True, "lambda": 1.0}, seed=0),
+    MergeRow("DARE-linear", "dare_linear", {"weight": 1.0, "density": 0.5}, {"lambda": 0.3}, seed=0),
+]
+
+
+@dataclass
+class Row:
+    """A row produced by code (a search): `make(family, work_dir) -> model or checkpoint folder`."""
+
+    label: str
+    make: Callable[[Any, Path], Any]
+    describe: str = ""
+
+
+ROWS: list[Row] = []  # RMM / DAM / evolutionary search rows go here
+
+
+def run(family_name: str, *, quick: bool = False, split: str = "test", subset=None, seed: int = 0,
+        batch_size: int = 256, methods: Optional[list[str]] = None, threads: int = 2, root: Optional[Path] = None,
+        work: Optional[Path] = None, log=print):
+    """Build/load the family, score every row; returns (DataFrame, notes)."""
+    import pandas as pd
+
+    from mergecore.executor import merge
+    from mergecore.families import build_family
+    from mergecore.methods import all_methods
+
+    def fam_progress(p) -> None:
+        if p.step in (0, p.steps):
+            log(f"  [{p.stage_index + 1}/{p.stages_total}] {p.stage}: {p.message} ({p.elapsed:.0f} s)")
+
+    t0 = time.time()
+    fam = build_family(family_name, root=root, quick=quick, progress=fam_progress)
+    log(f"family {family_name} at {fam.root} (ready in {time.time() - t0:.1f} s)")
+    ev = fam.evaluator(split, subset=subset, seed=seed, batch_size=batch_size)
+    t0 = time.time()
+    ev.prepare(fam.base)
+    log(f"tasks ({split}): " + ", ".join(f"{t.name} ({len(ev.indices(t))})" for t in ev.tasks)
+        + f"; inputs prepared in {time.time() - t0:.1f} s")
+    task_names = [t.name for t in ev.tasks]
+    experts = fam.experts
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+
+    def add(label: str, scores: dict[str, float], merge_s: float, eval_s: float, how: str) -> None:
+        row = {"row": label, **{n: scores.get(n, float("nan")) for n in task_names}}
+        vals = [scores[n] for n in task_names if n in scores]
+        row["mean"] = sum(vals) / len(vals) if vals else float("nan")
+        row.update({"merge_s": round(merge_s, 2), "eval_s": round(eval_s, 2), "wall_s": round(merge_s + eval_s, 2),
+                    "how": how})
+        rows.append(row)
+        log(f"  {label:<18} mean {row['mean']:.4f}  ({merge_s + eval_s:.1f} s)")
+
+    # pretrained body with each task's head
+    t = time.time()
+    r = ev.evaluate(fam.base)
+    add("pretrained", r.scores, 0.0, time.time() - t, "base body + each task's expert head")
+
+    # each expert on its own task
+    scores: dict[str, float] = {}
+    t = time.time()
+    for name, path in experts.items():
+        if name in task_names:
+            scores[name] = ev.evaluate(path, tasks=[name]).scores[name]
+    add("individual", scores, 0.0, time.time() - t, "each expert on its own task")
+
+    known = all_methods()
+    chosen = MERGE_ROWS if methods is None else [m for m in MERGE_ROWS if m.method in methods or m.label in methods]
+    work_dir = Path(work) if work else Path(tempfile.mkdtemp(prefix="mergecore-quality-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for m in chosen:
+            if m.method not in known:
+                notes.append(f"{m.label}: method '{m.method}' is not registered; row skipped")
+                log(f"  {m.label:<18} skipped (method '{m.method}' not registered)")
+                continue
+            out = work_dir / m.method
+            if out.exists():
+                shutil.rmtree(out)
+            recipe = m.recipe(fam.base, list(experts.values()))
+            t = time.time()
+            merge(recipe, out, threads=threads)
+            merge_s = time.time() - t
+            t = time.time()
+            r = ev.evaluate(out)
+            add(m.label, r.scores, merge_s, time.time() - t, m.describe())
+            shutil.rmtree(out, ignore_errors=True)
+        for row in ROWS:
+            t = time.time()
+            model = row.make(fam, work_dir)
+            make_s = time.time() - t
+            t = time.time()
+            r = ev.evaluate(model)
+            add(row.label, r.scores, make_s, time.time() - t, row.describe)
+    finally:
+        if work is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return pd.DataFrame(rows).set_index("row"), notes
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("family", help="family name, e.g. fmnist-vit")
+    p.add_argument("--quick", action="store_true", help="use (and build if needed) the quick version of the family")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="task split to score (default test)")
+    p.add_argument("--subset", default=None, help="score a subset of each task: ratio (0.1) or count (500)")
+    p.add_argument("--seed", type=int, default=0, help="subset seed")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: all rows)")
+    p.add_argument("--threads", type=int, default=2, help="merge threads")
+    p.add_argument("--root", default=None, help="families folder (default <cache>/families)")
+    p.add_argument("--out", default=None, help="CSV path (default <family folder>/quality-<split>.csv)")
+    args = p.parse_args(argv)
+
+    import pandas as pd
+
+    from mergecore.eval.evaluator import parse_subset
+    from mergecore.families import family_dir
+
+    try:
+        df, notes = run(args.family, quick=args.quick, split=args.split, subset=parse_subset(args.subset),
+                        seed=args.seed, batch_size=args.batch_size,
+                        methods=args.methods.split(",") if args.methods else None, threads=args.threads,
+                        root=Path(args.root) if args.root else None)
+    except MergeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else family_dir(args.family, Path(args.root) if args.root else None,
+                                                     args.quick) / f"quality-{args.split}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out)
+    print()
+    shown = df.drop(columns=["how"])
+    with pd.option_context("display.width", 250, "display.max_columns", 50):
+        print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
+    print()
+    for label, how in df["how"].items():
+        print(f"  {label:<18} {how}")
+    for n in notes:
+        print(f"note: {n}")
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""`mergecore eval CHECKPOINT_OR_RECIPE --tasks tasks.yml`: score a checkpoint (or a recipe's merge)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from mergecore.errors import Cancelled, MergeError
+
+
+def _is_recipe(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in (".yml", ".yaml")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mergecore.eval.evaluator import EvalProgress, Evaluator, parse_subset
+    from mergecore.events import CancelToken
+
+    target = Path(args.target).expanduser()
+    if not target.exists():
+        raise MergeError(f"no checkpoint folder or recipe file at {target}")
+    if target.is_file() and not _is_recipe(target):
+        raise MergeError(f"{target} is a file but not a recipe (.yml/.yaml); give a checkpoint folder or a recipe")
+    if args.batch_size < 1:
+        raise MergeError("--batch-size must be at least 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    ev = Evaluator(args.tasks, subset=parse_subset(args.subset), seed=args.seed, batch_size=args.batch_size,
+                   device=args.device)
+    _quiet_transformers()
+    cancel = CancelToken()
+    quiet = args.quiet or args.json
+    bar = None
+    progress = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, desc="evaluating", dynamic_ncols=True, file=sys.stderr)
+
+        def progress(p: EvalProgress) -> None:
+            bar.total = p.examples_total
+            bar.n = p.examples_done
+            bar.set_description_str(f"[{p.task_index + 1}/{p.tasks_total}] {p.task}", refresh=False)
+            bar.refresh()
+
+    tmp = None
+    try:
+        model_dir = target
+        if _is_recipe(target):
+            from mergecore.executor import merge
+            from mergecore.recipe import load_recipe
+
+            recipe = load_recipe(target)
+            tmp = tempfile.TemporaryDirectory(prefix="mergecore-eval-")
+            model_dir = Path(tmp.name) / "merged"
+            if not quiet:
+                print(f"merging {target} ...", file=sys.stderr)
+            merge(recipe, model_dir, search_dirs=(target.resolve().parent,), cancel=cancel, device=args.device)
+        result = ev.evaluate(model_dir, progress=progress, cancel=cancel, subset_index=args.subset_index)
+    except KeyboardInterrupt:
+        cancel.cancel()
+        raise Cancelled("evaluation cancelled") from None
+    finally:
+        if bar is not None:
+            bar.close()
+        if tmp is not None:
+            tmp.cleanup()
+    result.model = str(target)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return 0
+    import pandas as pd
+
+    print(f"model: {target}")
+    subset = "all examples" if ev.subset is None else f"subset {ev.subset} (seed {ev.seed}, index {args.subset_index})"
+    print(f"tasks: {args.tasks} ({subset})")
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print(result.format_table())
+    print(f"mean score: {result.mean:.4f}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score a checkpoint or a recipe's merge on tasks (YAML)")
+    p.add_argument("target", metavar="CHECKPOINT_OR_RECIPE", help="a checkpoint folder, or a recipe YAML (merged to a temporary folder first)")
+    p.add_argument("--tasks", required=True, help="tasks YAML file")
+    p.add_argument("--subset", default=None, help="score a subset of each task: a ratio (0.1, 10%%) or a count (200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset permutation (default 0)")
+    p.add_argument("--subset-index", type=int, default=0, help="which of the disjoint subsets (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _quiet_transformers() -> None:
+    """No 'Loading weights' / 'Writing model shards' bars from transformers in CLI output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

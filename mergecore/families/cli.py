@@ -1,0 +1,118 @@
+"""`mergecore bench build-family NAME [--quick]` and `mergecore bench families`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mergecore.errors import Cancelled, MergeError
+
+
+def _cmd_build_family(args: argparse.Namespace) -> int:
+    from mergecore.events import CancelToken
+    from mergecore.families.base import FamilyProgress, build_family, family_dir, get_builder
+
+    get_builder(args.name)  # unknown names fail before anything else
+    root = Path(args.root) if args.root else None
+    target = family_dir(args.name, root, args.quick)
+    if (target / "family.json").is_file() and not args.force:
+        print(f"family '{args.name}' is already built at {target} (use --force to rebuild)", file=sys.stderr)
+        if args.json:
+            print((target / "family.json").read_text())
+        return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    bar = None
+    state = {"stage": None}
+
+    def progress(p: FamilyProgress) -> None:
+        nonlocal bar
+        if args.quiet:
+            return
+        from tqdm import tqdm
+
+        if p.stage != state["stage"]:
+            if bar is not None:
+                bar.close()
+            state["stage"] = p.stage
+            bar = tqdm(total=p.steps, desc=f"[{p.stage_index + 1}/{p.stages_total}] {p.stage}", dynamic_ncols=True,
+                       file=sys.stderr, leave=True)
+        bar.total = p.steps
+        bar.n = p.step
+        post = " ".join(f"{k}={v:.3f}" for k, v in p.metrics.items())
+        bar.set_postfix_str((p.message + " " + post).strip(), refresh=False)
+        bar.refresh()
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MergeError(f"--set expects KEY=VALUE, got '{item}'")
+        overrides[key.strip()] = value
+    get_builder(args.name).make_config(args.quick, overrides)  # bad settings fail before the build starts
+    _quiet_transformers()
+    cancel = CancelToken()
+    try:
+        fam = build_family(args.name, root=root, quick=args.quick, force=True, overrides=overrides,
+                           progress=progress, cancel=cancel)
+    except KeyboardInterrupt:
+        cancel.cancel()
+        raise Cancelled("build cancelled; nothing was written") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    info = fam.info
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"built family '{args.name}' at {fam.root} in {info['build_seconds']:.0f} s")
+    for name, e in info.get("experts", {}).items():
+        extra = f", base linear probe {e['base_linear_probe_accuracy']:.4f}" if "base_linear_probe_accuracy" in e else ""
+        print(f"  expert {name:<18} own-task test accuracy {e.get('test_accuracy', float('nan')):.4f}{extra}")
+    print(f"tasks: {fam.tasks_file} (test), {fam.val_tasks_file} (validation)")
+    return 0
+
+
+def _cmd_families(args: argparse.Namespace) -> int:
+    from mergecore.families.base import family_dir, family_names, get_builder
+
+    root = Path(args.root) if args.root else None
+    for name in family_names():
+        b = get_builder(name)
+        built = [f"{'quick' if q else 'full'}: {family_dir(name, root, q)}" for q in (False, True)
+                 if (family_dir(name, root, q) / "family.json").is_file()]
+        print(f"{name:<14} {b.summary}")
+        print(f"{'':<14} built -- {'; '.join(built) if built else 'not yet (mergecore bench build-family ' + name + ')'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="offline model families for benchmarks and searches")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+
+    p = bsub.add_parser("build-family", help="build (or reuse) an offline family: base + experts + tasks")
+    p.add_argument("name", help="family name (see `mergecore bench families`)")
+    p.add_argument("--quick", action="store_true", help="a small, fast build (own folder NAME-quick)")
+    p.add_argument("--force", action="store_true", help="rebuild even if already built")
+    p.add_argument("--root", default=None, help="families folder (default: <cache>/families; MERGECORE_CACHE sets <cache>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change one build setting of the preset (repeatable), e.g. --set expert_steps=200")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print family.json when done")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_build_family)
+
+    p = bsub.add_parser("families", help="list the families and where they are built")
+    p.add_argument("--root", default=None, help="families folder (default: <cache>/families)")
+    p.set_defaults(func=_cmd_families)
+
+
+def _quiet_transformers() -> None:
+    """No 'Loading weights' / 'Writing model shards' bars from transformers in CLI output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
