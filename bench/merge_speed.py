@@ -41,8 +41,15 @@ def build_models(root: Path) -> dict[str, Path]:
 
     paths = {n: root / n for n in ("base", "ft_a", "ft_b")}
     if all((p / "model.safetensors").is_file() for p in paths.values()):
+        for p in paths.values():  # folders built before architectures were recorded
+            cfg_file = p / "config.json"
+            cfg = json.loads(cfg_file.read_text())
+            if not cfg.get("architectures"):
+                cfg["architectures"] = ["LlamaForCausalLM"]
+                cfg_file.write_text(json.dumps(cfg, indent=2))
         return paths
     cfg = tf.LlamaConfig(**LLAMA_1B)
+    cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     with torch.device("meta"):
         skeleton = tf.LlamaForCausalLM(cfg)
