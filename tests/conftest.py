@@ -91,3 +91,48 @@ def llama_family(model_factory) -> dict[str, Path]:
         "a": model_factory("llama", 1, base_seed=0),
         "b": model_factory("llama", 2, base_seed=0),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Miniature fmnist-vit family (real loaders and training code, tiny sizes), shared by the
+# family, search and app tests.
+
+# a miniature build: same code path as the full one, a few steps on a few hundred images
+TINY = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "batch_size": 32,
+        "pretrain_steps": 4, "expert_steps": 3, "warmup_steps": 1, "train_limit": 300, "eval_limit": 200,
+        "probe_steps": 5, "probe_train": 100, "eval_batch_size": 128}
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory) -> str:
+    """Debian's Fashion-MNIST when installed (apt-get install dataset-fashion-mnist); otherwise
+    small stand-in idx files in the same format, made here, so the loaders still run for real."""
+    import numpy as np
+
+    from mergecore.eval.data import write_idx
+    from mergecore.families.fmnist_vit import FASHION_DEFAULT_DIR, FASHION_FILES
+
+    real = Path(FASHION_DEFAULT_DIR)
+    if all((real / f).is_file() for f in FASHION_FILES.values()):
+        return str(real)
+    d = tmp_path_factory.mktemp("fashion-standin")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60000), ("test", 10000)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for c in range(10):  # a class-dependent bar, so there is something to learn
+            images[labels == c, 2 + 2 * c:5 + 2 * c, 4:24] = 200
+        write_idx(d / FASHION_FILES[f"{split}_images"], images)
+        write_idx(d / FASHION_FILES[f"{split}_labels"], labels)
+    return str(d)
+
+
+
+
+@pytest.fixture(scope="session")
+def tiny_fmnist_family(tmp_path_factory, fashion_dir):
+    """A miniature fmnist-vit family built once per session through the real builder."""
+    from mergecore.families import build_family
+
+    root = tmp_path_factory.mktemp("tiny-families")
+    return build_family("fmnist-vit", root=root, quick=True, overrides={**TINY, "fashion_dir": fashion_dir})

@@ -22,29 +22,7 @@ from mergecore.io.source import ModelSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# a miniature build: same code path as the full one, a few steps on a few hundred images
-TINY = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "batch_size": 32,
-        "pretrain_steps": 4, "expert_steps": 3, "warmup_steps": 1, "train_limit": 300, "eval_limit": 200,
-        "probe_steps": 5, "probe_train": 100, "eval_batch_size": 128}
-
-
-@pytest.fixture(scope="session")
-def fashion_dir(tmp_path_factory) -> str:
-    """Debian's Fashion-MNIST when installed (apt-get install dataset-fashion-mnist); otherwise
-    small stand-in idx files in the same format, made here, so the loaders still run for real."""
-    real = Path(FASHION_DEFAULT_DIR)
-    if all((real / f).is_file() for f in FASHION_FILES.values()):
-        return str(real)
-    d = tmp_path_factory.mktemp("fashion-standin")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 60000), ("test", 10000)):
-        labels = rng.integers(0, 10, size=n).astype(np.uint8)
-        images = np.zeros((n, 28, 28), dtype=np.uint8)
-        for c in range(10):  # a class-dependent bar, so there is something to learn
-            images[labels == c, 2 + 2 * c:5 + 2 * c, 4:24] = 200
-        write_idx(d / FASHION_FILES[f"{split}_images"], images)
-        write_idx(d / FASHION_FILES[f"{split}_labels"], labels)
-    return str(d)
+from conftest import TINY  # noqa: E402  (shared with other tests)
 
 
 def _cli_settings(fashion: str) -> list[str]:

@@ -233,3 +233,86 @@ def test_operator_errors():
         Operator("x", "nope").resolved(2)
     with pytest.raises(MergeError, match="no layer"):
         trajectory_recipe([], "base", ["a"], [])
+
+
+# ----------------------------------------------------------------------------- end to end on a family
+
+
+def _family_config(fam, tmp_path, **extra):
+    import yaml
+
+    cfg = {
+        "base_model": str(fam.base),
+        "models": [str(p) for p in fam.experts.values()],
+        "operators": [{"name": "avg", "method": "linear", "parameters": {"weight": 1.0}},
+                      {"name": "ties", "method": "ties", "parameters": {"weight": 1.0, "density": 0.5}},
+                      {"name": "dare", "method": "dare_linear", "parameters": {"weight": 1.0, "density": 0.5,
+                                                                              "lambda": 0.3}}],
+        "tasks": str(fam.val_tasks_file),
+        "final_tasks": str(fam.tasks_file),
+        "data_ratio": 0.25,
+        "episodes": 8,
+        "update_every": 4,
+        "rerank_top": 3,
+        "ppo": {"epochs": 4},
+        **extra,
+    }
+    path = tmp_path / "rmm.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_cli_search_replays_to_the_reported_score(tiny_fmnist_family, tmp_path, capsys):
+    from mergecore.cli import main
+    from mergecore.eval import Evaluator
+
+    fam = tiny_fmnist_family
+    cfg = _family_config(fam, tmp_path)
+    out = tmp_path / "out"
+    assert main(["search", "rmm", str(cfg), str(out), "--merge"]) == 0
+    printed = capsys.readouterr().out
+    assert "episode    8" in printed and "best reward" in printed
+    result = json.loads((out / "result.json").read_text())
+    assert result["episodes"] == 8 and result["best"]["scored_on"] == "all data"
+    # the replayed checkpoint scores exactly what the search reported (val, all data) ...
+    val = Evaluator(fam.val_tasks_file, processor_from=fam.base, batch_size=128).evaluate(out / "model")
+    assert 100 * val.mean == pytest.approx(result["best"]["reward"], abs=1e-6)
+    assert val.scores == pytest.approx(result["best"]["metrics"], abs=1e-9)
+    # ... and on the final (test) tasks
+    test = Evaluator(fam.tasks_file, processor_from=fam.base, batch_size=128).evaluate(out / "model")
+    assert test.mean == pytest.approx(result["final"]["mean"], abs=1e-9)
+    # running the same command again resumes (nothing left to do) and gives the same result
+    assert main(["search", "rmm", str(cfg), str(out)]) == 0
+    assert json.loads((out / "result.json").read_text())["best"] == result["best"]
+
+
+def test_cli_bad_config_is_one_line(tmp_path, capsys):
+    from mergecore.cli import main
+
+    bad = tmp_path / "bad.yml"
+    bad.write_text("base_model: x\nmodels: []\ntasks: t.yml\n")
+    assert main(["search", "rmm", str(bad), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "models" in err[0]
+    bad.write_text("base_model: x\nmodels: [a]\ntasks: t.yml\ndata_ratio: 2\n")
+    assert main(["search", "rmm", str(bad), str(tmp_path / "o")]) == 2
+    assert "data_ratio" in capsys.readouterr().err
+
+
+def test_checkpoint_names_follow_transformers_renames(model_factory):
+    """transformers 5 renames ViT weights on load; seeds and coefficient files use checkpoint names."""
+    import transformers as tf
+
+    from mergecore.io.names import checkpoint_names
+    from mergecore.io.source import ModelSource
+
+    path = model_factory("vit", 0)
+    model = tf.ViTForImageClassification.from_pretrained(path)
+    names = checkpoint_names(model, ModelSource(str(path)))
+    src = ModelSource(str(path))
+    assert set(names.values()) <= set(src.tensors)
+    for mem, disk in names.items():
+        assert torch.equal(model.state_dict()[mem], src.read(disk))
+    renamed = {k: v for k, v in names.items() if k != v}
+    assert renamed and any("attention.attention.query" in v for v in renamed.values())

@@ -68,7 +68,14 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
 class LayerBank:
     """Modules for every (layer, action) pair, built on first use and kept."""
 
-    def __init__(self, models: list[nn.Module], base: nn.Module, operators: list[Operator], seed: int = 0):
+    def __init__(self, models: list[nn.Module], base: nn.Module, operators: list[Operator], seed: int = 0,
+                 names: Optional[dict[str, str]] = None):
+        """`names` maps the base's in-memory parameter names to its checkpoint names
+        (`mergecore.io.names.checkpoint_names`): randomised operators are seeded by checkpoint
+        name, as the executor does, so a replayed recipe draws the same masks."""
+        if names is None:
+            names = _names_from_checkpoint(base)
+        self.names = names
         self.models = models
         self.base = base
         self.operators = operators
@@ -109,7 +116,8 @@ class LayerBank:
             tensors = [st[layer].state_dict()[rel].float() for st in self.stacks]
             gen = None
             if method.randomized:
-                gen = torch.Generator().manual_seed(seed_for_tensor(self.seed, prefix + rel))
+                full = prefix + rel
+                gen = torch.Generator().manual_seed(seed_for_tensor(self.seed, self.names.get(full, full)))
             b = base_t.float() if method.base != "ignored" else None
             merged = method(tensors, b, params, generator=gen, tensor_name=prefix + rel)
             out[rel] = merged.to(base_t.dtype)
@@ -119,6 +127,19 @@ class LayerBank:
         mod = copy.deepcopy(layer_stack(self.base)[1][layer])
         mod.load_state_dict(self.merged_state(layer, op_index))
         return mod
+
+
+def _names_from_checkpoint(model: nn.Module) -> dict[str, str]:
+    """Checkpoint names of a model loaded from a local folder ({} when it has none)."""
+    from pathlib import Path
+
+    from mergecore.io.names import checkpoint_names
+    from mergecore.io.source import ModelSource
+
+    folder = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not folder or not Path(str(folder)).is_dir():
+        return {}
+    return checkpoint_names(model, ModelSource(str(folder)))
 
 
 class PrefixCache:

@@ -1,0 +1,46 @@
+"""Map a loaded transformers model's parameter names to the tensor names in its checkpoint.
+
+transformers 5 renames some architectures' weights on load (e.g. ViT's
+`vit.encoder.layer.0.attention.attention.query.weight` is `vit.layers.0.attention.q_proj.weight`
+in memory) and back on save. Code that works on loaded modules but must agree with the engine,
+which works on checkpoint names (seeds of randomised methods, coefficient files), maps names
+with this. Tensors are matched by identical values within the same layer and shape.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mergecore.arch import layer_of
+from mergecore.errors import MergeError
+from mergecore.io.source import ModelSource
+
+
+def checkpoint_names(model: nn.Module, source: ModelSource) -> dict[str, str]:
+    """{in-memory state_dict key: checkpoint tensor name} for every tensor of `model`."""
+    state = model.state_dict()
+    out: dict[str, str] = {}
+    by_group: dict[tuple, list[str]] = {}
+    for name, info in source.tensors.items():
+        ref = layer_of(name)
+        by_group.setdefault((ref.index if ref else None, info.shape), []).append(name)
+    cache: dict[str, torch.Tensor] = {}
+
+    def read(name: str) -> torch.Tensor:
+        if name not in cache:
+            cache[name] = source.read(name)
+        return cache[name]
+
+    for key, value in state.items():
+        if key in source.tensors and source.info(key).shape == tuple(value.shape):
+            out[key] = key
+            continue
+        ref = layer_of(key)
+        candidates = by_group.get((ref.index if ref else None, tuple(value.shape)), [])
+        match = [c for c in candidates if c not in out.values() and torch.equal(read(c).to(value.dtype), value.cpu())]
+        if len(match) >= 1:
+            out[key] = match[0]
+        elif value.numel() and value.is_floating_point():
+            raise MergeError(f"cannot find the checkpoint tensor of '{key}' in {source.path}")
+    return out
