@@ -32,6 +32,7 @@ from mergecore.methods import MergeMethod, get_method
 from mergecore.methods.base import OwnedInputs
 from mergecore.params import UNSET, layer_position, resolve
 from mergecore.recipe import InputSlice, OutputSlice, Recipe, validate_parameters
+from mergecore.vocab import VocabPlan, plan_vocabulary
 
 PROCESS_BASELINE_BYTES = 450 * 1024**2  # python + torch + libraries, measured on CPU
 
@@ -51,6 +52,7 @@ class TensorJob:
     copy: bool = False  # output is the single input unchanged (raw copy, no math)
     method: str = ""  # merge method of this tensor (slices may override the recipe's)
     streaming: bool = False  # the method reads inputs one at a time (see methods.base)
+    vocab: bool = False  # token-indexed rows, permuted into the output vocabulary (Plan.vocab) first
 
     @property
     def numel(self) -> int:
@@ -80,6 +82,8 @@ class Plan:
     compute_dtype: torch.dtype
     tokenizer_source: Optional[str]
     warnings: list[str] = field(default_factory=list)
+    artifacts: dict[str, Path] = field(default_factory=dict)  # recipe artifacts, resolved (methods read them)
+    vocab: Optional[VocabPlan] = None  # output vocabulary when the models' vocabularies differ (tokenizer_source)
 
     @property
     def out_bytes(self) -> int:
@@ -108,6 +112,8 @@ class Plan:
             f"reads {self.in_bytes / 1e9:.3f} GB",
         ]
         lines.append(f"estimated peak memory: {self.peak_memory_estimate(memory_budget) / 2**30:.2f} GiB")
+        if self.vocab is not None:
+            lines.append(self.vocab.describe())
         lines += [f"warning: {w}" for w in self.warnings]
         by_layer: dict[Optional[int], list[TensorJob]] = {}
         for j in self.jobs:
@@ -161,6 +167,21 @@ def _describe_params(jobs: list[TensorJob]) -> str:
 
 def _open_sources(refs: list[str], search_dirs: tuple[Path, ...]) -> dict[str, ModelSource]:
     return {r: ModelSource(r, search_dirs=search_dirs) for r in refs}
+
+
+def resolve_artifacts(recipe: Recipe, search_dirs: tuple[Path, ...] = ()) -> dict[str, Path]:
+    """The recipe's `artifacts:` as existing files: absolute paths as given, relative ones looked
+    up in `search_dirs` (the recipe file's folder) and then the working directory."""
+    out: dict[str, Path] = {}
+    for key, ref in (recipe.artifacts or {}).items():
+        p = Path(ref).expanduser()
+        candidates = [p] if p.is_absolute() else [d / p for d in search_dirs] + [p]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            where = ", ".join(str(c) for c in candidates)
+            raise MergeError(f"artifacts: file '{ref}' ({key}) not found (looked at {where})")
+        out[key] = found.resolve()
+    return out
 
 
 def _check_architectures(sources: dict[str, ModelSource]) -> None:
@@ -233,6 +254,9 @@ def plan_merge(
     """Check the recipe against the models and build one job per output tensor."""
     method = get_method(recipe.merge_method)
     validate_parameters(recipe)
+    artifacts = resolve_artifacts(recipe, search_dirs)
+    if "artifacts" in method.context and not artifacts:
+        raise MergeError(f"method '{method.name}' reads its data from the recipe's 'artifacts:', which is missing")
     refs = recipe.referenced_models()
     if sources is None:
         sources = _open_sources(refs, search_dirs)
@@ -245,6 +269,7 @@ def plan_merge(
         raise MergeError(f"method '{method.name}' needs a base_model")
 
     slices = _normalize_slices(recipe, method, sources)
+    vocab = plan_vocabulary(recipe, sources)  # None when the embeddings need no permutation
     reference = recipe.base_model or slices[0].sources[0].model
     ref_src = sources[reference]
     forced = dtype_from_name(out_dtype) or dtype_from_name(recipe.out_dtype) or dtype_from_name(recipe.dtype)
@@ -287,16 +312,21 @@ def plan_merge(
                 base_feed: Optional[tuple[InputSlice, str]], layer: Optional[int], t: float) -> None:
         ref_info = ref_src.info(ref_name) if ref_src.has(ref_name) else sources[feeds[0][0].model].info(feeds[0][1])
         shape = ref_info.shape
-        for src, name in feeds + ([base_feed] if base_feed else []):
+        all_feeds = feeds + ([base_feed] if base_feed else [])
+        vocab_like = layer is None and vocab is not None and vocab.is_vocab_tensor(
+            out_name, {src.model: sources[src.model].tensors.get(name) for src, name in all_feeds})
+        for src, name in all_feeds:
             s = sources[src.model]
             if not s.has(name):
                 raise MergeError(f"model '{src.model}' has no tensor '{name}' (needed for output tensor '{out_name}')")
             other = s.info(name).shape
-            if other != shape:
+            if other != shape and not (vocab_like and other[1:] == shape[1:]):
                 raise MergeError(
                     f"tensor '{name}' has shape {list(other)} in '{src.model}' but {list(shape)} in "
                     f"'{reference if ref_src.has(ref_name) else feeds[0][0].model}'"
                 )
+        if vocab_like:
+            shape = vocab.output_shape(shape)
         if out_name in seen_shapes:
             raise MergeError(f"output tensor '{out_name}' would be written twice; check the slices")
         seen_shapes[out_name] = shape
@@ -315,21 +345,24 @@ def plan_merge(
         inputs = [(src.model, name) for src, name in feeds]
         base_in = (base_feed[0].model, base_feed[1]) if base_feed else None
         copy = (
-            method.name == "passthrough"
+            not vocab_like
+            and method.name == "passthrough"
             and all(s in (None, 1.0) for s in params.get("scale", [None]))
             and sources[inputs[0][0]].info(inputs[0][1]).dtype == dtype
         )
         jobs.append(TensorJob(out_name, shape, dtype, inputs, base_in, params, layer, t, copy=copy, method=method.name,
-                              streaming="streaming" in method.tags))
+                              streaming="streaming" in method.tags and not vocab_like, vocab=vocab_like))
 
     def add_copy_job(name: str, model: str) -> None:
         src = sources[model]
         info = src.info(name)
         if name in seen_shapes:
             raise MergeError(f"output tensor '{name}' would be written twice; check the slices")
-        seen_shapes[name] = info.shape
+        vocab_like = vocab is not None and vocab.is_vocab_tensor(name, {model: info})
+        shape = vocab.output_shape(info.shape) if vocab_like else info.shape
+        seen_shapes[name] = shape
         dtype = (forced or info.dtype) if info.dtype.is_floating_point else info.dtype
-        jobs.append(TensorJob(name, info.shape, dtype, [(model, name)], None, {}, None, 0.0, copy=True))
+        jobs.append(TensorJob(name, shape, dtype, [(model, name)], None, {}, None, 0.0, copy=True, vocab=vocab_like))
 
     # layer tensors, grouped by (stack, layer) of the reference layout
     layer_names: dict[str, dict[int, list[str]]] = {}
@@ -418,12 +451,18 @@ def plan_merge(
         if "torch_dtype" in config:
             config["torch_dtype"] = name
 
+    if vocab is not None:
+        config = vocab.update_config(config) if config else config
+        warnings += vocab.warnings
+        if not vocab.tensors:
+            warnings.append("the output vocabulary changes, but no embedding tensor has the models' vocabulary "
+                            "sizes as its first dimension; nothing was permuted")
     tok = recipe.effective_tokenizer_source
     return Plan(
         recipe=recipe, method=method, sources=sources, jobs=jobs, reference=reference,
         base=recipe.base_model, config=config, layer_sources=layer_sources,
         source_layer_count=src_count, compute_dtype=compute_dtype, tokenizer_source=tok,
-        warnings=warnings,
+        warnings=warnings, artifacts=artifacts, vocab=vocab,
     )
 
 
@@ -471,6 +510,9 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu
     """Run one job's method and return the output tensor (out dtype, on CPU)."""
     if job.copy:
         model, name = job.inputs[0]
+        if job.vocab and plan.vocab is not None:
+            t = plan.sources[model].read(name).to(plan.compute_dtype)
+            return plan.vocab.permute([(model, t)], None, job.out_name)[0].to(job.out_dtype)
         return plan.sources[model].read(name).to(job.out_dtype)
     dev = torch.device(device)
     method = get_method(job.method) if job.method else plan.method
@@ -478,16 +520,22 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu
     def loader(model: str, name: str):
         return lambda: plan.sources[model].read(name).to(dev, plan.compute_dtype)
 
-    if "streaming" in method.tags:  # read each input when the method gets to it
+    if "streaming" in method.tags and not job.vocab:  # read each input when the method gets to it
         tensors = OwnedInputs([loader(m, n) for m, n in job.inputs])
     else:
         tensors = [loader(m, n)() for m, n in job.inputs]
     base = loader(*job.base)() if job.base else None
+    if job.vocab and plan.vocab is not None:  # rows into the output vocabulary, with mergekit's fill
+        fill_base = job.base[0] if job.base else plan.base
+        given = list(zip([m for m, _ in job.inputs], tensors)) + ([(job.base[0], base)] if job.base else [])
+        permuted = plan.vocab.permute(given, fill_base, job.out_name)
+        tensors, base = permuted[:len(job.inputs)], (permuted[-1] if job.base else None)
+        del given, permuted
     gen = None
     if method.randomized:
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed_for_tensor(plan.recipe.seed or 0, job.inputs[0][1]))
-    out = method(tensors, base, job.params, generator=gen, tensor_name=job.out_name)
+    out = method(tensors, base, job.params, generator=gen, tensor_name=job.out_name, artifacts=plan.artifacts)
     del tensors, base
     if tuple(out.shape) != job.shape:
         raise MergeError(f"method '{method.name}' returned shape {list(out.shape)} for '{job.out_name}', expected {list(job.shape)}")
@@ -595,6 +643,77 @@ def merge(
                         memory_budget=memory_budget, progress=progress, cancel=cancel)
 
 
+def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers under their *checkpoint* names.
+
+    transformers 5 renames some architectures' weights on load (e.g. ViT's
+    `encoder.layer.N.attention.attention.query` is `layers.N.attention.q_proj` in the module);
+    its own save-time reversal gives the names back. Only one-to-one renames map to a tensor
+    of the model; fused or split weights are left out (such tensors need a merge to a folder).
+    Computed once per model and kept on it.
+    """
+    cached = model.__dict__.get("_mergecore_checkpoint_tensors")
+    if cached is not None:
+        return cached
+    own = model.state_dict(keep_vars=True)
+    names = {k: k for k in own}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        detached = {k: v.detach() for k, v in own.items()}
+        by_ptr = {(v.data_ptr(), tuple(v.shape)): k for k, v in detached.items()}
+        reverted = revert_weight_conversion(model, dict(detached))
+        names = {}
+        for ck, t in reverted.items():
+            mk = by_ptr.get((t.data_ptr(), tuple(t.shape))) if isinstance(t, torch.Tensor) else None
+            if mk is not None:
+                names[ck] = mk
+    except Exception:  # not a transformers model, or no conversion: the module names are the names
+        pass
+    out = {ck: own[mk].data if isinstance(own[mk], torch.nn.Parameter) else own[mk] for ck, mk in names.items()}
+    model.__dict__["_mergecore_checkpoint_tensors"] = out
+    return out
+
+
+def merge_in_memory(
+    plan: Plan,
+    model: Optional[torch.nn.Module] = None,
+    *,
+    device: str = "cpu",
+    cancel: Optional[CancelToken] = None,
+) -> Any:
+    """Run every job of `plan` without writing a checkpoint (searches score candidates this way).
+
+    With `model` (a resident model of the output's architecture, e.g. the base loaded once),
+    each merged tensor is copied straight into the model's parameter or buffer of that name and
+    the model is returned: a candidate costs one merge pass, no reload. Without it, the merged
+    state dict (name -> tensor, out dtype, on CPU) is returned. The tensors are exactly what
+    `execute_plan` writes for the same plan (same `compute_tensor`), so a replayed recipe
+    scores the same. Raises MergeError if an output tensor has no place in `model`.
+    """
+    cancel = cancel or CancelToken()
+    if model is None:
+        out: dict[str, torch.Tensor] = {}
+        for job in plan.jobs:
+            cancel.check()
+            out[job.out_name] = compute_tensor(plan, job, device)
+        return out
+    targets = checkpoint_tensors(model)
+    for job in plan.jobs:
+        t = targets.get(job.out_name)
+        if t is None:
+            raise MergeError(f"the resident {type(model).__name__} has no parameter or buffer '{job.out_name}'; "
+                             f"merge to a folder instead")
+        if tuple(t.shape) != tuple(job.shape):
+            raise MergeError(f"'{job.out_name}' has shape {list(job.shape)} in the plan but {list(t.shape)} in "
+                             f"the resident model")
+    with torch.no_grad():
+        for job in plan.jobs:
+            cancel.check()
+            targets[job.out_name].copy_(compute_tensor(plan, job, device))
+    return model
+
+
 def plan_to_json(plan: Plan) -> str:
     """Machine-readable plan (used by --dry-run --json)."""
     return json.dumps({
@@ -608,4 +727,5 @@ def plan_to_json(plan: Plan) -> str:
             for j in plan.jobs
         ],
         "estimated_peak_bytes": plan.peak_memory_estimate(),
+        "vocab_size": plan.vocab.size if plan.vocab is not None else None,
     }, indent=1)

@@ -343,7 +343,7 @@ def test_prepare_output_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(MergeError, match="exists and is not a folder"):
         prepare_output_dir(tmp_path / "file")
-    with pytest.raises(MergeError, match="cannot write to output path .*is not writable"):
+    with pytest.raises(MergeError, match="cannot write to output path .*is a file, not a folder"):
         prepare_output_dir(tmp_path / "file" / "out")
     with pytest.raises(MergeError, match="cannot write"):
         ShardedWriter(tmp_path / "file" / "deeper" / "out", [("x", torch.float32, (2,))])

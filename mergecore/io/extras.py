@@ -49,34 +49,9 @@ def _tokenizer_donor(plan: "Plan") -> Optional[str]:
     src = plan.tokenizer_source
     if src in (None, "base"):
         return plan.base or plan.reference
-    if src == "union":
-        return None
+    if src == "union":  # the base's tokenizer, extended by the vocabulary plan when vocabularies differ
+        return plan.base or plan.reference
     return src
-
-
-def _vocab_signature(path: Path) -> Optional[str]:
-    tj = path / "tokenizer.json"
-    if tj.is_file():
-        try:
-            model = json.loads(tj.read_text()).get("model", {})
-            return json.dumps(model.get("vocab"), sort_keys=True)
-        except json.JSONDecodeError:
-            return None
-    vt = path / "vocab.txt"
-    return vt.read_text() if vt.is_file() else None
-
-
-def _union_donor(plan: "Plan") -> str:
-    """`union` of identical vocabularies is the base's tokenizer; differing ones are refused."""
-    donor = plan.base or plan.reference
-    sig = _vocab_signature(plan.sources[donor].path)
-    for ref, src in plan.sources.items():
-        if _vocab_signature(src.path) != sig:
-            raise MergeError(
-                f"tokenizer_source: union needs identical vocabularies, but '{ref}' differs from "
-                f"'{donor}'; use tokenizer_source: base (or a model) instead"
-            )
-    return donor
 
 
 def _chat_template(plan: "Plan") -> Optional[str]:
@@ -137,16 +112,23 @@ def write_side_files(writer: "ShardedWriter", plan: "Plan") -> None:
         writer.add_file("config.json", json.dumps(plan.config, indent=2) + "\n")
     gen_src = plan.sources[plan.base] if plan.base else ref
     gen = gen_src.path / "generation_config.json"
-    if gen.is_file():
+    vocab = plan.vocab
+    if gen.is_file() and vocab is not None and vocab.id_map:
+        try:  # special token ids renumbered to the output vocabulary
+            writer.add_file(gen.name, json.dumps(vocab.translate_ids(json.loads(gen.read_text())), indent=2) + "\n")
+        except json.JSONDecodeError:
+            writer.copy_file(gen)
+    elif gen.is_file():
         writer.copy_file(gen)
-    donor = _tokenizer_donor(plan)
-    if plan.tokenizer_source == "union":
-        donor = _union_donor(plan)
+    donor = vocab.donor if vocab is not None else _tokenizer_donor(plan)
     if donor is not None:
         dpath = plan.sources[donor].path
-        for fname in TOKENIZER_FILES + PROCESSOR_FILES:
+        built = vocab is not None and vocab.tokenizer is not None
+        for fname in (PROCESSOR_FILES if built else TOKENIZER_FILES + PROCESSOR_FILES):
             if (dpath / fname).is_file():
                 writer.copy_file(dpath / fname)
+        if built:  # the union (or extended) tokenizer, saved by transformers
+            vocab.save_tokenizer(writer.tmp_dir)
     template = _chat_template(plan)
     if template:
         writer.add_file("chat_template.jinja", template)

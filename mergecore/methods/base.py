@@ -9,8 +9,9 @@ The decorator reads the function's keyword-only parameters and turns each into a
 * `Annotated[..., Range(lo, hi), "help text"]` adds a range check and a help line;
 * a trailing underscore is dropped from the YAML name (`lambda_` is `lambda` in recipes);
 * a parameter without a default is required;
-* two keyword names are *context*, not parameters: `generator` (a `torch.Generator` seeded per
-  tensor, for randomised methods) and `tensor_name` (the output tensor's name).
+* three keyword names are *context*, not parameters: `generator` (a `torch.Generator` seeded per
+  tensor, for randomised methods), `tensor_name` (the output tensor's name) and `artifacts`
+  (the recipe's `artifacts:` as a dict name -> resolved file path, e.g. DAM's coefficients).
 
 Tag `streaming` (in `merge_method(..., tags=("streaming",))`) says the method reads each entry
 of `tensors` once, in order. The executor then hands it an `OwnedInputs` sequence that reads
@@ -52,7 +53,7 @@ class _Required:
 
 REQUIRED: Any = _Required()
 
-CONTEXT_ARGS = ("generator", "tensor_name")
+CONTEXT_ARGS = ("generator", "tensor_name", "artifacts")
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,7 @@ class MergeMethod:
         *,
         generator: torch.Generator | None = None,
         tensor_name: str = "",
+        artifacts: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Call the method with recipe-named parameters (already resolved and coerced)."""
         kwargs = {p.arg: params[p.name] for p in self.params if p.name in params}
@@ -195,6 +197,8 @@ class MergeMethod:
             kwargs["generator"] = generator
         if "tensor_name" in self.context:
             kwargs["tensor_name"] = tensor_name
+        if "artifacts" in self.context:
+            kwargs["artifacts"] = dict(artifacts or {})
         if not owns_inputs(tensors):
             tensors = list(tensors)
         return self.func(tensors, base, **kwargs)
