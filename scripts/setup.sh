@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install mergecore with the app and test extras.
+# Create .venv (if needed) and install mergecore with the app, test and ray extras (the Ray
+# backend's tests start a local Ray instance).
 # torch==2.13.0 goes first: a bare `torch` requirement would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ stamp=.venv/.mergecore-installed
 want=$(cat pyproject.toml requirements-lock.txt scripts/setup.sh | sha1sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements-lock.txt -e ".[app,test]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import torch, transformers, mergecore" >/dev/null
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements-lock.txt -e ".[app,test,ray]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import torch, transformers, mergecore, cma, ray" >/dev/null
   echo "$want" > "$stamp"
 fi

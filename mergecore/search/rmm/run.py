@@ -11,6 +11,8 @@ Search YAML (paths relative to the YAML file)::
     data_ratio: 0.1                 # each episode scores this fraction of each task
     episodes: 700
     dar: true                       # Dynamic Average Reward (false: the ablation)
+    backend: local                  # or ray: the episodes of each PPO update are scored in parallel
+    workers: 2                      # Ray actors (each loads the models once); ray_address: a cluster
 
 Outputs in OUT_DIR: `recipe.yml` (the best trajectory as a replayable recipe), `result.json`
 (best trajectory, its rewards and metrics, the kept top trajectories, timings),
@@ -29,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergecore.errors import MergeError
 from mergecore.events import CancelToken, Event, EventCallback
+from mergecore.search.backend import BackendSpec
 from mergecore.search.rmm.layers import Operator
 from mergecore.search.rmm.ppo import PPOConfig
 from mergecore.search.rmm.search import RMMSearch, RMMSettings, rerank_on_full, trajectory_recipe
@@ -52,7 +55,7 @@ class PPOSpec(BaseModel):
     entropy_coef: float = 0.0001
 
 
-class RMMConfig(BaseModel):
+class RMMConfig(BackendSpec):
     """An RMM search, as written in YAML."""
 
     model_config = ConfigDict(extra="forbid")
@@ -62,6 +65,7 @@ class RMMConfig(BaseModel):
         OperatorSpec(name="ties", method="ties", parameters={"density": 0.3, "weight": 1.0}),
     ])
     tasks: str
+    final_tasks: Optional[str] = None  # scored once on the result (e.g. the test split); never used to choose
     data_ratio: float = 0.1
     episodes: int = 700
     max_steps: Optional[int] = None
@@ -135,6 +139,7 @@ def load_config(path: str | Path, cls: type[BaseModel] = RMMConfig) -> tuple[Bas
 
 def resolve_path(ref: str, root: Path) -> str:
     """A path relative to the config's folder if it exists there, else the reference as given."""
+    ref = str(Path(ref).expanduser())
     cand = root / ref
     return str(cand.resolve()) if cand.exists() else ref
 
@@ -165,12 +170,28 @@ def run_rmm(config: RMMConfig, root: Path, out_dir: str | Path, *, on_event: Opt
             res = evaluator.evaluate(model, subset_index=subset, cancel=cancel)
             return scale * res.mean, res.scores
 
+    pool = None
+    if config.backend == "ray":  # episodes of one PPO update are scored in parallel on Ray actors
+        from mergecore.search.backend import WorkerFactory, make_backend
+        from mergecore.search.rmm.remote import RMMWorker, RMMWorkerSpec
+
+        spec = RMMWorkerSpec(str(resolve_model_path(base_ref)), tuple(str(resolve_model_path(r)) for r in refs),
+                             tuple((o.name, o.method, tuple(o.parameters.items())) for o in config.operator_list()),
+                             str(Path(tasks).expanduser().resolve()),
+                             config.data_ratio if config.data_ratio < 1 else None, seed=config.seed,
+                             batch_size=config.batch_size, prefix_cache=config.prefix_cache,
+                             reward_scale=config.reward_scale)
+        pool = make_backend(config, WorkerFactory(RMMWorker, (spec,)))
     search = RMMSearch(base, models, config.operator_list(), _Scorer(), config.settings(), out_dir=out,
-                       on_event=on_event, cancel=cancel, model_names=refs)
+                       on_event=on_event, cancel=cancel, model_names=refs, pool=pool)
     if resume:
         search.try_resume()
     t0 = time.time()
-    result = search.run()
+    try:
+        result = search.run()
+    finally:
+        if pool is not None:
+            pool.close()
     best = result.best
     reranked = None
     if config.rerank_top > 0:
@@ -197,6 +218,11 @@ def run_rmm(config: RMMConfig, root: Path, out_dir: str | Path, *, on_event: Opt
         "cache": {"hits": search.cache.hits, "misses": search.cache.misses} if search.cache else None,
         "config": config.model_dump(),
     }
+    if config.final_tasks:
+        final = Evaluator(resolve_path(config.final_tasks, root), subset=None, seed=config.seed,
+                          batch_size=config.batch_size, processor_from=resolve_model_path(base_ref))
+        res = final.evaluate(search.assembler.build(best.emitted), cancel=cancel)
+        summary["final"] = {"tasks": str(config.final_tasks), "mean": res.mean, "scores": res.scores}
     (out / "result.json").write_text(json.dumps(summary, indent=2))
     emit(Event("rmm.done", {"best_reward": best.reward, "recipe": str(out / "recipe.yml")}))
     return summary

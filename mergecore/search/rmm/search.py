@@ -109,8 +109,13 @@ class RMMSearch:
     def __init__(self, base: nn.Module, models: list[nn.Module], operators: list[Operator], scorer: Scorer,
                  settings: RMMSettings, out_dir: Optional[Path] = None,
                  on_event: Optional[EventCallback] = None, cancel: Optional[CancelToken] = None,
-                 model_names: Optional[list[str]] = None):
+                 model_names: Optional[list[str]] = None, pool: Optional[Any] = None):
         self.settings = settings
+        # pool: a backend (mergecore.search.backend) whose workers score (emitted, subset) items;
+        # with it, the episodes up to each PPO update are sampled first, scored in parallel and
+        # recorded in episode order (the same results as one at a time: the policy only changes
+        # at updates, and the sampler has its own generator)
+        self.pool = pool
         self.scorer = scorer
         self.operators = operators
         self.bank = LayerBank(models, base, operators, seed=settings.seed)
@@ -190,9 +195,8 @@ class RMMSearch:
             self.memo[key] = (reward, metrics)
         return reward, metrics, dt
 
-    def run_episode(self) -> dict[str, Any]:
-        e = self.episode
-        subset = e % max(1, self.scorer.n_subsets)
+    def _sample(self) -> tuple[list, bool]:
+        """Walk one episode with the current policy: (transitions, fell off)."""
         state = self.walk.reset()
         transitions = []
         while True:
@@ -202,16 +206,62 @@ class RMMSearch:
             state = step.state
             if step.done:
                 break
-        if step.fell_off:
+        return transitions, step.fell_off
+
+    def run_episode(self) -> dict[str, Any]:
+        e = self.episode
+        subset = e % max(1, self.scorer.n_subsets)
+        transitions, fell_off = self._sample()
+        if fell_off:
             raw, metrics, dt = self.settings.back_penalty, {}, 0.0
         else:
             raw, metrics, dt = self.score(list(self.walk.emitted), subset)
+        return self._finish(e, subset, transitions, fell_off, list(self.walk.emitted), list(self.walk.actions),
+                            raw, metrics, dt)
+
+    def run_window(self) -> list[dict[str, Any]]:
+        """The episodes up to the next PPO update: sampled, scored on the pool, recorded in order."""
+        first = self.episode
+        every = self.settings.update_every
+        count = min(every - first % every, self.settings.episodes - first)
+        samples = []
+        for e in range(first, first + count):
+            transitions, fell_off = self._sample()
+            samples.append((e, e % max(1, self.scorer.n_subsets), transitions, fell_off, list(self.walk.emitted),
+                            list(self.walk.actions)))
+        todo: list[tuple] = []
+        for e, subset, _, fell_off, emitted, _ in samples:
+            key = (tuple(emitted), subset)
+            if fell_off or (self.settings.memoize and (key in self.memo or key in todo)):
+                continue
+            todo.append(key)
+        results = self.pool.map([(list(k[0]), k[1]) for k in todo], cancel=self.cancel) if todo else []
+        fresh = dict(zip(todo, results)) if self.settings.memoize else None
+        queue = list(results)
+        infos = []
+        for e, subset, transitions, fell_off, emitted, actions in samples:
+            key = (tuple(emitted), subset)
+            if fell_off:
+                raw, metrics, dt = self.settings.back_penalty, {}, 0.0
+            elif self.settings.memoize and key in self.memo:
+                (raw, metrics), dt = self.memo[key], 0.0
+            else:
+                raw, metrics, dt = fresh.pop(key) if fresh is not None else queue.pop(0)
+                self.evaluations += 1
+                self.eval_seconds += dt
+                if self.settings.memoize:
+                    self.memo[key] = (raw, metrics)
+            infos.append(self._finish(e, subset, transitions, fell_off, emitted, actions, raw, metrics, dt))
+        return infos
+
+    def _finish(self, e: int, subset: int, transitions: list, fell_off: bool, emitted: list[tuple[int, int]],
+                actions: list[int], raw: float, metrics: dict[str, float], dt: float) -> dict[str, Any]:
         smoothed = self.dar(e, raw)
         for i, (s, a, lp) in enumerate(transitions):
             last = i == len(transitions) - 1
             self.agent.record(s, a, lp, smoothed if last else 0.0, last)
-        if not step.fell_off:
-            self._keep(Trajectory(list(self.walk.emitted), list(self.walk.actions), raw, metrics, e))
+        if not fell_off:
+            self._keep(Trajectory(list(emitted), list(actions), raw, metrics, e))
         best = self.top[0] if self.top else None
         info = {
             "episode": e,
@@ -220,8 +270,8 @@ class RMMSearch:
             "dar_reward": smoothed,
             "best_reward": best.reward if best else None,
             "best_trajectory": [list(x) for x in best.emitted] if best else None,
-            "actions": [self.walk.action_name(a, self.names, [o.name for o in self.operators]) for a in self.walk.actions],
-            "depth": len(self.walk.emitted),
+            "actions": [self.walk.action_name(a, self.names, [o.name for o in self.operators]) for a in actions],
+            "depth": len(emitted),
             "eval_seconds": dt,
             "evaluations": self.evaluations,
             "metrics": metrics,
@@ -237,6 +287,8 @@ class RMMSearch:
         return self.episode % self.settings.update_every == 0 or self.episode >= self.settings.episodes
 
     def _keep(self, traj: Trajectory) -> None:
+        if not traj.emitted:  # a walk that skipped every layer is no model to replay
+            return
         for t in self.top:
             if t.emitted == traj.emitted:
                 if traj.reward > t.reward:
@@ -260,10 +312,11 @@ class RMMSearch:
         try:
             while self.episode < self.settings.episodes:
                 self.cancel.check()
-                info = self.run_episode()
-                if log:
-                    log.write(json.dumps(info) + "\n")
-                    log.flush()
+                infos = self.run_window() if self.pool is not None else [self.run_episode()]
+                for info in infos:
+                    if log:
+                        log.write(json.dumps(info) + "\n")
+                        log.flush()
                 if self._at_boundary():
                     self.save()  # at PPO-update boundaries the rollout buffer is empty
         finally:

@@ -1,0 +1,1 @@
+"""Evolutionary merge search: CMA-ES over the free parameters of a recipe template."""
