@@ -6,7 +6,9 @@
   are from a reference model's (mean KL over the prompt positions).
 - Image classifiers (`*ForImageClassification`): the top-k classes with confidences for one
   image; optionally with another checkpoint's classifier head on each body (`head_from`, as
-  in task-head merging).
+  in task-head merging) and over a task's classes only (`classes`). With a tasks file,
+  `task_heads` gives each classification task's head and classes, so every body (base,
+  experts, merges) can be scored the way the evaluator scores that task.
 - With a tasks file (`mergecore.eval`), `evaluate_models` scores every model on the tasks.
 
 Models load through transformers with `trust_remote_code` off unless the caller turns it on;
@@ -250,13 +252,16 @@ def image_inputs(image: Any, path: str | Path, config: dict[str, Any]):
 
 
 def classify(path: str | Path, image: Any, *, top_k: int = 5, head_from: Optional[str | Path] = None,
-             trust_remote_code: bool = False) -> dict[str, Any]:
+             classes: Optional[list[int]] = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Top-k classes of `image`; with `head_from`, that checkpoint's classifier on this body (and
+    its class names); with `classes`, the probabilities are a softmax over those logits only."""
     import torch
 
     from app.state import open_source
 
     model = load_model(path, trust_remote_code)
     cfg = read_config(path)
+    names_cfg = read_config(head_from) if head_from is not None else cfg
     pv = image_inputs(image, path, cfg)
     saved = {}
     with _CACHE_LOCK, torch.no_grad():
@@ -277,38 +282,74 @@ def classify(path: str | Path, image: Any, *, top_k: int = 5, head_from: Optiona
         finally:
             for n, t in saved.items():
                 params[n].copy_(t)
-    probs = torch.softmax(logits, -1)
-    id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
+    id2label = {int(k): v for k, v in (names_cfg.get("id2label") or {}).items()}
+    if classes:
+        if max(classes) >= logits.numel():
+            raise MergeError(f"classes go up to {max(classes)} but {Path(path).name} has {logits.numel()} outputs")
+        ids = torch.as_tensor(list(classes))
+        probs = torch.softmax(logits[ids], -1)
+    else:
+        ids = torch.arange(logits.numel())
+        probs = torch.softmax(logits, -1)
     top = torch.topk(probs, min(top_k, probs.numel()))
     return {
         "probs": probs,
-        "top": [(int(i), id2label.get(int(i), f"class {int(i)}"), float(p)) for p, i in zip(top.values, top.indices)],
+        "top": [(int(ids[i]), id2label.get(int(ids[i]), f"class {int(ids[i])}"), float(p))
+                for p, i in zip(top.values, top.indices)],
     }
 
 
 def compare_classifiers(models: dict[str, str | Path], image: Any, *, top_k: int = 5,
-                        head_from: Optional[str | Path] = None, reference: Optional[str] = None,
+                        head_from: Optional[str | Path] = None, classes: Optional[list[int]] = None,
+                        reference: Optional[str] = None, truth: Optional[str] = None,
                         trust_remote_code: bool = False) -> dict[str, Any]:
+    """Every model on one image. `truth` (a class name, optional) marks right and wrong answers."""
     if not models:
         raise MergeError("choose at least one model to compare")
     out = {}
     for name, path in models.items():
         if model_kind(path) != "image-classification":
             raise MergeError(f"'{name}' is not an image classifier; compare models of one kind")
-        out[name] = classify(path, image, top_k=top_k, head_from=head_from, trust_remote_code=trust_remote_code)
+        out[name] = classify(path, image, top_k=top_k, head_from=head_from, classes=classes,
+                             trust_remote_code=trust_remote_code)
     ref = reference if reference in out else next(iter(out))
     rows = []
     for name, r in out.items():
         p, q = r["probs"], out[ref]["probs"]
         kl = float((q * (q.clamp_min(1e-12).log() - p.clamp_min(1e-12).log())).sum()) if p.shape == q.shape else float("nan")
-        rows.append({
+        row = {
             "model": name,
             "prediction": r["top"][0][1],
             "confidence": round(r["top"][0][2], 4),
-            f"same as {ref}": "yes" if r["top"][0][0] == out[ref]["top"][0][0] else "no",
-            f"KL({ref} ‖ model)": round(kl, 5),
-        })
-    return {"kind": "image-classification", "reference": ref, "outputs": out, "rows": rows}
+        }
+        if truth:
+            row["correct"] = "yes" if r["top"][0][1] == truth else "no"
+        row[f"same as {ref}"] = "yes" if r["top"][0][0] == out[ref]["top"][0][0] else "no"
+        row[f"KL({ref} ‖ model)"] = round(kl, 5)
+        rows.append(row)
+    return {"kind": "image-classification", "reference": ref, "outputs": out, "rows": rows, "truth": truth or None}
+
+
+_TASK_CACHE: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
+
+
+def task_heads(tasks: str | Path) -> dict[str, dict[str, Any]]:
+    """Classification tasks of a tasks file that name a head: {task: {"head": folder, "classes":
+    [ids] or None, "description": text}} (cached per file version; {} if the file has none)."""
+    from mergecore.eval.tasks import ClassificationTask, load_tasks
+
+    p = Path(tasks)
+    if not p.is_file():
+        return {}
+    key = (str(p.resolve()), p.stat().st_mtime)
+    if key not in _TASK_CACHE:
+        out = {}
+        for t in load_tasks(p):
+            if isinstance(t, ClassificationTask) and t.head_from is not None:
+                out[t.name] = {"head": str(t.head_path()), "classes": list(t.classes) if t.classes else None,
+                               "description": t.spec.description or ""}
+        _TASK_CACHE[key] = out
+    return _TASK_CACHE[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,11 +379,18 @@ CSS = """
 .cmp-gen { font-family: var(--font-mono); font-size: 13px; background: var(--background-fill-secondary);
            padding: 4px 6px; border-radius: 4px; margin: 4px 0; word-break: break-all; }
 .cmp-note { font-size: 12px; color: var(--body-text-color-subdued); }
+.cmp-verdict { font-weight: 600; margin-left: 4px; }
+.cmp-verdict.ok { color: #15803d; }
+.cmp-verdict.wrong { color: #b91c1c; }
+#cmp-image img { image-rendering: pixelated; height: 168px !important; width: 168px !important;
+                 object-fit: contain; }
+.cmp-card { max-width: 330px; }
 """
 
 
 def render_html(result: dict[str, Any], merged: Optional[set[str]] = None) -> str:
     merged = merged or set()
+    truth = result.get("truth")
     cards = []
     for name, r in result["outputs"].items():
         tag = '<span class="cmp-tag merged">merged</span>' if name in merged else '<span class="cmp-tag">source</span>'
@@ -352,13 +400,20 @@ def render_html(result: dict[str, Any], merged: Optional[set[str]] = None) -> st
                         f'{html.escape(r["greedy_text"])}</div>')
             body.append('<div class="cmp-note">next token</div>')
         else:
-            body.append('<div class="cmp-note">prediction</div>')
+            verdict = ""
+            if truth:
+                ok = r["top"][0][1] == truth
+                verdict = (f' <span class="cmp-verdict {"ok" if ok else "wrong"}">'
+                           f'{"✓ right" if ok else "✗ wrong"}</span>')
+            body.append(f'<div class="cmp-note">prediction{verdict}</div>')
         body += [_bar(label, p) for _, label, p in r["top"]]
         cards.append(f'<div class="cmp-card">{"".join(body)}</div>')
     note = ""
     if result["kind"] == "causal-lm":
         note = (f'<div class="cmp-note">input: {len(result["input"])} tokens ({html.escape(result["encoding"])}): '
                 f'{html.escape(" ".join(map(str, result["input"][:40])))}{" ..." if len(result["input"]) > 40 else ""}</div>')
+    if result["kind"] != "causal-lm" and result.get("head_note"):
+        note = f'<div class="cmp-note">{html.escape(result["head_note"])}</div>'
     return note + f'<div class="cmp-grid">{"".join(cards)}</div>'
 
 

@@ -1,18 +1,24 @@
 """The built-in demo family: small models built locally (no download) that the app opens on.
 
-A provider is one function `build(root, progress, cancel) -> DemoFamily`; `PROVIDERS` maps a
-name to it and `DEFAULT_PROVIDER` is the one `launch.py` builds on first run. The models are
-cached under `root`, so a second call returns at once.
+A provider is one function `build(root, progress=None, cancel=None, settings=None) -> DemoFamily`;
+`PROVIDERS` maps a name to it and `DEFAULT_PROVIDER` is the one `launch.py` builds on first run
+(`--demo-family NAME` or `$MERGECORE_DEMO_FAMILY` picks another). The models are cached under
+`root`, so a second call returns at once. `settings` overrides the provider's build settings
+(the tests build a miniature of the miniature that way).
 
-Today the only provider is `synthetic-llama`: three tiny Llama checkpoints with random weights
-(`mergecore.demo.build_synthetic_llamas`). It is labelled synthetic everywhere it appears.
+- `fmnist-vit-mini` (the default): the `fmnist-vit` family's quick preset
+  (`mergecore.families.get_family("fmnist-vit", quick=True)`), trained here on first run in
+  about a minute on two CPU cores: a small ViT `base` pretrained by rotation prediction and four
+  experts fine-tuned from it (three Fashion-MNIST class subsets and scikit-learn's digits).
+  Real predictions that differ between the experts, the base and a merge; the family's
+  `tasks.yml` (test split) feeds the Compare tab's evaluation, `tasks-val.yml` the searches, and
+  a few test images of each task are saved as PNGs for the Compare tab's examples.
+- `synthetic-llama`: three tiny Llama checkpoints with random weights
+  (`mergecore.demo.build_synthetic_llamas`), labelled synthetic everywhere they appear.
 
-To make the miniature `fmnist-vit` family the demo, add a provider that calls
-`mergecore.families.get_family("fmnist-vit", quick=..., progress=..., cancel=...)` and returns
-`DemoFamily(models={"base": fam.base, **fam.experts}, base="base", tasks=fam.tasks_file,
-kind="image-classification", ...)`, register it in `PROVIDERS` and point `DEFAULT_PROVIDER`
-at it. Nothing else in the app changes: the Models tab lists `models`, the Compare tab runs the
-evaluator over `tasks` and picks classifier inputs from `examples`.
+Nothing else in the app knows which provider is in use: the Models tab lists `models`, the
+Compare tab runs the evaluator over `tasks` and shows `examples`, the Search tab scores on
+`val_tasks` (or `tasks`).
 """
 
 from __future__ import annotations
@@ -39,7 +45,10 @@ class DemoFamily:
     kind: str = "causal-lm"  # 'causal-lm' | 'image-classification'
     synthetic: bool = False
     tasks: Optional[Path] = None  # a tasks YAML for mergecore.eval (None: no evaluation tasks)
-    examples: list[Any] = field(default_factory=list)  # inputs for the Compare tab
+    val_tasks: Optional[Path] = None  # the same tasks on validation data (what searches score on)
+    # inputs for the Compare tab: prompts (causal LMs), or for image classifiers dicts
+    # {"image": PNG path, "task": task name, "label": true class name}
+    examples: list[Any] = field(default_factory=list)
     recipe: Optional[dict[str, Any]] = None  # a starting recipe (models referenced by short name)
 
 
@@ -51,8 +60,8 @@ def demo_root(root: Optional[Path] = None) -> Path:
     return Path(os.environ.get("MERGECORE_DEMO_DIR") or cache_root() / "demo")
 
 
-def _synthetic_llama(root: Path, progress: Optional[ProgressFn] = None,
-                     cancel: Optional[CancelToken] = None) -> DemoFamily:
+def _synthetic_llama(root: Path, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+                     settings: Optional[dict[str, Any]] = None) -> DemoFamily:
     from mergecore.demo import build_synthetic_llamas
 
     start = time.time()
@@ -89,12 +98,135 @@ def _synthetic_llama(root: Path, progress: Optional[ProgressFn] = None,
     )
 
 
+EXAMPLES_PER_TASK = 2
+
+
+def _fmnist_vit_mini(root: Path, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+                     settings: Optional[dict[str, Any]] = None) -> DemoFamily:
+    """The fmnist-vit family's quick preset (about a minute on two cores), plus example PNGs.
+
+    `settings` are `FmnistVitConfig` overrides. A cached build made with other settings is
+    rebuilt, so the folder always holds what was asked for.
+    """
+    import json
+
+    from mergecore.families import build_family, get_builder
+
+    builder = get_builder("fmnist-vit")
+    cfg = builder.make_config(True, settings)
+    want = json.loads(json.dumps(cfg.as_dict()))
+    fam_root = root / "families"
+    done = fam_root / "fmnist-vit-quick" / "family.json"
+    stale = done.is_file() and json.loads(done.read_text()).get("config") != want
+
+    def on_progress(p) -> None:
+        if progress:
+            ev = p.as_event()
+            ev.data["stage"] = f"{p.stage}: {p.message}" if p.message else p.stage
+            progress(ev)
+
+    fam = build_family("fmnist-vit", root=fam_root, quick=True, config=cfg, force=stale, progress=on_progress,
+                       cancel=cancel)
+    info = fam.info
+    examples = _classifier_examples(fam.tasks_file, root / "examples", stale=stale)
+    experts = info["experts"]
+    acc = ", ".join(f"`{n}` {e['test_accuracy']:.2f}" for n, e in experts.items() if "test_accuracy" in e)
+    c = info["config"]
+    classes = "; ".join(f"`{n}`: {', '.join(e['class_names'])}" if e["dataset"] == "fashion" else f"`{n}`: digits 0-9"
+                        for n, e in experts.items())
+    names = list(experts)
+    recipe_models = [{"model": n, "parameters": {"weight": 1.0, "density": [0.3, 0.7] if i == 0 else 0.5}}
+                     for i, n in enumerate(names)]
+    return DemoFamily(
+        name="fmnist-vit-mini",
+        title="Miniature fmnist-vit: a small ViT and four experts",
+        description=(
+            f"Real models trained on this machine on first run ({info.get('build_seconds', 0):.0f} s): `base` is a "
+            f"small ViT ({c['num_layers']} layers, hidden size {c['hidden_size']}) pretrained by rotation prediction "
+            f"(it never saw a class label); four experts were fine-tuned from it, one per task ({classes}). "
+            f"Each task is scored with its own expert's classifier head on the evaluated body, so a merge combines "
+            f"the bodies and keeps the heads apart. Expert test accuracy on its own task: {acc}."
+        ),
+        models={"base": fam.base, **fam.experts},
+        base="base",
+        kind="image-classification",
+        synthetic=False,
+        tasks=fam.tasks_file,
+        val_tasks=fam.val_tasks_file,
+        examples=examples,
+        recipe={
+            "merge_method": "ties",
+            "base_model": "base",
+            "models": recipe_models,
+            "parameters": {"normalize": True},
+            "dtype": "float32",
+        },
+    )
+
+
+def _classifier_examples(tasks_file: Path, out: Path, stale: bool = False,
+                         per_task: int = EXAMPLES_PER_TASK) -> list[dict[str, Any]]:
+    """A few test images of each image-classification task (of distinct classes) saved as PNGs;
+    returns [{"image", "task", "label"}] (cached in `out/examples.json`)."""
+    import json
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from mergecore.eval.tasks import ClassificationTask, load_tasks
+
+    index = out / "examples.json"
+    if index.is_file() and not stale:
+        rows = json.loads(index.read_text())
+        if all((out / r["file"]).is_file() for r in rows):
+            return [{"image": str(out / r["file"]), "task": r["task"], "label": r["label"]} for r in rows]
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    rows = []
+    for task in load_tasks(tasks_file):
+        if not isinstance(task, ClassificationTask) or not task.is_image():
+            continue
+        data = task.data()
+        names = _label_names(task)
+        seen: list[int] = []
+        for i, label in enumerate(data.labels):
+            if len(seen) >= per_task:
+                break
+            if int(label) in seen:
+                continue
+            seen.append(int(label))
+            img = np.asarray(data.images[i])
+            if img.dtype != np.uint8:
+                img = np.clip(img, 0, 255).astype(np.uint8)
+            label_name = names.get(int(label), str(int(label)))
+            fname = f"{task.name}-{len(seen)}.png"
+            Image.fromarray(img).save(out / fname)
+            rows.append({"file": fname, "task": task.name, "label": label_name})
+    index.write_text(json.dumps(rows, indent=1))
+    return [{"image": str(out / r["file"]), "task": r["task"], "label": r["label"]} for r in rows]
+
+
+def _label_names(task) -> dict[int, str]:
+    """Class id -> name from the task's head checkpoint (config.json's id2label)."""
+    import json
+
+    try:
+        hp = task.head_path()
+        cfg = json.loads((hp / "config.json").read_text()) if hp is not None else {}
+    except Exception:
+        cfg = {}
+    return {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
+
+
 _BUILD_LOCK = threading.Lock()  # two sessions asking at once build the (shared, cached) models once
 
 PROVIDERS: dict[str, Callable[..., DemoFamily]] = {
+    "fmnist-vit-mini": _fmnist_vit_mini,
     "synthetic-llama": _synthetic_llama,
 }
-DEFAULT_PROVIDER = "synthetic-llama"
+DEFAULT_PROVIDER = "fmnist-vit-mini"
 
 
 def provider_names() -> list[str]:
@@ -102,8 +234,12 @@ def provider_names() -> list[str]:
 
 
 def build_demo_family(name: Optional[str] = None, root: Optional[Path] = None,
-                      progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> DemoFamily:
-    """Build (or reuse) the demo family `name` under `root`; returns what the app shows."""
+                      progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+                      settings: Optional[dict[str, Any]] = None) -> DemoFamily:
+    """Build (or reuse) the demo family `name` under `root`; returns what the app shows.
+
+    `settings`: the provider's build-setting overrides (for fmnist-vit-mini, `FmnistVitConfig`
+    fields such as `hidden_size` or `pretrain_steps`)."""
     from mergecore.errors import MergeError
 
     name = name or os.environ.get("MERGECORE_DEMO_FAMILY") or DEFAULT_PROVIDER
@@ -112,4 +248,4 @@ def build_demo_family(name: Optional[str] = None, root: Optional[Path] = None,
     base = demo_root(root) / name
     base.mkdir(parents=True, exist_ok=True)
     with _BUILD_LOCK:
-        return PROVIDERS[name](base, progress=progress, cancel=cancel)
+        return PROVIDERS[name](base, progress=progress, cancel=cancel, settings=settings)

@@ -1,6 +1,7 @@
 """Where the app writes, and the files it offers for download.
 
     <work_dir>/sessions/<session id>/merges/<name>/   merged checkpoints (one folder per merge)
+    <work_dir>/sessions/<owner id>/searches/<name>/   search runs (checkpoint, log, recipe.yml)
     <work_dir>/exports/<random>/                      recipe YAML and checkpoint zips to download
 
 Only the exports folder is served (registered with `gr.set_static_paths`, so a multi-GB zip is
@@ -51,6 +52,33 @@ class Workspace:
             out = root / f"{clean}-{i}"
             i += 1
         return out
+
+    def searches_dir(self, owner: str) -> Path:
+        d = self.session_dir(owner) / "searches"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def search_dir(self, owner: str, name: str) -> Path:
+        """A fresh folder for a search run called `name` (name-1, name-2 ...)."""
+        root = self.searches_dir(owner)
+        clean = safe_name(name) or "search"
+        i = 1
+        while (root / f"{clean}-{i}").exists():
+            i += 1
+        out = root / f"{clean}-{i}"
+        out.mkdir()
+        return out
+
+    def secret(self, name: str = "browser-state") -> str:
+        """A random secret kept in the work dir (the same after a restart), e.g. for
+        `gr.BrowserState`'s encryption, so a browser's stored values survive app restarts."""
+        p = self.root / f".{name}.secret"
+        if not p.is_file():
+            tmp = p.with_suffix(f".tmp-{uuid.uuid4().hex[:6]}")
+            tmp.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+            tmp.chmod(0o600)
+            tmp.replace(p)
+        return p.read_text().strip()
 
     def export_dir(self) -> Path:
         self.prune_exports()

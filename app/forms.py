@@ -33,7 +33,8 @@ MLP_PATTERN_SETS = (("mlp",), ("feed_forward",), ("ffn",), ("intermediate", "out
 GROUPS = ("attn", "mlp", "other")
 GROUP_LABELS = {"all": "all tensors", "attn": "attention tensors", "mlp": "MLP tensors",
                 "other": "other tensors (norms, embeddings, heads)"}
-PASSTHROUGH_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name", "seed", "artifacts")
+PASSTHROUGH_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name", "seed", "artifacts",
+                    "non_layer_from")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +129,8 @@ def new_form(method_name: str, state: dict[str, Any], old: Optional[dict[str, An
         values[f["key"]] = old_values.get(f["key"], f["default"])
     explicit = [k for k in (old or {}).get("explicit", []) if k in values]
     return {"method": method_name, "values": values, "explicit": explicit,
-            "extra": dict((old or {}).get("extra") or {}), "slices": (old or {}).get("slices")}
+            "extra": dict((old or {}).get("extra") or {}), "slices": (old or {}).get("slices"),
+            "slices_base": (old or {}).get("slices_base")}
 
 
 def sync_form(form: Optional[dict[str, Any]], state: dict[str, Any], default_method: str = "ties") -> dict[str, Any]:
@@ -416,7 +418,8 @@ def build_recipe_dict(form: dict[str, Any], state: dict[str, Any]) -> dict[str, 
     recipe: dict[str, Any] = {"merge_method": method.name}
     base = state.get("base") if state.get("base") in refs else None
     if form.get("slices"):
-        if base and method.base != "ignored":
+        # a slices recipe keeps the base_model it was imported with (per-slice methods may need it)
+        if base and (method.base != "ignored" or form.get("slices_base")):
             recipe["base_model"] = refs[base]
         recipe["slices"] = copy.deepcopy(form["slices"])
     else:
@@ -514,7 +517,8 @@ def form_from_recipe(recipe, state: dict[str, Any]) -> tuple[dict[str, Any], dic
     if "tokenizer" in extra and hasattr(extra["tokenizer"], "model_dump"):
         extra["tokenizer"] = extra["tokenizer"].model_dump(exclude_none=True)
     form = new_form(method.name, state, {"values": values, "extra": extra, "slices": slices,
-                                         "explicit": list(values)})
+                                         "explicit": list(values),
+                                         "slices_base": bool(slices and recipe.base_model)})
     # keep values for keys the form does not have (e.g. per-model params in a slices recipe)
     for k, v in values.items():
         form["values"].setdefault(k, v)

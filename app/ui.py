@@ -1,19 +1,19 @@
 """The Gradio app: `build_app(ctx) -> gr.Blocks`. Tabs call the engine; no merge logic lives here.
 
-Tabs: Models, Recipe, Merge, Compare, Export. Long work (Hub downloads, merges, evaluations)
-runs as background jobs (`app.jobs`); a `gr.Timer` per tab polls the job's snapshot while it
-runs. Per-session data lives in `gr.State` (models, the recipe form, job ids); the job manager
-keys jobs by the session's id, so two browser sessions never see each other's jobs.
+Tabs: Models, Recipe, Merge, Search, Compare, Export. Long work (Hub downloads, merges,
+searches, evaluations) runs as background jobs (`app.jobs`); a `gr.Timer` per tab polls the
+job's snapshot while it runs. Per-session data lives in `gr.State` (models, the recipe form, job
+ids); the job manager keys jobs by the session's id, so two browser sessions never see each
+other's jobs. Searches are keyed by the browser instead (a random key in `gr.BrowserState`), so
+a reload or a second tab shows the running search (`app.search_tab`).
+
+The Search tab draws one form per entry of the search registry (`app.searches`: RMM today; DAM
+and evolutionary search register a form, a runner and an event->plot mapping the same way).
 
 Named API endpoints (for `gradio_client`): /load_demo, /add_model, /poll_models, /hub_search,
 /set_base, /set_method, /import_yaml, /set_curve, /plan, /merge, /poll_merge, /cancel_merge,
-/compare, /evaluate, /poll_eval, /export.
-
-A Search tab plugs in the same way as the Merge tab: its Start handler submits
-`ctx.jobs.submit(owner, "search", fn)` where `fn(job_ctx)` runs the search with
-`progress=job_ctx.emit` (search events: rewards, losses, best-so-far) and
-`cancel=job_ctx.cancel`; its timer calls `ctx.jobs.snapshot(owner, job_id, since=cursor)` and
-redraws the plots from `events` with `app.plots.events_frame`.
+/compare, /evaluate, /poll_eval, /export, and the Search tab's /start_search, /poll_search,
+/stop_search, /resume_search, /attach_search, /use_search_recipe, /replay_search, /poll_replay.
 """
 
 from __future__ import annotations
@@ -38,10 +38,13 @@ from app.curve_editor import CurveEditor
 from app.demo_family import DemoFamily
 from app.files import Workspace, folder_bytes
 from app.jobs import DONE, FAILED, CANCELLED, JobManager, one_line_error
+from app.search_tab import SearchTab
 
 log = logging.getLogger("mergecore.app")
 
 DEFAULT_METHOD = "ties"
+TASK_HEAD = "the task's head (as the evaluator scores it)"
+OWN_HEAD = "each model's own"
 PRESETS = {"flat": "flat", "ramp up": "ramp_up", "ramp down": "ramp_down", "U-shape": "u_shape", "bell": "bell"}
 
 
@@ -104,6 +107,7 @@ CSS = """
 .mc-synthetic { background: #fef3c7; color: #92400e; padding: 2px 8px; border-radius: 8px; font-weight: 600; }
 .mc-field-row { align-items: end !important; }
 .mc-curve-btn { max-width: 90px !important; min-width: 60px !important; }
+.mc-real { background: #dcfce7; color: #166534; padding: 2px 8px; border-radius: 8px; font-weight: 600; }
 footer { display: none !important; }
 """ + COMPARE_CSS
 
@@ -119,12 +123,14 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         merge_job = gr.State("")
         eval_job = gr.State("")
         fetch_job = gr.State("")
+        browser_key = gr.BrowserState("", storage_key="mergecore-browser", secret=ctx.workspace.secret())
 
         gr.Markdown("# mergecore\nMerge models from recipes: pick models, shape the parameters per layer, "
-                    "merge in the background, compare the outputs and export.")
+                    "merge in the background, search for merges, compare the outputs and export.")
         family_md = gr.Markdown(_family_text(None))
+        search_tab = SearchTab(ctx)
 
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             # ---------------------------------------------------------------- Models
             with gr.Tab("Models", id="models"):
                 with gr.Row():
@@ -216,6 +222,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                                              height=320, scale=2)
                 merge_timer = gr.Timer(0.5, active=False)
 
+            # ---------------------------------------------------------------- Search
+            search_tab.build()
+
             # ---------------------------------------------------------------- Compare
             with gr.Tab("Compare", id="compare"):
                 cmp_models = gr.CheckboxGroup(label="Models (sources and this session's merges)", choices=[])
@@ -224,17 +233,33 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                         prompt_tb = gr.Textbox(label="Prompt (text, or token ids separated by spaces)", scale=4,
                                                value="1 2 3 4 5 6 7 8")
                         new_tokens = gr.Slider(label="new tokens", minimum=1, maximum=32, step=1, value=8, scale=1)
-                with gr.Group(visible=False) as cls_group:
-                    with gr.Row():
-                        image_in = gr.Image(label="Image", type="numpy", image_mode="RGB", height=200)
-                        head_dd = gr.Dropdown(label="Classifier head", choices=["each model's own"],
-                                              value="each model's own",
-                                              info="Score every body with one model's head (task heads)")
+                demo_img = ctx.demo is not None and ctx.demo.kind == "image-classification"
+                demo_tasks = _task_names(ctx.demo.tasks) if demo_img and ctx.demo.tasks else []
+                first_ex = ctx.demo.examples[0] if demo_img and ctx.demo.examples else None
+                with gr.Column(visible=False) as cls_group:
+                    with gr.Row(equal_height=False):
+                        image_in = gr.Image(label="Image", type="numpy", image_mode="RGB", height=210,
+                                            elem_id="cmp-image", value=first_ex["image"] if first_ex else None)
+                        with gr.Column():
+                            task_dd = gr.Dropdown(label="Task", choices=demo_tasks,
+                                                  value=first_ex["task"] if first_ex else None, allow_custom_value=True,
+                                                  info="with the task's head: its expert's classifier and classes")
+                            head_dd = gr.Dropdown(label="Classifier head", choices=[TASK_HEAD, OWN_HEAD],
+                                                  value=TASK_HEAD if demo_tasks else OWN_HEAD,
+                                                  info="score every body with one head (task heads), or each "
+                                                       "model with its own")
+                            truth_tb = gr.Textbox(label="True label (optional: marks right and wrong answers)",
+                                                  value=first_ex["label"] if first_ex else "")
                 if ctx.demo is not None and ctx.demo.examples:
-                    is_img = ctx.demo.kind == "image-classification"
-                    gr.Examples(examples=[[e] for e in ctx.demo.examples], inputs=[image_in if is_img else prompt_tb],
-                                label=f"Example inputs ({ctx.demo.title})")
-                cmp_btn = gr.Button("Compare", variant="primary")
+                    if demo_img:
+                        gr.Examples(examples=[[e["image"], e["task"], e["label"]] for e in ctx.demo.examples],
+                                    inputs=[image_in, task_dd, truth_tb], examples_per_page=12, visible_columns=[0],
+                                    label="Example images from each task's test data (click one: it sets the task "
+                                          "and the true label)")
+                    else:
+                        gr.Examples(examples=[[e] for e in ctx.demo.examples], inputs=[prompt_tb],
+                                    label=f"Example inputs ({ctx.demo.title})")
+                cmp_btn = gr.Button("Compare", variant="primary", elem_id="cmp-btn")
                 cmp_status = gr.Markdown("")
                 cmp_html = gr.HTML("")
                 cmp_df = gr.Dataframe(label="Side by side", interactive=False, wrap=True)
@@ -271,7 +296,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         curve_outputs = [curve, anchors_tb, curve_split, curve_group, curve_labels]
         all_outputs = [session_state, form_state, form_version, models_df, compat_md, base_dd, remove_dd, family_md,
                        method_dd, method_md, yaml_code, recipe_status, formula_md, curve_key_dd, *curve_outputs,
-                       cmp_models, lm_group, cls_group, head_dd, tasks_tb, export_dd]
+                       cmp_models, lm_group, cls_group, head_dd, task_dd, tasks_tb, export_dd]
 
         def refresh(state, form, version, request, *, key=None, group="attn", status=None):
             return _refresh_all(ctx, state, form, version, owner_of(request), key=key, group=group, status=status)
@@ -336,6 +361,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             if not job.done:
                 what = job.meta.get("ref") or job.title
                 frac = (job.progress or {}).get("fraction")
+                if job.kind == "demo" and (job.progress or {}).get("stage"):
+                    what = f"{what} ({job.progress['stage']})"
                 return (*[gr.skip()] * len(all_outputs), gr.skip(), gr.skip(),
                         progress_html(frac, f"{job.kind}: {what} · {fmt_seconds(job.elapsed)}"))
             if job.kind == "demo":
@@ -567,10 +594,11 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         cancel_btn.click(on_cancel, [merge_job], [merge_summary], api_name="cancel_merge")
 
         # Compare tab
-        def on_compare(selected, prompt, ntok, image, head, state, request: gr.Request):
+        def on_compare(selected, prompt, ntok, image, head, task, truth, tasks, state, request: gr.Request):
             owner = owner_of(request)
             try:
-                result, merged = _compare(ctx, owner, state, selected, prompt, ntok, image, head)
+                result, merged = _compare(ctx, owner, state, selected, prompt, ntok, image, head, task=task,
+                                          truth=truth, tasks=tasks)
             except MergeError as err:
                 return f"**Error:** {err}", gr.skip(), gr.skip()
             from app.compare import render_html, rows_frame
@@ -578,8 +606,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             ref = result["reference"]
             return (f"Reference for the distances: **{ref}**.", render_html(result, merged), rows_frame(result["rows"]))
 
-        cmp_btn.click(on_compare, [cmp_models, prompt_tb, new_tokens, image_in, head_dd, session_state],
-                      [cmp_status, cmp_html, cmp_df], api_name="compare")
+        cmp_btn.click(on_compare, [cmp_models, prompt_tb, new_tokens, image_in, head_dd, task_dd, truth_tb, tasks_tb,
+                                   session_state], [cmp_status, cmp_html, cmp_df], api_name="compare")
+        image_in.upload(lambda: "", None, [truth_tb], api_visibility="private")  # a new image: truth unknown
 
         def on_eval(selected, tasks, subset, state, request: gr.Request):
             owner = owner_of(request)
@@ -587,7 +616,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 models = _paths_for(ctx, owner, state, selected)
                 tasks = (tasks or "").strip()
                 if not tasks:
-                    raise MergeError("give a tasks YAML (the demo family has none: it is synthetic)")
+                    raise MergeError("give a tasks YAML for mergecore.eval (the synthetic demo has none)")
                 if not Path(tasks).is_file():
                     raise MergeError(f"tasks file not found: {tasks}")
                 from mergecore.eval import parse_subset
@@ -639,6 +668,11 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         demo.load(on_page_load, [session_state, form_state, form_version], all_outputs + [models_status],
                   api_visibility="private")
 
+        search_tab.wire({"demo": demo, "session_state": session_state, "form_state": form_state,
+                         "form_version": form_version, "all_outputs": all_outputs, "refresh": refresh,
+                         "models_status": models_status, "tabs": tabs, "cmp_models": cmp_models,
+                         "export_dd": export_dd, "browser_key": browser_key})
+
         def on_unload(request: gr.Request):
             ctx.jobs.cancel_owner(owner_of(request))
 
@@ -653,7 +687,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 def _family_text(fam: Optional[DemoFamily]) -> str:
     if fam is None:
         return ""
-    tag = ' <span class="mc-synthetic">SYNTHETIC</span>' if fam.synthetic else ""
+    tag = ' <span class="mc-synthetic">SYNTHETIC</span>' if fam.synthetic else ' <span class="mc-real">trained here</span>'
     return f"**Demo family: {fam.title}**{tag} — {fam.description}"
 
 
@@ -672,7 +706,8 @@ def _load_demo(ctx: AppContext, state: dict[str, Any]) -> tuple[dict[str, Any], 
         state = st.add_model(state, str(path), path, name=name)
     state["base"] = fam.base
     state["family"] = {"name": fam.name, "title": fam.title, "kind": fam.kind,
-                       "tasks": str(fam.tasks) if fam.tasks else None, "synthetic": fam.synthetic}
+                       "tasks": str(fam.tasks) if fam.tasks else None,
+                       "val_tasks": str(fam.val_tasks) if fam.val_tasks else None, "synthetic": fam.synthetic}
     if fam.recipe:
         rec = copy.deepcopy(fam.recipe)
         refs = {n: str(p) for n, p in fam.models.items()}
@@ -823,6 +858,7 @@ def _refresh_all(ctx: AppContext, state, form, version, owner: str, *, key=None,
             pass
     is_cls = "image-classification" in kinds
     fam = state.get("family") or {}
+    task_names = _task_names(fam.get("tasks")) if is_cls and fam.get("tasks") else []
     return (
         state,
         form or {},
@@ -841,8 +877,10 @@ def _refresh_all(ctx: AppContext, state, form, version, owner: str, *, key=None,
         *_curve_panel(form or {}, state, key, group),
         gr.CheckboxGroup(choices=cmp_choices, value=cmp_choices),
         gr.Group(visible=not is_cls),
-        gr.Group(visible=is_cls),
-        gr.Dropdown(choices=["each model's own"] + names, value="each model's own"),
+        gr.Column(visible=is_cls),
+        gr.Dropdown(choices=([TASK_HEAD] if task_names else []) + [OWN_HEAD] + names,
+                    value=TASK_HEAD if task_names else OWN_HEAD),
+        gr.Dropdown(choices=task_names, value=task_names[0] if task_names else None) if task_names else gr.skip(),
         fam.get("tasks") or "",
         gr.Dropdown(choices=merges, value=merges[-1] if merges else None),
         status if status is not None else "",
@@ -955,7 +993,17 @@ def _paths_for(ctx: AppContext, owner: str, state: dict[str, Any], selected: lis
     return out
 
 
-def _compare(ctx: AppContext, owner: str, state, selected, prompt, ntok, image, head):
+def _task_names(tasks: Any) -> list[str]:
+    from app.compare import task_heads
+
+    try:
+        return list(task_heads(tasks)) if tasks else []
+    except MergeError:
+        return []
+
+
+def _compare(ctx: AppContext, owner: str, state, selected, prompt, ntok, image, head, *, task=None, truth=None,
+             tasks=None):
     from app import compare as cmp
 
     models = _paths_for(ctx, owner, state, selected)
@@ -965,10 +1013,21 @@ def _compare(ctx: AppContext, owner: str, state, selected, prompt, ntok, image, 
     kinds = {cmp.model_kind(p) for p in models.values()}
     trust = bool(state.get("trust_remote_code"))
     if kinds == {"image-classification"}:
-        head_path = None
-        if head and head != "each model's own":
+        head_path, classes, note = None, None, ""
+        if head == TASK_HEAD:
+            heads = cmp.task_heads(tasks or (state.get("family") or {}).get("tasks") or "")
+            if not task or task not in heads:
+                raise MergeError("choose a task (its expert's head scores every body), or another classifier head"
+                                 + (f"; tasks: {', '.join(heads)}" if heads else ": the tasks file names no heads"))
+            head_path, classes = heads[task]["head"], heads[task]["classes"]
+            note = (f"Every model scored with the {task} head ({Path(head_path).name}) over the task's "
+                    f"{len(classes) if classes else 'all'} classes, as the evaluator scores the task.")
+        elif head and head != OWN_HEAD:
             head_path = st.model_by_name(state, head)["path"]
-        result = cmp.compare_classifiers(models, image, head_from=head_path, reference=ref, trust_remote_code=trust)
+            note = f"Every model scored with {head}'s classifier head."
+        result = cmp.compare_classifiers(models, image, head_from=head_path, classes=classes, reference=ref,
+                                         truth=(truth or "").strip() or None, trust_remote_code=trust)
+        result["head_note"] = note
     elif kinds == {"causal-lm"}:
         result = cmp.compare_lms(models, prompt or "", new_tokens=int(ntok or 8), reference=ref,
                                  trust_remote_code=trust)

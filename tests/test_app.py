@@ -1,6 +1,7 @@
-"""The app: job manager, schema-driven form, compare helpers (plain Python), and the running app
-through `gradio_client` (merge from the demo family, events, comparison, export, failures,
-two sessions)."""
+"""The app: job manager, schema-driven form, compare helpers, the search registry (plain
+Python), and the running app through `gradio_client` (merge from the demo families, events,
+comparison, export, failures, two sessions; an RMM search on the fmnist-vit demo with live
+events, stop, resume and reattaching from a second page)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _app_helpers import app_server, demo_family  # noqa: F401  (fixtures)
+from _app_helpers import app_server, demo_family, fmnist_demo, fmnist_server  # noqa: F401  (fixtures)
 from mergecore.errors import MergeError
 from mergecore.events import Event
 
@@ -398,7 +399,8 @@ def test_client_demo_merge_events_compare_export(app_server):  # noqa: F811
     assert "density: [0.25, 0.9]" in (out_dir / "mergecore_recipe.yml").read_text()
 
     models = ["base", "variant_a", "variant_b", job.meta["name"]]
-    status, html, table = c.predict(models, "1 2 3 4 5", 4, None, "each model's own", api_name="/compare")
+    status, html, table = c.predict(models, "1 2 3 4 5", 4, None, "each model's own", None, "", "",
+                                    api_name="/compare")
     assert f"**{job.meta['name']}**" in status
     assert html.count('class="cmp-card"') == 4
     rows = {r[0]: r for r in table["data"]}
@@ -485,6 +487,7 @@ def test_client_builds_the_demo_when_started_without_it(app_server, demo_family,
     url, ctx = app_server
     saved = ctx.demo
     monkeypatch.setenv("MERGECORE_DEMO_DIR", str(Path(demo_family.models["base"]).parents[2]))
+    monkeypatch.setenv("MERGECORE_DEMO_FAMILY", "synthetic-llama")
     ctx.demo = None  # as with `launch.py --no-demo`
     try:
         c = _client(url)
@@ -501,3 +504,237 @@ def test_client_builds_the_demo_when_started_without_it(app_server, demo_family,
         assert ctx.demo is not None and ctx.demo.synthetic
     finally:
         ctx.demo = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# the fmnist-vit demo family, the search registry, the Search tab
+
+
+def test_demo_family_is_the_miniature_fmnist_vit(fmnist_demo):  # noqa: F811
+    from PIL import Image
+
+    from app.demo_family import DEFAULT_PROVIDER, PROVIDERS
+
+    fam = fmnist_demo
+    assert DEFAULT_PROVIDER == "fmnist-vit-mini" and "synthetic-llama" in PROVIDERS
+    assert list(fam.models) == ["base", "fmnist_tops", "fmnist_footwear", "fmnist_other", "digits"]
+    assert fam.kind == "image-classification" and not fam.synthetic and fam.base == "base"
+    assert fam.tasks.name == "tasks.yml" and fam.val_tasks.name == "tasks-val.yml"
+    tasks = {e["task"] for e in fam.examples}
+    assert tasks == {"fmnist_tops", "fmnist_footwear", "fmnist_other", "digits"} and len(fam.examples) == 8
+    for e in fam.examples:
+        assert Image.open(e["image"]).size == (28, 28) and e["label"]
+    assert {e["label"] for e in fam.examples if e["task"] == "fmnist_footwear"} <= {"Sandal", "Sneaker", "Ankle boot"}
+    assert fam.recipe["merge_method"] == "ties" and len(fam.recipe["models"]) == 4
+
+
+def test_task_head_compare_scores_every_body_like_the_evaluator(fmnist_demo):  # noqa: F811
+    from app import compare as cmp
+
+    fam = fmnist_demo
+    heads = cmp.task_heads(fam.tasks)
+    assert list(heads) == ["fmnist_tops", "fmnist_footwear", "fmnist_other", "digits"]
+    assert heads["fmnist_footwear"]["classes"] == [5, 7, 9] and heads["digits"]["classes"] is None
+    ex = next(e for e in fam.examples if e["task"] == "fmnist_footwear")
+    h = heads["fmnist_footwear"]
+    res = cmp.compare_classifiers({k: str(v) for k, v in fam.models.items()}, ex["image"], head_from=h["head"],
+                                  classes=h["classes"], truth=ex["label"], reference="base")
+    for name, r in res["outputs"].items():
+        assert {label for _, label, _ in r["top"]} == {"Sandal", "Sneaker", "Ankle boot"}, name
+        assert abs(sum(p for _, _, p in r["top"]) - 1.0) < 1e-5  # a softmax over the task's classes
+    assert all(row["correct"] in ("yes", "no") for row in res["rows"])
+    html = cmp.render_html(res)
+    assert html.count('class="cmp-card"') == 5 and "cmp-verdict" in html
+    # the same as the evaluator: the footwear expert's prediction with its own head on its classes
+    own = cmp.classify(fam.models["fmnist_footwear"], ex["image"], classes=[5, 7, 9])
+    assert own["top"][0][1] == res["outputs"]["fmnist_footwear"]["top"][0][1]
+
+
+def test_search_registry_operators_and_merging_map():
+    from app import searches as srch
+
+    assert "rmm" in srch.search_names() and srch.get_search("rmm").plots
+    with pytest.raises(MergeError, match="unknown search"):
+        srch.get_search("nope")
+    methods = srch.operator_methods(4)
+    assert "ties" in methods and "slerp" not in methods and "passthrough" not in methods  # slerp: exactly 1
+    assert "slerp" in srch.operator_methods(1)
+    text = srch.add_operator(srch.get_search("rmm").field("operators").default, "dare_ties", 4)
+    ops = srch.parse_operators(text, 4)
+    assert [o["method"] for o in ops] == ["ties", "task_arithmetic", "dare_ties"]
+    assert ops[2]["parameters"] == {"weight": 1.0, "density": 0.5}
+    assert [o["name"] for o in srch.parse_operators("[ties, ties]", 2)] == ["ties", "ties_2"]
+    for bad, msg in (("- {method: nope}", "unknown merge method"), ("- {method: ties, parameters: {densty: 1}}",
+                     "unknown parameter"), ("- {method: slerp, parameters: {t: 0.5}}", "at most 1"),
+                     ("method: ties", "YAML list"), ("- [", "line 1")):
+        with pytest.raises(MergeError, match=msg):
+            srch.parse_operators(bad, 4)
+    z, text = srch.merging_map([[0, 1], [1, 4], [1, 0], [2, 2]], n_actions=5, n_layers=3)
+    assert z[1][0] == 1 and z[4][1] == 1 and z[0][1] == 1 and z[2][2] == 1 and sum(map(sum, z)) == 4
+    assert text[0][1] == "#3" and text[4][1] == "#2"
+
+
+def test_rmm_form_makes_a_config(fmnist_demo):  # noqa: F811
+    from app import searches as srch
+
+    spec = srch.get_search("rmm")
+    state = {"models": [{"name": n, "path": str(p)} for n, p in fmnist_demo.models.items()], "base": "base",
+             "family": {"tasks": str(fmnist_demo.tasks), "val_tasks": str(fmnist_demo.val_tasks)}}
+    session = srch.SearchSession.from_state(state)
+    values = {f.key: srch.field_default(f, session) for f in spec.fields}
+    assert values["models"] == ["fmnist_tops", "fmnist_footwear", "fmnist_other", "digits"]
+    assert values["tasks"] == str(fmnist_demo.val_tasks)  # searches score on validation data
+    cfg = spec.make_config(values, session)
+    assert cfg.base_model == str(fmnist_demo.models["base"]) and len(cfg.models) == 4 and cfg.dar
+    assert [o.method for o in cfg.operators] == ["ties", "task_arithmetic"]
+    meta = spec.meta(cfg, session)
+    assert meta["action_names"] == values["models"] + ["ties", "task_arithmetic"] and meta["layers"] == 2
+    assert spec.load_config(json.loads(json.dumps(spec.dump_config(cfg)))) == cfg
+    for change, msg in (({"models": []}, "at least one model"), ({"data_ratio": 0}, "data_ratio"),
+                        ({"tasks": "/nope.yml"}, "not found"), ({"episodes": 0}, "episodes")):
+        with pytest.raises(MergeError, match=msg):
+            spec.make_config({**values, **change}, session)
+
+
+KEY_A = "a" * 32
+KEY_B = "b" * 32
+
+
+def _search_args(fam, key, **over):
+    args = {"name": "rmm", "key": key, "rmm_models": ["fmnist_tops", "fmnist_footwear", "fmnist_other", "digits"],
+            "rmm_base": "base", "rmm_tasks": str(fam.val_tasks), "rmm_episodes": 6, "rmm_data_ratio": 0.5,
+            "rmm_update_every": 2, "rmm_rerank_top": 1, "rmm_seed": 0}
+    args.update(over)
+    return args
+
+
+def _poll_search(c, key, until=("done", "failed", "cancelled"), timeout=120, episodes=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        out = c.predict(key, api_name="/poll_search")
+        data = out[-1]
+        if isinstance(data, dict) and "status" in data and (data["status"] in until or (episodes is not None and data["episodes"] >= episodes)):
+            return out
+        time.sleep(0.1)
+    raise AssertionError(f"search did not reach {until} / {episodes} episodes: {out[-1]}")
+
+
+def _figure(plot) -> dict:
+    plot = plot.get("value", plot) if plot.get("__type__") == "update" else plot
+    return json.loads(plot["plot"]) if isinstance(plot["plot"], str) else plot["plot"]
+
+
+def test_client_compare_on_the_fmnist_demo(fmnist_server, fmnist_demo):  # noqa: F811
+    from app.ui import TASK_HEAD
+
+    url, _ = fmnist_server
+    c = _client(url)
+    out = c.predict(api_name="/load_demo")
+    assert any("Compatible" in str(o) for o in out) and any("trained here" in str(o) for o in out)
+    ex = next(e for e in fmnist_demo.examples if e["task"] == "digits")
+    from gradio_client import handle_file
+
+    names = list(fmnist_demo.models)
+    status, html, table = c.predict(names, "", 8, handle_file(ex["image"]), TASK_HEAD, "digits", ex["label"],
+                                    str(fmnist_demo.tasks), api_name="/compare")
+    assert "digits head" in html and html.count('class="cmp-card"') == 5
+    assert {r[0] for r in table["data"]} == set(names) and "correct" in table["headers"]
+    status, _, _ = c.predict(names, "", 8, handle_file(ex["image"]), TASK_HEAD, None, "", str(fmnist_demo.tasks),
+                             api_name="/compare")
+    assert status.startswith("**Error:**") and "choose a task" in status
+
+
+def test_client_rmm_search_streams_events_and_its_recipe_merges(fmnist_server, fmnist_demo):  # noqa: F811
+    url, ctx = fmnist_server
+    c = _client(url)
+    c.predict(api_name="/load_demo")
+    out = c.predict(**_search_args(fmnist_demo, KEY_A), api_name="/start_search")
+    assert "Started" in out[2], out[2]  # (timer, progress, status, plots ...; states and rows are not outputs)
+    seen = set()
+    end = time.time() + 120
+    while time.time() < end:  # the events arrive through the poll endpoint while the search runs
+        out = c.predict(KEY_A, api_name="/poll_search")
+        data = out[-1]
+        if isinstance(data, dict) and "status" in data:
+            seen.add(data["episodes"])
+            if data["status"] != "running" and data["status"] != "queued":
+                break
+        time.sleep(0.05)
+    assert data["status"] == "done", data
+    assert data["episodes"] == 6 and len(seen) >= 2
+    reward, timing, metrics, heatmap = (_figure(p) for p in out[2:6])
+    names = [t["name"] for t in reward["data"]]
+    assert names == ["raw reward", "DAR reward", "best so far"] and reward["data"][0]["x"] == [1, 2, 3, 4, 5, 6]
+    assert timing["data"][0]["type"] == "bar" and len(timing["data"][0]["x"]) == 6
+    assert {t["name"] for t in metrics["data"]} == {"fmnist_tops", "fmnist_footwear", "fmnist_other", "digits"}
+    hm = heatmap["data"][0]
+    assert hm["type"] == "heatmap" and hm["y"] == ["fmnist_tops", "fmnist_footwear", "fmnist_other", "digits",
+                                                    "ties", "task_arithmetic"] and len(hm["x"]) == 2
+    assert "Best merge" in out[-5] and "merge_method: passthrough" in out[-4]["value"]
+    job = ctx.jobs.find(f"browser-{KEY_A}", data["id"])
+    assert (Path(job.meta["out"]) / "result.json").is_file()
+
+    # use the recipe: it lands in the Recipe tab's YAML and merges on the Merge tab
+    out = c.predict(KEY_A, api_name="/use_search_recipe")
+    assert "Loaded the best rmm recipe" in str(out[-1])
+    assert "merge_method: passthrough" in _find(out, lambda o: isinstance(o, str) and "merge_method" in o)
+    c.predict(api_name="/merge")
+    assert "Merged" in _poll_merge(c)[2]
+
+    # merge the best recipe and evaluate it on the test tasks
+    out = c.predict(KEY_A, api_name="/replay_search")
+    assert "merging the best recipe" in out[-1]
+    end = time.time() + 60
+    while time.time() < end:
+        out = c.predict(api_name="/poll_replay")
+        if "merged into" in str(out[0]) or "error" in str(out[0]).lower():
+            break
+        time.sleep(0.2)
+    assert "merged into" in out[0], out[0]
+    scores = out[1]["value"] if isinstance(out[1], dict) and "value" in out[1] else out[1]
+    rows = [r[0] for r in scores["data"]]
+    assert rows == ["base (no merge)", "rmm-best"] and "mean" in scores["headers"]
+    assert "rmm-best" in out[3]["choices"][-1]  # offered on the Compare tab
+
+
+def test_client_search_stop_resume_and_a_second_page(fmnist_server, fmnist_demo):  # noqa: F811
+    url, ctx = fmnist_server
+    owner = f"browser-{KEY_B}"
+    c = _client(url)
+    c.predict(api_name="/load_demo")
+    assert "nothing to resume" in c.predict(KEY_B, api_name="/resume_search")[2]
+    c.predict(**_search_args(fmnist_demo, KEY_B, rmm_episodes=400, rmm_rerank_top=0), api_name="/start_search")
+    _poll_search(c, KEY_B, episodes=5)
+    assert "a search is already running" in c.predict(**_search_args(fmnist_demo, KEY_B),
+                                                      api_name="/start_search")[2]
+    assert "Stopping" in c.predict(KEY_B, api_name="/stop_search")
+    out = _poll_search(c, KEY_B)
+    assert out[-1]["status"] == "cancelled" and "Resume" in out[-3]
+    first = ctx.jobs.jobs(owner, kind="search")[-1]
+    out_dir = Path(first.meta["out"])
+    assert (out_dir / "rmm_checkpoint.pt").is_file() and not (out_dir / "result.json").exists()
+    stopped_at = len([e for e in first.events if e.kind == "rmm.episode"])
+
+    out = c.predict(KEY_B, api_name="/resume_search")
+    assert "Resuming" in out[2]
+    # a second page of the same browser (same key, new session) finds the running search
+    c2 = _client(url)
+    assert c2.predict(KEY_B, api_name="/attach_search")[0] == KEY_B
+    second = ctx.jobs.jobs(owner, kind="search")[-1]
+    assert second is not first and second.meta["out"] == str(out_dir) and second.meta["resumed"]
+    out = _poll_search(c2, KEY_B, episodes=stopped_at + 3)
+    kinds = [e.kind for e in second.events]
+    resumed_at = next(e.data["episode"] for e in second.events if e.kind == "rmm.resumed")
+    assert resumed_at % 2 == 0 and 0 < resumed_at <= stopped_at  # the last PPO-update boundary
+    replayed = [e.data["episode"] for e in second.events[:kinds.index("rmm.resumed")] if e.kind == "rmm.episode"]
+    assert replayed == list(range(resumed_at))  # the plots start from episode 1, not from the checkpoint
+    reward = _figure(out[2])
+    assert reward["data"][0]["x"][:resumed_at + 1] == list(range(1, resumed_at + 2))
+    # another browser sees none of it
+    other = _client(url)
+    other.predict("c" * 32, api_name="/attach_search")
+    assert "status" not in (other.predict("c" * 32, api_name="/poll_search")[-1] or {})  # no job to show
+    assert "Nothing to stop" in other.predict("c" * 32, api_name="/stop_search")
+    assert ctx.jobs.jobs("browser-" + "c" * 32) == []
+    c2.predict(KEY_B, api_name="/stop_search")
+    assert _poll_search(c2, KEY_B)[-1]["status"] == "cancelled"

@@ -1,7 +1,9 @@
 """Browser test: Playwright (from PyPI) drives Debian's chromium against the app.
 
-It loads the app on the demo family, drags a point of the curve editor, runs a merge, compares
-the models, prepares the downloads and saves a screenshot of each tab (into
+It loads the app on the demo family (the miniature fmnist-vit), drags a point of the curve
+editor, runs a short RMM search (reloading the page while it runs: the search is still shown),
+takes its best recipe to the Recipe tab, merges it, compares and evaluates the models, prepares
+the downloads and saves a screenshot of each tab (into
 $MERGECORE_SCREENSHOTS when set, e.g. assets/screenshots; otherwise into the test's tmp dir).
 `scripts/setup.sh` installs chromium; with MERGECORE_REQUIRE_BROWSER=1 (as `scripts/test.sh`
 sets) a missing browser is a failure, not a skip.
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from _app_helpers import SCREENSHOT_DIR, app_server, demo_family  # noqa: F401  (fixtures)
+from _app_helpers import SCREENSHOT_DIR, fmnist_demo, fmnist_server  # noqa: F401  (fixtures)
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
@@ -53,10 +55,10 @@ def _shot(page, out: Path, name: str) -> None:
     page.screenshot(path=str(out / f"{name}.png"), full_page=True)
 
 
-def test_drag_curve_merge_compare_export(app_server, browser, tmp_path):  # noqa: F811
+def test_drag_curve_merge_search_compare_export(fmnist_server, browser, tmp_path):  # noqa: F811
     from playwright.sync_api import expect
 
-    url, _ = app_server
+    url, _ = fmnist_server
     out = SCREENSHOT_DIR or tmp_path
     out.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1360, "height": 900})
@@ -64,12 +66,12 @@ def test_drag_curve_merge_compare_export(app_server, browser, tmp_path):  # noqa
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url)
 
-    # Models: every new session opens on the demo family
+    # Models: every new session opens on the demo family (the miniature fmnist-vit, trained here)
     expect(page.get_by_text("Compatible", exact=False).first).to_be_visible(timeout=30_000)
-    expect(page.get_by_text("SYNTHETIC").first).to_be_visible()
+    expect(page.get_by_text("trained here").first).to_be_visible()
     _shot(page, out, "1-models")
 
-    # Recipe: drag the last point of the density curve upwards
+    # Recipe: drag the first point of the density curve upwards
     page.get_by_role("tab", name="Recipe").click()
     anchors = page.locator("#curve-anchors textarea")
     expect(anchors).to_have_value("0.3, 0.7", timeout=15_000)
@@ -90,22 +92,56 @@ def test_drag_curve_merge_compare_export(app_server, browser, tmp_path):  # noqa
     # the YAML preview and the form follow the dragged curve
     yaml_box = page.locator(".cm-content").first
     expect(yaml_box).to_contain_text(re.compile(r"density: \[0\.[4-9]\d*, 0\.7\]"), timeout=10_000)
-    expect(page.locator("#field-density--variant_a textarea")).to_have_value(re.compile(r"\[0\.[4-9]"), timeout=10_000)
+    expect(page.locator("#field-density--fmnist_tops textarea")).to_have_value(re.compile(r"\[0\.[4-9]"),
+                                                                                timeout=10_000)
     _shot(page, out, "2-recipe")
 
-    # Merge in the background, with progress and a summary
+    # Search: a short RMM run; the reward plot fills in while it runs
+    page.get_by_role("tab", name="Search").click()
+    expect(page.locator("#search-rmm-models")).to_contain_text("fmnist_tops", timeout=10_000)
+    episodes = page.locator("#search-rmm-episodes input")
+    episodes.fill("30" if SCREENSHOT_DIR else "16")
+    episodes.press("Tab")
+    page.locator("#search-start").click()
+    expect(page.locator("#search-status")).to_contain_text("Started", timeout=15_000)
+    markers = page.locator("#search-plot-0 .scatterlayer .point")
+    expect(markers.first).to_be_attached(timeout=60_000)
+    # a reload (or a second tab of this browser) finds the search and keeps plotting it
+    page.reload()
+    expect(page.get_by_text("Compatible", exact=False).first).to_be_visible(timeout=30_000)
+    page.get_by_role("tab", name="Search").click()
+    expect(page.locator("#search-plot-0 .scatterlayer .point").first).to_be_attached(timeout=30_000)
+    expect(page.locator("#search-result")).to_contain_text("Best merge", timeout=300_000)
+    expect(page.locator("#search-progress [data-status='done']")).to_be_visible()
+    n = page.locator("#search-plot-0 .scatterlayer .trace").first.locator(".point").count()
+    assert n == (30 if SCREENSHOT_DIR else 16), n
+    expect(page.locator("#search-plot-3 .heatmaplayer, #search-plot-3 .hm")).not_to_have_count(0)
+    expect(page.locator("#search-recipe")).to_contain_text("merge_method: passthrough")
+    page.wait_for_timeout(500)
+    _shot(page, out, "4-search")
+    # the best recipe goes to the Recipe tab
+    page.locator("#search-use").click()
+    expect(page.get_by_role("tab", name="Recipe", selected=True)).to_be_visible(timeout=15_000)
+    expect(page.locator(".cm-content").first).to_contain_text("merge_method: passthrough", timeout=15_000)
+
+    # Merge it in the background, with progress and a summary (merges belong to the page's session)
     page.get_by_role("tab", name="Merge").click()
     page.locator("#merge-btn").click()
     expect(page.locator("#merge-summary")).to_contain_text("Merged", timeout=60_000)
     expect(page.locator("#merge-progress [data-status='done']")).to_be_visible()
     _shot(page, out, "3-merge")
 
-    # Compare: the sources and the merge side by side
+    # Compare: an example image through the sources and the merge, each body with the task's head
     page.get_by_role("tab", name="Compare").click()
-    page.get_by_role("button", name="Compare", exact=True).click()
-    expect(page.locator(".cmp-card")).to_have_count(4, timeout=60_000)
+    page.locator("#cmp-btn").click()
+    expect(page.locator(".cmp-card")).to_have_count(6, timeout=60_000)
     expect(page.locator(".cmp-tag.merged")).to_have_count(1)
-    _shot(page, out, "4-compare")
+    expect(page.locator(".cmp-verdict").first).to_be_visible()
+    page.get_by_role("button", name="Evaluate").click()
+    expect(page.locator(".mc-progress[data-status='done']").last).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("fmnist_footwear").last).to_be_visible()
+    page.wait_for_timeout(300)
+    _shot(page, out, "5-compare")
 
     # Export: recipe and zipped checkpoint, served from the app's own exports folder
     page.get_by_role("tab", name="Export").click()
@@ -113,5 +149,5 @@ def test_drag_curve_merge_compare_export(app_server, browser, tmp_path):  # noqa
     expect(page.locator("#export-status")).to_contain_text("zipped (", timeout=30_000)
     link = page.get_by_role("button", name=re.compile(r"Download .*\.zip"))
     expect(link).to_be_visible()
-    _shot(page, out, "5-export")
+    _shot(page, out, "6-export")
     assert not errors, errors
