@@ -1,12 +1,15 @@
 """Merge quality on an offline family: the shape of the RMM paper's Table I.
 
     python bench/quality.py fmnist-vit [--quick] [--out quality.csv] [--subset 0.1] [--split test]
+    python bench/quality.py smollm2-domains
 
 Builds the family if needed (cached), then scores, on every task of the family (each task with
 its own expert's classifier head on the evaluated body, as in the RMM paper):
 
-- **pretrained**: the base body (rotation-pretrained, never saw a class label) with the task heads;
-- **individual**: each fine-tuned expert on its own task only (the upper reference);
+- **pretrained**: the base body (rotation-pretrained, never saw a class label) with the task heads
+  (for a family without heads, e.g. `smollm2-domains`, simply the base model);
+- **individual**: each fine-tuned expert on its own task(s) only (the upper reference; an expert's
+  tasks are `experts.<name>.tasks` in family.json, by default the task named like the expert);
 - the data-free merges of the experts, run by `mergecore.executor.merge` with the
   hyper-parameters mergekit users reach for by default:
 
@@ -142,15 +145,20 @@ def run(family_name: str, *, quick: bool = False, split: str = "test", subset=No
     # pretrained body with each task's head
     t = time.time()
     r = ev.evaluate(fam.base)
-    add("pretrained", r.scores, 0.0, time.time() - t, "base body + each task's expert head")
+    heads = any(getattr(task, "head_from", None) for task in ev.tasks)
+    add("pretrained", r.scores, 0.0, time.time() - t,
+        "base body + each task's expert head" if heads else "the base model")
 
-    # each expert on its own task
+    # each expert on its own task(s): family.json's experts.<name>.tasks where given (an LM
+    # family's expert has several, e.g. code_ppl and code_next_line), else the task named like it
     scores: dict[str, float] = {}
     t = time.time()
+    expert_info = fam.info.get("experts", {})
     for name, path in experts.items():
-        if name in task_names:
-            scores[name] = ev.evaluate(path, tasks=[name]).scores[name]
-    add("individual", scores, 0.0, time.time() - t, "each expert on its own task")
+        own = [n for n in expert_info.get(name, {}).get("tasks", [name]) if n in task_names]
+        if own:
+            scores.update(ev.evaluate(path, tasks=own).scores)
+    add("individual", scores, 0.0, time.time() - t, "each expert on its own task(s)")
 
     known = all_methods()
     chosen = MERGE_ROWS if methods is None else [m for m in MERGE_ROWS if m.method in methods or m.label in methods]

@@ -89,7 +89,7 @@ def quality_rows(fam, base, experts, args) -> list[dict]:
     rows = []
     test = fam.evaluator("test", batch_size=256)
     names = list(experts)
-    for ratio in [float(r) for r in args.ratios.split(",")]:
+    for ratio in sorted((float(r) for r in args.ratios.split(",")), key=lambda r: r):
         for dar in (True, False):
             val = fam.evaluator("val", subset=ratio, seed=args.seed, batch_size=256)
             settings = RMMSettings(episodes=args.episodes, update_every=4, dar=dar, seed=args.seed, ppo=PPOConfig())
@@ -163,11 +163,6 @@ def main() -> int:
     fam = get_family(args.family)
     base, experts = load_models(fam)
     out = args.out or fam.root
-    if not args.skip_speed:
-        speed = pd.DataFrame(speed_rows(fam, base, experts, args)).set_index("variant")
-        print("\nRMM speed (episodes per second, one run, same seeded episodes)")
-        print(speed.to_string(float_format=lambda v: f"{v:.3f}"))
-        speed.to_csv(out / "rmm-speed.csv")
     if not args.skip_quality:
         rows = quality_rows(fam, base, experts, args)
         baseline = out / "quality-test.csv"
@@ -178,6 +173,11 @@ def main() -> int:
         print(f"\nRMM quality on {args.family} (test split; searched on val; {args.episodes} episodes)")
         print(table.to_string(float_format=lambda v: f"{v:.3f}", na_rep=""))
         table.to_csv(out / "rmm-quality.csv")
+    if not args.skip_speed:
+        speed = pd.DataFrame(speed_rows(fam, base, experts, args)).set_index("variant")
+        print("\nRMM speed (episodes per second, one run, same seeded episodes)")
+        print(speed.to_string(float_format=lambda v: f"{v:.3f}"))
+        speed.to_csv(out / "rmm-speed.csv")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return 0
 

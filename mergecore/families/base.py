@@ -158,6 +158,8 @@ def family_names() -> list[str]:
 def _load_builtin() -> None:
     if "fmnist-vit" not in _BUILDERS:
         from mergecore.families import fmnist_vit  # noqa: F401  (registers itself)
+    if "smollm2-domains" not in _BUILDERS:
+        from mergecore.families import smollm2_domains  # noqa: F401  (registers itself)
 
 
 def get_builder(name: str) -> FamilyBuilder:

@@ -71,6 +71,11 @@ def _cmd_build_family(args: argparse.Namespace) -> int:
         return 0
     print(f"built family '{args.name}' at {fam.root} in {info['build_seconds']:.0f} s")
     for name, e in info.get("experts", {}).items():
+        if "test_perplexity_after" in e:  # language-model experts (smollm2-domains)
+            print(f"  expert {name:<18} test perplexity {e['test_perplexity_before']:.2f} (base) -> "
+                  f"{e['test_perplexity_after']:.2f}, next-line accuracy {e['test_next_line_accuracy_before']:.3f} -> "
+                  f"{e['test_next_line_accuracy_after']:.3f}")
+            continue
         extra = f", base linear probe {e['base_linear_probe_accuracy']:.4f}" if "base_linear_probe_accuracy" in e else ""
         print(f"  expert {name:<18} own-task test accuracy {e.get('test_accuracy', float('nan')):.4f}{extra}")
     print(f"tasks: {fam.tasks_file} (test), {fam.val_tasks_file} (validation)")

@@ -1,8 +1,10 @@
-"""The training loop the offline families use (pretraining and expert fine-tuning).
+"""The training loops the offline families use (pretraining and expert fine-tuning).
 
 Plain PyTorch: AdamW, linear warm-up then cosine decay, gradient clipping, seeded batch
-sampling. Loss is cross-entropy over the logits of `classes` only (a task-subset expert never
-sees the other outputs), so all experts keep one head shape and merge cleanly.
+sampling. `train` (image classifiers): cross-entropy over the logits of `classes` only (a
+task-subset expert never sees the other outputs), so all experts keep one head shape and merge
+cleanly. `train_lm` (causal LMs): next-token cross-entropy on random windows of a token stream,
+updating only the parameters it is given (e.g. LoRA adapters).
 """
 
 from __future__ import annotations
@@ -148,3 +150,66 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         opt.step()
     with torch.no_grad():
         return float((lin(vx).argmax(-1) == test_y).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# causal language models (the smollm2-domains family)
+
+
+def token_windows(ids: torch.Tensor, seq_len: int, batch_size: int) -> BatchFn:
+    """Random windows of `seq_len` tokens from one long token stream (documents joined by EOS);
+    the targets are the inputs (the model shifts them)."""
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    n = len(ids) - seq_len
+    if n < 1:
+        raise ValueError(f"the training text has {len(ids)} tokens; a window needs {seq_len + 1}")
+
+    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, n + 1, (batch_size,), generator=gen)
+        x = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+        return x, x
+
+    return batch
+
+
+def train_lm(model: torch.nn.Module, batches: BatchFn, *, params: Sequence[torch.nn.Parameter], steps: int,
+             lr: float, weight_decay: float = 0.0, warmup_steps: int = 0, seed: int = 0, grad_clip: float = 1.0,
+             on_step: Optional[StepCallback] = None, cancel: Optional[CancelToken] = None) -> TrainStats:
+    """Fine-tune a causal LM (next-token cross-entropy) on `batches`, updating only `params`.
+
+    Same schedule as `train`: AdamW, linear warm-up then cosine decay, gradient clipping,
+    seeded batch sampling.
+    """
+    cancel = cancel or CancelToken()
+    params = list(params)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.time()
+    first = last = float("nan")
+    running = None
+    for step in range(steps):
+        cancel.check()
+        x, y = batches(gen)
+        loss = model(input_ids=x, labels=y, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        sched.step()
+        v = float(loss.detach())
+        if step == 0:
+            first = v
+        running = v if running is None else 0.9 * running + 0.1 * v
+        last = running
+        if on_step:
+            on_step(step + 1, steps, running)
+    model.eval()
+    return TrainStats(steps, time.time() - start, first, last)

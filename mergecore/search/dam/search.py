@@ -1,0 +1,342 @@
+"""The DAM training loop: steps, losses, evaluations, events, checkpoints, resume.
+
+Each step draws one batch from every D_i (a deterministic function of the seed and the step),
+builds the merged tensors once, runs the merged model on each batch (with task i's head), adds
+the loss against source model i's outputs (cached or computed on the fly), then the
+regularisers, and takes one AdamW step on the coefficients. The merged tensors are detached
+into leaves for the forward passes, so only one batch's activations are alive at a time; their
+gradients flow back into the coefficients in one backward through the merge.
+
+Events: `dam.step` (loss, each term, learning rate, examples and tokens seen, seconds),
+`dam.eval` (task metrics; `final: true` on the last, full evaluation), `dam.checkpoint`,
+`dam.resumed`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from mergecore.errors import Cancelled, MergeError
+from mergecore.events import CancelToken, Event, EventCallback
+from mergecore.search.dam import losses
+from mergecore.search.dam.data import TaskData, run_model
+from mergecore.search.dam.merger import Merger
+
+
+@dataclass
+class LossSettings:
+    kind: str = "kl"  # kl | mse | entropy
+    direction: str = "forward"  # KL(teacher ‖ merged) | reverse: KL(merged ‖ teacher)
+    temperature: float = 2.0
+    entropy_temperature: float = 1.0
+    lambda_cos: float = 0.0
+    lambda_l1: float = 0.0
+    lambda_l2: float = 0.0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kind in ("kl", "mse")
+
+
+@dataclass
+class DAMSettings:
+    steps: int = 200
+    batch_size: int = 32  # examples per task per step
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0
+    schedule: str = "constant"  # constant | linear | cosine (after warmup)
+    warmup_steps: int = 0
+    clamp: Optional[tuple[float, float]] = None  # clamp raw coefficients after each step
+    seed: int = 0
+    eval_every: int = 50  # 0: evaluate only at the end
+    eval_at_start: bool = True
+    checkpoint_every: int = 50
+    loss: LossSettings = field(default_factory=LossSettings)
+
+
+class Evaluate:
+    """What the loop needs to score the merged model: `(module, final) -> EvalResult`."""
+
+    def __init__(self, periodic: Any, final: Any, cancel: CancelToken):
+        self.periodic, self.final, self.cancel = periodic, final, cancel
+
+    def __call__(self, module: nn.Module, final: bool):
+        ev = self.final if final else self.periodic
+        return ev.evaluate(module, cancel=self.cancel, subset_index=0)
+
+
+class DAMSearch:
+    """One DAM run over a resident model; resumable from `out_dir`."""
+
+    def __init__(self, module: nn.Module, merger: Merger, data: list[TaskData], settings: DAMSettings, *,
+                 evaluate: Optional[Callable[[nn.Module, bool], Any]] = None,
+                 teacher_params: Optional[list[dict[str, torch.Tensor]]] = None,
+                 out_dir: Optional[Path] = None, on_event: Optional[EventCallback] = None,
+                 cancel: Optional[CancelToken] = None, identity: Optional[dict[str, Any]] = None,
+                 on_checkpoint: Optional[Callable[["DAMSearch"], None]] = None):
+        self.module = module.eval().requires_grad_(False)
+        self.merger = merger
+        self.data = data
+        self.settings = settings
+        self.evaluate_fn = evaluate
+        self.teacher_params = teacher_params
+        if settings.loss.needs_teacher:
+            for i, d in enumerate(data):
+                if d.teacher is None and (teacher_params is None or teacher_params[i] is None):
+                    raise MergeError(f"loss '{settings.loss.kind}' needs the outputs of the model paired with task "
+                                     f"'{d.name}': neither cached nor available on the fly")
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.on_event = on_event
+        self.cancel = cancel or CancelToken()
+        self.identity = identity or {}
+        self.on_checkpoint = on_checkpoint
+        s = settings
+        self.optimizer = torch.optim.AdamW(merger.parameters(), lr=s.lr, betas=tuple(s.betas), eps=s.eps,
+                                           weight_decay=s.weight_decay)
+        self.step = 0
+        self.examples_seen = 0
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
+        self.history: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.last_eval: Optional[dict[str, Any]] = None
+
+    # -- schedule ----------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        s = self.settings
+        if s.warmup_steps and step < s.warmup_steps:
+            return s.lr * (step + 1) / s.warmup_steps
+        if s.schedule == "constant":
+            return s.lr
+        span = max(1, s.steps - s.warmup_steps)
+        frac = min(1.0, (step - s.warmup_steps) / span)
+        if s.schedule == "linear":
+            return s.lr * (1.0 - frac)
+        if s.schedule == "cosine":
+            return s.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+        raise MergeError(f"unknown schedule '{s.schedule}' (constant, linear, cosine)")
+
+    # -- persistence -------------------------------------------------------------------------
+
+    @property
+    def _ckpt(self) -> Optional[Path]:
+        return self.out_dir / "dam_checkpoint.pt" if self.out_dir else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "coefficients": self.merger.raw_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "examples_seen": self.examples_seen,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+            "history": self.history,
+            "evals": self.evals,
+            "rng": torch.get_rng_state(),
+            "identity": self.identity,
+        }
+
+    def save(self) -> None:
+        if self._ckpt is not None:
+            tmp = self._ckpt.with_suffix(".tmp")
+            torch.save(self.state_dict(), tmp)
+            tmp.replace(self._ckpt)
+        if self.on_checkpoint:
+            self.on_checkpoint(self)
+        self._emit("dam.checkpoint", {"step": self.step})
+
+    def try_resume(self) -> bool:
+        if self._ckpt is None or not self._ckpt.is_file():
+            return False
+        try:
+            state = torch.load(self._ckpt, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+            raise MergeError(f"cannot read the DAM checkpoint {self._ckpt} ({type(err).__name__}); "
+                             f"use --restart to start over") from None
+        theirs = state.get("identity", {})
+        diff = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
+        if diff:
+            raise MergeError(f"{self._ckpt} belongs to a different DAM configuration (differs in: {', '.join(diff)}); "
+                             f"use another output folder or --restart")
+        self.merger.load_raw_state(state["coefficients"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.examples_seen = state["examples_seen"]
+        self.tokens_seen = state["tokens_seen"]
+        self.train_seconds = state["train_seconds"]
+        self.eval_seconds = state.get("eval_seconds", 0.0)
+        self.history = state["history"]
+        self.evals = state["evals"]
+        torch.set_rng_state(state["rng"])
+        self._emit("dam.resumed", {"step": self.step})
+        return True
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        if self.on_event:
+            self.on_event(Event(kind, data))
+
+    def _task_loss(self, i: int, d: TaskData, leaves: dict[str, torch.Tensor], idx: list[int]):
+        cfg = self.settings.loss
+        kwargs, mask, ntok = d.inputs(idx)
+        params = dict(leaves)
+        if d.head:
+            params.update(d.head)
+        student = d.rows(run_model(self.module, params, kwargs).float(), mask)
+        if cfg.kind == "entropy":
+            return losses.entropy_loss(student, cfg.entropy_temperature), ntok
+        if d.teacher is not None:
+            teacher, tidx = d.teacher.batch(idx)
+        else:
+            tp = dict(self.teacher_params[i])  # type: ignore[index]
+            if d.head:
+                tp.update(d.head)
+            with torch.no_grad():
+                teacher = d.rows(run_model(self.module, tp, kwargs).float(), mask)
+            tidx = None
+        if teacher.shape[0] != student.shape[0]:
+            raise MergeError(f"task '{d.name}': {teacher.shape[0]} teacher rows for {student.shape[0]} merged rows")
+        if cfg.kind == "kl":
+            return losses.kl_loss(student, teacher, tidx, temperature=cfg.temperature, direction=cfg.direction), ntok
+        return losses.mse_loss(student, teacher, tidx), ntok
+
+    def regularizers(self) -> dict[str, torch.Tensor]:
+        """cos (Σ over weight tensors Σ_{i<j} cos(c_i, c_j)), l1 and l2 of the effective coefficients."""
+        weights = [self.merger.effective(s.name) for s in self.merger.slots if not s.is_bias]
+        every = [self.merger.effective(s.name) for s in self.merger.slots]
+        return {"cos": losses.cosine_term(weights), "l1": losses.l1_term(every), "l2": losses.l2_term(every)}
+
+    def train_step(self) -> dict[str, Any]:
+        s = self.settings
+        t0 = time.time()
+        lr = self.lr_at(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            merged = self.merger.merged()
+            leaves = {n: t.detach().requires_grad_(True) for n, t in merged.items()}
+            terms: dict[str, float] = {}
+            task_total = 0.0
+            examples = tokens = 0
+            for i, d in enumerate(self.data):
+                idx = d.batch_indices(self.step, s.batch_size, s.seed, i)
+                loss_i, ntok = self._task_loss(i, d, leaves, idx)
+                if not torch.isfinite(loss_i):
+                    raise MergeError(f"step {self.step + 1}: the {s.loss.kind} loss on task '{d.name}' is not finite; "
+                                     f"lower the learning rate")
+                loss_i.backward()
+                value = loss_i.item()
+                terms[f"{s.loss.kind}/{d.name}"] = value
+                task_total += value
+                examples += len(idx)
+                tokens += ntok
+            pairs = [(merged[n], leaves[n].grad) for n in merged if leaves[n].grad is not None]
+            if pairs:
+                torch.autograd.backward([m for m, _ in pairs], [g for _, g in pairs])
+            del merged, leaves, pairs
+            reg = self.regularizers()
+            weighted = s.loss.lambda_cos * reg["cos"] + s.loss.lambda_l1 * reg["l1"] + s.loss.lambda_l2 * reg["l2"]
+            if weighted.requires_grad and (s.loss.lambda_cos or s.loss.lambda_l1 or s.loss.lambda_l2):
+                weighted.backward()
+        params = self.merger.parameters()
+        grad_norm = None
+        if s.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
+        self.optimizer.step()
+        if s.clamp is not None:
+            with torch.no_grad():
+                for p in params:
+                    p.clamp_(s.clamp[0], s.clamp[1])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.examples_seen += examples
+        self.tokens_seen += tokens
+        dt = time.time() - t0
+        self.train_seconds += dt
+        terms[s.loss.kind] = task_total
+        for k in ("cos", "l1", "l2"):
+            terms[k] = reg[k].item()
+        info = {
+            "step": self.step,
+            "steps": s.steps,
+            "loss": task_total + weighted.item(),
+            "terms": terms,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "examples_seen": self.examples_seen,
+            "tokens_seen": self.tokens_seen,
+            "seconds": dt,
+            "train_seconds": self.train_seconds,
+        }
+        self.history.append(info)
+        self._emit("dam.step", info)
+        return info
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, final: bool = False) -> Optional[dict[str, Any]]:
+        if self.evaluate_fn is None:
+            return None
+        t0 = time.time()
+        self.merger.write_into(self.module)
+        res = self.evaluate_fn(self.module, final)
+        dt = time.time() - t0
+        self.eval_seconds += dt
+        info = {"step": self.step, "mean": res.mean, "scores": res.scores, "final": final, "seconds": dt,
+                "examples": {t.name: t.n for t in res.tasks}}
+        if not final:
+            self.evals.append(info)
+        self.last_eval = info
+        self._emit("dam.eval", info)
+        return info
+
+    def run(self) -> dict[str, Any]:
+        s = self.settings
+        log = None
+        if self.out_dir:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            log = open(self.out_dir / "dam_log.jsonl", "w")  # mirrors the checkpointed history
+            for row in sorted(self.history + self.evals, key=lambda r: (r["step"], "mean" in r)):
+                log.write(json.dumps({"event": "eval" if "mean" in row else "step", **row}) + "\n")
+        try:
+            if self.step == 0 and s.eval_at_start and not any(e["step"] == 0 for e in self.evals):
+                self._write(log, "eval", self.evaluate())
+            while self.step < s.steps:
+                if self.cancel.cancelled:
+                    self.save()  # a step boundary: the state is consistent
+                    raise Cancelled(f"DAM search cancelled at step {self.step}")
+                self._write(log, "step", self.train_step())
+                if s.eval_every and self.step % s.eval_every == 0 and self.step < s.steps:
+                    self._write(log, "eval", self.evaluate())
+                if s.checkpoint_every and self.step % s.checkpoint_every == 0 and self.step < s.steps:
+                    self.save()
+            self.cancel.check()
+            final = self.evaluate(final=True)
+            self._write(log, "eval", final)
+            self.save()
+        finally:
+            if log:
+                log.close()
+        return {"step": self.step, "final": final}
+
+    @staticmethod
+    def _write(log, event: str, row: Optional[dict[str, Any]]) -> None:
+        if log is not None and row is not None:
+            log.write(json.dumps({"event": event, **row}) + "\n")
+            log.flush()
