@@ -171,12 +171,21 @@ def load_gguf(gguf: Path):
     except ImportError:
         raise MergeError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
     _quiet()
+    # transformers' GGUF reader draws its own tqdm bar; the family build reports this stage itself
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = lambda it, *a, **k: it
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (ValueError, OSError, KeyError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise MergeError(f"cannot load {gguf} with transformers: {msg}") from None
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     return model, tok
 
 

