@@ -190,7 +190,7 @@ def _identity(cfg: DAMConfig, base: str, refs: list[str], include_base: bool) ->
 
 def _load_task_list(spec: TaskList, root: Path, where: str):
     from mergecore.eval.tasks import load_tasks, task_from_dict
-    from mergecore.search.rmm.run import resolve_path
+    from mergecore.search.config import resolve_path
 
     if isinstance(spec, str):
         return load_tasks(resolve_path(spec, root))
@@ -324,7 +324,7 @@ def prepare_dam(config: DAMConfig, root: Path, out_dir: str | Path, *, on_event:
     from mergecore.search.dam.data import compute_teacher, run_model, task_data
     from mergecore.search.dam.merger import Merger, assign_checkpoint_names, find_slots
     from mergecore.search.dam.search import DAMSearch, DAMSettings, Evaluate, LossSettings
-    from mergecore.search.rmm.run import resolve_path
+    from mergecore.search.config import resolve_path
 
     t_start = time.time()
     cancel = cancel or CancelToken()
@@ -469,7 +469,7 @@ def prepare_dam(config: DAMConfig, root: Path, out_dir: str | Path, *, on_event:
 
 
 def load_dam_config(path: str | Path) -> tuple[DAMConfig, Path]:
-    from mergecore.search.rmm.run import load_config
+    from mergecore.search.config import load_config
 
     cfg, root = load_config(path, DAMConfig)
     return cfg, root  # type: ignore[return-value]

@@ -154,7 +154,7 @@ def _model_path(ref: str, root: Path) -> str:
 
 
 def load_evo_config(path: Union[str, Path]) -> tuple[EvoConfig, Path]:
-    from mergecore.search.rmm.run import load_config
+    from mergecore.search.config import load_config
 
     cfg, root = load_config(path, EvoConfig)
     return cfg, root  # type: ignore[return-value]

@@ -26,12 +26,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mergecore.errors import MergeError
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.search.backend import BackendSpec
+from mergecore.search.config import load_config, resolve_path  # noqa: F401  (re-exported)
 from mergecore.search.rmm.layers import Operator
 from mergecore.search.rmm.ppo import PPOConfig
 from mergecore.search.rmm.search import RMMSearch, RMMSettings, rerank_on_full, trajectory_recipe
@@ -114,34 +113,6 @@ class RMMConfig(BackendSpec):
 
     def operator_list(self) -> list[Operator]:
         return [Operator(o.name or o.method, o.method, dict(o.parameters)) for o in self.operators]
-
-
-def load_config(path: str | Path, cls: type[BaseModel] = RMMConfig) -> tuple[BaseModel, Path]:
-    """Parse a search YAML; relative paths in it are taken relative to the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise MergeError(f"search config not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        raise MergeError(f"{p}: line {mark.line + 1 if mark else '?'}: malformed YAML: {err.problem}") from None
-    if not isinstance(data, dict):
-        raise MergeError(f"{p}: expected a mapping at the top level")
-    try:
-        cfg = cls.model_validate(data)
-    except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(str(x) for x in e["loc"])
-        raise MergeError(f"{p}: {loc}: {e['msg'].removeprefix('Value error, ')}") from None
-    return cfg, p.resolve().parent
-
-
-def resolve_path(ref: str, root: Path) -> str:
-    """A path relative to the config's folder if it exists there, else the reference as given."""
-    ref = str(Path(ref).expanduser())
-    cand = root / ref
-    return str(cand.resolve()) if cand.exists() else ref
 
 
 def run_rmm(config: RMMConfig, root: Path, out_dir: str | Path, *, on_event: Optional[EventCallback] = None,
