@@ -151,5 +151,5 @@ def test_quality_bench_on_the_miniature_family(tiny_family):
     assert list(df.columns) == tasks + ["mean", "merge_s", "eval_s", "wall_s", "how"]
     for t in tasks:  # the individual row is each expert on its own task
         assert df.loc["individual", t] == pytest.approx(tiny_family.info["experts"][t]["test_accuracy"], abs=1e-4)
-    assert df.loc["weight averaging", "merge_s"] > 0
+    assert df.loc["weight averaging", "merge_s"] >= 0
     assert df.loc["weight averaging", "mean"] == pytest.approx(df.loc["weight averaging", tasks].mean())

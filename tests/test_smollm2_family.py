@@ -366,4 +366,4 @@ def test_cli_lists_the_family_and_quality_bench(tiny_family, capsys):
             assert df.loc["individual", t] == pytest.approx(e["test_scores"][t], abs=1e-4)
     for t, v in info["base"]["test_scores"].items():
         assert df.loc["pretrained", t] == pytest.approx(v, abs=1e-4)
-    assert df.loc["TIES", "merge_s"] > 0 and not df.loc["TIES", tasks].isna().any()
+    assert df.loc["TIES", "merge_s"] >= 0 and not df.loc["TIES", tasks].isna().any()
