@@ -171,6 +171,34 @@ def test_bank_reuses_modules_and_replayed_recipe_matches(lm_family, tmp_path):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_bank_replay_with_tied_embeddings(model_factory, tmp_path):
+    """Qwen2 / SmolLM2-style tied lm_head: the checkpoint holds the embedding once; the bank
+    still names every tensor (randomised operators are seeded by checkpoint name) and the
+    replayed recipe reproduces the candidate."""
+    import transformers as tf
+
+    from mergecore.executor import merge
+    from mergecore.io.names import checkpoint_names
+    from mergecore.io.source import ModelSource
+    from mergecore.search.rmm.layers import Assembler, LayerBank
+    from mergecore.search.rmm.search import trajectory_recipe
+
+    paths = [model_factory("qwen2", 0), model_factory("qwen2", 1, base_seed=0), model_factory("qwen2", 2, base_seed=0)]
+    base, a, b = (tf.AutoModelForCausalLM.from_pretrained(p).eval() for p in paths)
+    names = checkpoint_names(base, ModelSource(str(paths[0])))
+    assert names["lm_head.weight"] == names["model.embed_tokens.weight"] == "model.embed_tokens.weight"
+    bank = LayerBank([a, b], base, _ops(), seed=5)
+    emitted = [(0, 3), (1, 2), (2, 0), (3, 3)]  # dare_ties, ties, model a, dare_ties
+    x = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = Assembler(base, bank).build(emitted)(x, use_cache=False).logits
+    recipe = trajectory_recipe(emitted, str(paths[0]), [str(paths[1]), str(paths[2])], _ops(), seed=5)
+    replay = tf.AutoModelForCausalLM.from_pretrained(merge(recipe, tmp_path / "replay").out_dir).eval()
+    with torch.no_grad():
+        want = replay(x, use_cache=False).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_search_runs_emits_events_and_resumes(lm_family, tmp_path):
     from mergecore.search.rmm.search import RMMSearch, RMMSettings
 

@@ -32,6 +32,7 @@ def checkpoint_names(model: nn.Module, source: ModelSource) -> dict[str, str]:
             cache[name] = source.read(name)
         return cache[name]
 
+    tied: list[tuple[str, torch.Tensor]] = []
     for key, value in state.items():
         if key in source.tensors and source.info(key).shape == tuple(value.shape):
             out[key] = key
@@ -42,5 +43,13 @@ def checkpoint_names(model: nn.Module, source: ModelSource) -> dict[str, str]:
         if len(match) >= 1:
             out[key] = match[0]
         elif value.numel() and value.is_floating_point():
+            tied.append((key, value))
+    # tied weights (e.g. lm_head.weight = embed_tokens.weight) are saved once: share the name of
+    # the tensor they share storage with
+    for key, value in tied:
+        twin = next((k for k, v in state.items() if k in out and v.data_ptr() == value.data_ptr()
+                     and v.shape == value.shape), None)
+        if twin is None:
             raise MergeError(f"cannot find the checkpoint tensor of '{key}' in {source.path}")
+        out[key] = out[twin]
     return out
