@@ -130,7 +130,8 @@ class RMMSearch:
         self.names = model_names or [f"model{i}" for i in range(len(models))]
         self.episode = 0
         self.evaluations = 0
-        self.eval_seconds = 0.0
+        self.eval_seconds = 0.0  # building candidates + scoring them
+        self.build_seconds = 0.0  # of which: assembling the candidate model
         self.memo: dict[tuple, tuple[float, dict[str, float]]] = {}
         self.top: list[Trajectory] = []
         self.history: list[dict[str, Any]] = []
@@ -186,6 +187,7 @@ class RMMSearch:
             return r, m, 0.0
         t0 = time.time()
         model = self.assembler.build(emitted)
+        self.build_seconds += time.time() - t0
         with torch.no_grad():
             reward, metrics = self.scorer(model, subset)
         dt = time.time() - t0
