@@ -124,7 +124,7 @@ def _component(spec: srch.SearchSpec, f: srch.Field, n_models: int = 2):
                            interactive=True)
     if f.kind == "tasks" or f.kind == "text":
         return gr.Textbox(label=f.label, value=f.default or "", info=info, elem_id=elem)
-    if f.kind == "operators":
+    if f.kind in ("operators", "yaml"):
         return gr.Code(label=f.label, value=f.default or "", language="yaml", lines=3, elem_id=elem,
                        interactive=True)
     if f.kind == "bool":
@@ -139,7 +139,11 @@ def _render_fields(spec: srch.SearchSpec, fields: list[srch.Field], comps: list,
                    adders: list) -> None:
     session = [f for f in fields if f.kind in ("models", "base")]
     scalars = [f for f in fields if f.kind in ("float", "int", "bool", "choice", "text")]
-    wide = [f for f in fields if f.kind in ("operators", "tasks")]
+    wide = [f for f in fields if f.kind in ("operators", "yaml", "tasks")]
+    # scalars listed before the first wide field (e.g. the method a YAML field is about) come before it
+    first_wide = fields.index(wide[0]) if wide else len(fields)
+    lead = [f for f in scalars if fields.index(f) < first_wide]
+    scalars = [f for f in scalars if f not in lead]
     if session:
         with gr.Row():
             for f in session:
@@ -147,6 +151,10 @@ def _render_fields(spec: srch.SearchSpec, fields: list[srch.Field], comps: list,
                 c.scale = 3 if f.kind == "models" else 1
                 comps.append((spec.name, f.key, c))
                 session_comps.append((f, c))
+    for i in range(0, len(lead), 4):
+        with gr.Row():
+            for f in lead[i:i + 4]:
+                comps.append((spec.name, f.key, _component(spec, f)))
     for f in wide:
         c = _component(spec, f)
         comps.append((spec.name, f.key, c))
@@ -323,11 +331,12 @@ class SearchTab:
                 return failed(str(err))
             return started(job, spec, f"Started **{spec.title}** in `{out_dir}`.")
 
-        # named parameters for the API (/start_search): name, key, then <search>_<field> for each field
+        # named parameters for the API (/start_search): name, key, then <search>_<field> for each field;
+        # all optional (a field without a starting value, e.g. the base, defaults to None: the session's)
         on_start.__signature__ = inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("name", "key", "state")]
             + [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)]
-            + [inspect.Parameter(f"{sname}_{key}", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            + [inspect.Parameter(f"{sname}_{key}", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
                for sname, key, _ in comps])
         start_btn.click(on_start, [kind_dd, browser_key, session_state] + field_comps, start_outputs,
                         api_name="start_search")
@@ -372,8 +381,8 @@ class SearchTab:
                 figs = [gr.skip()] * n_plots
             log_text = "\n".join(snap["log"][-300:])
             data = {"id": job.id, "search": spec.name, "status": job.status, "events": snap["cursor"],
-                    "episodes": len([e for e in events if e["kind"].endswith(".episode")]), "out": meta.get("out"),
-                    "error": job.error}
+                    "episodes": len([e for e in events if e["kind"].endswith(".episode")]), "fraction": frac,
+                    "out": meta.get("out"), "error": job.error}
             if not job.done:
                 return (_progress_html(frac, f"{text} · {_fmt(job.elapsed)}"), log_text, *figs, gr.skip(), gr.skip(),
                         gr.skip(), gr.skip(), gr.skip(), snap["cursor"], data)
@@ -429,7 +438,7 @@ class SearchTab:
                 if job is None or job.status != DONE:
                     raise MergeError("no finished search to take the recipe from")
                 spec = srch.get_search(job.meta["search"])
-                text = (Path(job.meta["out"]) / spec.recipe_file).read_text()
+                text = _absolute_artifacts(Path(job.meta["out"]) / spec.recipe_file)
                 state, form, notes = _import_yaml(text, state)
             except (MergeError, OSError) as err:
                 return (*refresh(state, form, version, request, status=f"**Error:** {err}"), gr.skip())
@@ -493,6 +502,26 @@ class SearchTab:
 
 
 
+def _absolute_artifacts(recipe: Path) -> str:
+    """The recipe's text, its `artifacts:` (e.g. DAM coefficients, next to the recipe) made absolute
+    so the recipe still finds them from the Recipe and Merge tabs."""
+    import yaml
+
+    text = recipe.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the import reports it, with its line
+    arts = data.get("artifacts") if isinstance(data, dict) else None
+    if not isinstance(arts, dict):
+        return text
+    for key, ref in arts.items():
+        p = Path(str(ref)).expanduser()
+        if not p.is_absolute() and (recipe.parent / p).is_file():
+            arts[key] = str((recipe.parent / p).resolve())
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(values, default=str))
 
@@ -513,7 +542,7 @@ def _replay(jc, recipe: Path, out_dir: Path, tasks: Optional[str], base: Optiona
 
     jc.meta["stage"] = "merge"
     prepare_output_dir(out_dir)
-    plan = plan_merge(load_recipe(recipe))
+    plan = plan_merge(load_recipe(recipe), search_dirs=(recipe.parent.resolve(),))  # artifacts next to it
     res = execute_plan(plan, out_dir, progress=jc.progress_callback(), cancel=jc.cancel)
     jc.log(res.summary())
     if tasks and Path(tasks).is_file():

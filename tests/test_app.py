@@ -1,11 +1,13 @@
 """The app: job manager, schema-driven form, compare helpers, the search registry (plain
 Python), and the running app through `gradio_client` (merge from the demo families, events,
 comparison, export, failures, two sessions; an RMM search on the fmnist-vit demo with live
-events, stop, resume and reattaching from a second page)."""
+events, stop, resume and reattaching from a second page; DAM and evolutionary searches: their
+forms, plots, recipes replayed by the engine, stop and resume)."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import zipfile
@@ -738,3 +740,270 @@ def test_client_search_stop_resume_and_a_second_page(fmnist_server, fmnist_demo)
     assert ctx.jobs.jobs("browser-" + "c" * 32) == []
     c2.predict(KEY_B, api_name="/stop_search")
     assert _poll_search(c2, KEY_B)[-1]["status"] == "cancelled"
+
+
+# ---------------------------------------------------------------------------------------------
+# DAM and evolutionary search in the Search tab
+
+KEY_D = "d" * 32
+KEY_E = "e" * 32
+KEY_F = "f" * 32
+EXPERTS = ["fmnist_tops", "fmnist_footwear", "fmnist_other", "digits"]
+
+
+def _demo_session(fam):
+    from app import searches as srch
+
+    state = {"models": [{"name": n, "path": str(p)} for n, p in fam.models.items()], "base": "base",
+             "family": {"tasks": str(fam.tasks), "val_tasks": str(fam.val_tasks)}}
+    return srch.SearchSession.from_state(state)
+
+
+def test_dam_and_evo_forms_make_configs(fmnist_demo):  # noqa: F811
+    from app import searches as srch
+
+    assert srch.search_names() == ["rmm", "dam", "evo"]
+    session = _demo_session(fmnist_demo)
+    dam = srch.get_search("dam")
+    values = {f.key: srch.field_default(f, session) for f in dam.fields}
+    assert values["models"] == EXPERTS and values["tasks"] == str(fmnist_demo.val_tasks)
+    cfg = dam.make_config(values, session)
+    assert cfg.base_model == str(fmnist_demo.models["base"]) and cfg.train_tasks == cfg.eval_tasks == values["tasks"]
+    assert [(m.model, m.task) for m in cfg.models] == [(str(fmnist_demo.models[n]), n) for n in EXPERTS]
+    assert cfg.granularity == "column" and cfg.loss.kind == "kl" and cfg.eval_subset == 0.25
+    # two of the four experts: each still gets its own task (by name), not the first two
+    two = dam.make_config({**values, "models": ["digits", "fmnist_other"], "granularity": "layer",
+                           "loss": "entropy", "eval_subset": 1.0}, session)
+    assert [m.task for m in two.models] == ["digits", "fmnist_other"] and two.eval_subset is None
+    assert two.granularity == "layer" and two.loss.kind == "entropy"
+    meta = dam.meta(cfg, session)
+    assert meta["models"] == EXPERTS and meta["steps"] == 20 and meta["base"] == "base"
+    assert dam.load_config(json.loads(json.dumps(dam.dump_config(cfg)))) == cfg
+    for change, msg in (({"models": []}, "at least one model"), ({"steps": 0}, "^steps: "),
+                        ({"lr": 0}, "optimizer.lr"), ({"tasks": "/nope.yml"}, "not found"),
+                        ({"eval_subset": 2}, "eval_subset"), ({"temperature": "hot"}, "not a number")):
+        with pytest.raises(MergeError, match=msg) as err:
+            dam.make_config({**values, **change}, session)
+        assert "\n" not in str(err.value)
+
+    evo = srch.get_search("evo")
+    values = {f.key: srch.field_default(f, session) for f in evo.fields}
+    cfg = evo.make_config(values, session)
+    assert cfg.method == "task_arithmetic" and cfg.backend == "local" and cfg.popsize is None
+    assert cfg.parameters["weight"].init == 0.3 and len(cfg.models) == 4
+    meta = evo.meta(cfg, session)
+    assert meta["genes"] == 4 and meta["popsize"] == 8 and meta["expected_evals"] == 24
+    assert evo.load_config(json.loads(json.dumps(evo.dump_config(cfg)))) == cfg
+    # empty bounds: the method's required real parameters; filters and layer groups multiply the genes
+    cfg = evo.make_config({**values, "method": "ties", "parameters": "", "filters": "attention",
+                           "layer_groups": 2, "fixed": "density: 0.5", "popsize": 4}, session)
+    assert list(cfg.parameters) == ["weight"] and cfg.fixed == {"density": 0.5} and cfg.popsize == 4
+    assert evo.meta(cfg, session)["genes"] == 4 * 2 * 2
+    for change, msg in (({"models": []}, "at least one model"), ({"parameters": "densty: [0, 1]"},
+                        "not a parameter of method"), ({"parameters": "- weight"}, "YAML mapping"),
+                        ({"popsize": 1}, "popsize"), ({"max_evals": 0}, "max_evals"),
+                        ({"layer_groups": 5}, "exceeds the 2 layers"), ({"sigma0": 0}, "sigma0")):
+        with pytest.raises(MergeError, match=msg) as err:
+            evo.make_config({**values, **change}, session)
+        assert "\n" not in str(err.value)
+
+
+def _dam_args(fam, key, **over):
+    args = {"name": "dam", "key": key, "dam_models": EXPERTS, "dam_base": "base", "dam_tasks": str(fam.val_tasks),
+            "dam_steps": 4, "dam_batch_size": 8, "dam_examples_per_task": 16, "dam_eval_every": 2,
+            "dam_eval_subset": 0.5, "dam_lr": 0.02, "dam_lambda_l2": 0.01, "dam_seed": 0}
+    args.update(over)
+    return args
+
+
+def _evo_args(fam, key, **over):
+    args = {"name": "evo", "key": key, "evo_models": EXPERTS, "evo_base": "base", "evo_tasks": str(fam.val_tasks),
+            "evo_method": "task_arithmetic", "evo_max_evals": 8, "evo_popsize": 4, "evo_data_ratio": 0.5,
+            "evo_seed": 1}
+    args.update(over)
+    return args
+
+
+def _poll_until(c, key, pred, timeout=90):
+    end = time.time() + timeout
+    while time.time() < end:
+        out = c.predict(key, api_name="/poll_search")
+        data = out[-1]
+        if isinstance(data, dict) and "status" in data and pred(data):
+            return out
+        time.sleep(0.1)
+    raise AssertionError(f"search did not get there: {out[-1]}")
+
+
+def _replay_scores(c, key, name):
+    out = c.predict(key, api_name="/replay_search")
+    assert "merging the best recipe" in out[-1], out[-1]
+    end = time.time() + 60
+    while time.time() < end:
+        out = c.predict(api_name="/poll_replay")
+        if "merged into" in str(out[0]) or "error" in str(out[0]).lower():
+            break
+        time.sleep(0.2)
+    assert "merged into" in out[0], out[0]
+    scores = out[1]["value"] if isinstance(out[1], dict) and "value" in out[1] else out[1]
+    assert [r[0] for r in scores["data"]] == ["base (no merge)", f"{name}-best"]
+    return scores
+
+
+def test_client_dam_search_plots_its_loss_terms_and_its_recipe_replays(fmnist_server, fmnist_demo):  # noqa: F811
+    url, ctx = fmnist_server
+    c = _client(url)
+    c.predict(api_name="/load_demo")
+    # bad input: a one-line error, nothing started
+    # (0 steps never gets here: the number box's minimum refuses it; make_config's own check is tested above)
+    for over, msg in (({"dam_models": []}, "tick at least one model"), ({"dam_lr": 0}, "optimizer.lr: ")):
+        out = c.predict(**_dam_args(fmnist_demo, KEY_D, **over), api_name="/start_search")
+        assert out[2].startswith("**Error:**") and msg in out[2] and "\n" not in out[2], out[2]
+    assert ctx.jobs.jobs(f"browser-{KEY_D}", kind="search") == []
+
+    out = c.predict(**_dam_args(fmnist_demo, KEY_D), api_name="/start_search")
+    assert "Started **DAM" in out[2], out[2]
+    fractions = set()
+    out = _poll_until(c, KEY_D, lambda d: fractions.add(d["fraction"]) or d["status"] not in ("queued", "running"))
+    data = out[-1]
+    assert data["status"] == "done" and data["fraction"] == 1.0, data
+    assert len(fractions) >= 2  # the progress moved while it ran
+    loss, metrics, regs, grad = (_figure(p) for p in out[2:6])
+    names = [t["name"] for t in loss["data"]]
+    assert names == ["total", "kl (sum over tasks)"] + [f"kl/{t}" for t in EXPERTS]
+    for t in loss["data"]:
+        assert t["x"] == [1, 2, 3, 4] and len(t["y"]) == 4 and all(isinstance(v, float) for v in t["y"])
+    total, kl = loss["data"][0]["y"], loss["data"][1]["y"]
+    assert all(a > b for a, b in zip(total, kl))  # λ2 > 0: the total adds the weighted L2 term
+    assert kl[0] == pytest.approx(sum(t["y"][0] for t in loss["data"][2:]))
+    assert [t["name"].split(":")[0] for t in regs["data"]] == ["cos", "l1", "l2"]
+    assert all(len(t["y"]) == 4 for t in regs["data"]) and "λ 0.01" in regs["data"][2]["name"]
+    assert {t["name"] for t in metrics["data"]} == set(EXPERTS) | {"mean"}
+    assert metrics["data"][-1]["x"] == [0, 2, 4]  # at the start, every 2 steps, and the final one
+    assert all(0 <= v <= 1 for t in metrics["data"] for v in t["y"])
+    assert len(grad["data"][0]["y"]) == 4
+    assert "Trained" in out[-5] and "dam_coefficients.safetensors" in out[-5]
+    assert "merge_method: dam" in out[-4]["value"]
+    job = ctx.jobs.find(f"browser-{KEY_D}", data["id"])
+    out_dir = Path(job.meta["out"])
+    assert (out_dir / "recipe.yml").is_file() and (out_dir / "dam_coefficients.safetensors").is_file()
+    assert json.loads((out_dir / "app_search.json").read_text())["search"] == "dam"
+    result = json.loads((out_dir / "result.json").read_text())
+
+    # the engine replays the recipe (Merge it and evaluate: merged from its folder, scored on the test tasks)
+    scores = _replay_scores(c, KEY_D, "dam")
+    assert set(EXPERTS) <= set(scores["headers"])
+    # ... and from the Recipe and Merge tabs (the coefficients file is found from there too)
+    out = c.predict(KEY_D, api_name="/use_search_recipe")
+    assert "Loaded the best dam recipe" in str(out[-1])
+    c.predict(api_name="/merge")
+    summary = _poll_merge(c)[2]
+    assert "Merged" in summary, summary
+    from mergecore.eval import Evaluator
+
+    merged = Path(re.search(r"written to `([^`]+)`", summary).group(1))
+    r = Evaluator(fmnist_demo.val_tasks, batch_size=128).evaluate(merged)
+    assert r.scores == pytest.approx(result["eval"]["scores"], abs=1e-9)  # the search's final evaluation
+
+
+def test_client_evo_search_plots_candidates_and_its_recipe_replays(fmnist_server, fmnist_demo):  # noqa: F811
+    url, ctx = fmnist_server
+    c = _client(url)
+    c.predict(api_name="/load_demo")
+    for over, msg in (({"evo_models": []}, "tick at least one model"),
+                      ({"evo_parameters": "densty: [0, 1]"}, "'densty' is not a parameter of method 'task_arithmetic'"),
+                      ({"evo_method": "slerp"}, "'weight' is not a parameter of method 'slerp'")):
+        out = c.predict(**_evo_args(fmnist_demo, KEY_E, **over), api_name="/start_search")
+        assert out[2].startswith("**Error:**") and msg in out[2] and "\n" not in out[2], out[2]
+
+    out = c.predict(**_evo_args(fmnist_demo, KEY_E), api_name="/start_search")
+    assert "Started **Evolutionary" in out[2], out[2]
+    out = _poll_until(c, KEY_E, lambda d: d["status"] not in ("queued", "running"))
+    data = out[-1]
+    assert data["status"] == "done" and data["fraction"] == 1.0, data
+    score, metrics, population, values = (_figure(p) for p in out[2:6])
+    cands, best = score["data"]
+    assert cands["name"] == "candidate" and cands["x"] == list(range(1, 9)) and len(cands["y"]) == 8
+    assert best["y"] == [max(cands["y"][:i + 1]) for i in range(8)]
+    assert {t["name"] for t in metrics["data"]} == set(EXPERTS) | {"mean (the score)"}
+    assert metrics["data"][-1]["x"] == [4, 8] and metrics["data"][-1]["y"][-1] == best["y"][-1]
+    assert [t["name"] for t in population["data"]] == ["max", "mean", "min"] and population["data"][0]["x"] == [1, 2]
+    bar = values["data"][0]
+    assert bar["type"] == "bar" and len(bar["x"]) == 4 and all(0 <= v <= 1 for v in bar["y"])
+    assert "Best candidate" in out[-5] and "merge_method: task_arithmetic" in out[-4]["value"]
+    job = ctx.jobs.find(f"browser-{KEY_E}", data["id"])
+    out_dir = Path(job.meta["out"])
+    result = json.loads((out_dir / "result.json").read_text())
+    assert result["evaluations"] == 8 and result["best"]["score"] == best["y"][-1]
+
+    # the recipe replays through the engine to the score the search reported
+    from mergecore.executor import merge
+    from mergecore.recipe import load_recipe
+    from mergecore.search.evo.worker import EvoWorker
+
+    cfg = srch_load("evo", out_dir)
+    root = Path(cfg.tasks).parent
+    merged = merge(load_recipe(out_dir / "recipe.yml"), out_dir / "replayed").out_dir
+    genome = cfg.genome(root)
+    replay = EvoWorker(genome, cfg.eval_spec(root, genome)).evaluator.evaluate(merged, subset_index=cfg.subset_index)
+    assert replay.mean == result["best"]["score"] and replay.scores == result["best"]["scores"]
+    _replay_scores(c, KEY_E, "evo")
+
+
+def srch_load(name: str, out_dir: Path):
+    """A search's config as Resume reads it back (app_search.json in its folder)."""
+    from app import searches as srch
+
+    data = json.loads((out_dir / "app_search.json").read_text())
+    assert data["search"] == name
+    return srch.get_search(name).load_config(data["config"])
+
+
+def _wait_events(ctx, owner, kind, n, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        job = ctx.jobs.jobs(owner, kind="search")[-1]
+        if len([e for e in job.events if e.kind == kind and not e.data.get("replayed")]) >= n or job.done:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} {kind} events")
+
+
+def test_client_dam_and_evo_stop_and_resume_with_their_history(fmnist_server, fmnist_demo):  # noqa: F811
+    url, ctx = fmnist_server
+    owner = f"browser-{KEY_F}"
+    c = _client(url)
+    c.predict(api_name="/load_demo")
+    for start, kind, first_kind, count in (
+            (_dam_args(fmnist_demo, KEY_F, dam_steps=400, dam_eval_every=3), "dam.step", "dam.resumed", "step"),
+            (_evo_args(fmnist_demo, KEY_F, evo_max_evals=400), "evo.generation", "evo.resumed", "generation")):
+        assert "Started" in c.predict(**start, api_name="/start_search")[2]
+        first = _wait_events(ctx, owner, kind, 4)
+        assert "Stopping" in c.predict(KEY_F, api_name="/stop_search")
+        out = _poll_until(c, KEY_F, lambda d: d["status"] not in ("queued", "running"))
+        assert out[-1]["status"] == "cancelled" and "Resume" in out[-3], out[-1]
+        out_dir = Path(first.meta["out"])
+        assert not (out_dir / "result.json").exists()
+        assert srch_load(start["name"], out_dir) is not None  # what Resume starts from, after a reload too
+
+        out = c.predict(KEY_F, api_name="/resume_search")
+        assert "Resuming" in out[2], out[2]
+        second = _wait_events(ctx, owner, kind, 2)
+        assert second is not first and second.meta["out"] == str(out_dir)
+        kinds = [e.kind for e in second.events]
+        at = second.events[kinds.index(first_kind)].data[count]
+        replayed = [e.data[count] for e in second.events[:kinds.index(first_kind)] if e.kind == kind]
+        new = [e.data[count] for e in second.events if e.kind == kind and not e.data.get("replayed")]
+        if start["name"] == "dam":  # a stop between steps keeps them all; one during an evaluation the last checkpoint
+            done = max(e.data["step"] for e in first.events if e.kind == "dam.step")
+            assert (at == done or at % 3 == 0) and 0 < at <= done
+            assert replayed == list(range(1, at + 1)) and new[0] == at + 1
+        else:  # the generation the stop cut short is redone
+            assert at >= 4 and replayed == list(range(at)) and new[0] == at
+        out = c.predict(KEY_F, api_name="/poll_search")
+        fig = _figure(out[2])
+        assert fig["data"][0]["x"][:3] == [1, 2, 3]  # the plots start from the beginning, not at the checkpoint
+        if start["name"] == "evo":
+            assert _figure(out[5])["data"][0]["type"] == "bar"  # the checkpoint's best, before any new best
+        c.predict(KEY_F, api_name="/stop_search")
+        assert _poll_until(c, KEY_F, lambda d: d["status"] not in ("queued", "running"))[-1]["status"] == "cancelled"

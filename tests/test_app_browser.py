@@ -3,8 +3,9 @@
 It loads the app on the demo family (the miniature fmnist-vit), drags a point of the curve
 editor, runs a short RMM search (reloading the page while it runs: the search is still shown),
 takes its best recipe to the Recipe tab, merges it, compares and evaluates the models, prepares
-the downloads and saves a screenshot of each tab (into
-$MERGECORE_SCREENSHOTS when set, e.g. assets/screenshots; otherwise into the test's tmp dir).
+the downloads, runs a short DAM search (picked from the Search tab's dropdown) and saves a
+screenshot of each tab (into $MERGECORE_SCREENSHOTS when set, e.g. assets/screenshots;
+otherwise into the test's tmp dir).
 `scripts/setup.sh` installs chromium; with MERGECORE_REQUIRE_BROWSER=1 (as `scripts/test.sh`
 sets) a missing browser is a failure, not a skip.
 """
@@ -117,8 +118,6 @@ def test_drag_curve_merge_search_compare_export(fmnist_server, browser, tmp_path
     assert n == (30 if SCREENSHOT_DIR else 16), n
     expect(page.locator("#search-plot-3 .heatmaplayer, #search-plot-3 .hm")).not_to_have_count(0)
     expect(page.locator("#search-recipe")).to_contain_text("merge_method: passthrough")
-    page.wait_for_timeout(500)
-    _shot(page, out, "4-search")
     # the best recipe goes to the Recipe tab
     page.locator("#search-use").click()
     expect(page.get_by_role("tab", name="Recipe", selected=True)).to_be_visible(timeout=15_000)
@@ -150,4 +149,24 @@ def test_drag_curve_merge_search_compare_export(fmnist_server, browser, tmp_path
     link = page.get_by_role("button", name=re.compile(r"Download .*\.zip"))
     expect(link).to_be_visible()
     _shot(page, out, "6-export")
+
+    # Search again, DAM this time (picked from the dropdown): the loss and each of its terms per step
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#search-kind input").click()
+    page.get_by_role("option", name="DAM: trained merge coefficients").click()
+    expect(page.locator("#search-dam-models")).to_contain_text("fmnist_tops", timeout=10_000)
+    expect(page.locator("#search-rmm-models")).to_be_hidden()
+    if not SCREENSHOT_DIR:  # the form's defaults on the real demo; a few steps on the miniature one
+        for key, value in (("steps", "4"), ("examples_per_task", "32")):
+            box = page.locator(f"#search-dam-{key} input")
+            box.fill(value)
+            box.press("Tab")
+    page.locator("#search-start").click()
+    expect(page.locator("#search-result")).to_contain_text("Trained", timeout=300_000)
+    expect(page.locator("#search-progress [data-status='done']")).to_be_visible()
+    expect(page.locator("#search-recipe")).to_contain_text("merge_method: dam")
+    # total, the sum over the tasks and one line per task
+    expect(page.locator("#search-plot-0 .scatterlayer .trace")).to_have_count(6, timeout=10_000)
+    page.wait_for_timeout(500)
+    _shot(page, out, "4-search")
     assert not errors, errors
