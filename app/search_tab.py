@@ -347,7 +347,9 @@ class SearchTab:
             if job is None or job.done:
                 return "Nothing to stop."
             ctx.jobs.cancel(owner, job.id)
-            return "Stopping after the current evaluation; **Resume** continues from the last checkpoint."
+            name = (job.meta or {}).get("search")
+            waits = srch.get_search(name).stops_after if name in srch.search_names() else "the current evaluation"
+            return f"Stopping after {waits}; **Resume** continues from the last checkpoint."
 
         stop_btn.click(on_stop, [search_job, browser_key], [status_md], api_name="stop_search")
 

@@ -114,6 +114,7 @@ class SearchSpec:
     meta: Callable[[Any, SearchSession], dict[str, Any]] = lambda config, session: {}
     log_line: Callable[[Event], Optional[str]] = lambda event: None  # a log line for an event, or None
     recipe_file: str = "recipe.yml"
+    stops_after: str = "the current evaluation"  # what Stop waits for (the engine checks its cancel token there)
 
     def field(self, key: str) -> Field:
         for f in self.fields:
@@ -748,6 +749,7 @@ def _dam_load(d: dict[str, Any]):
 
 DAM = register_search(SearchSpec(
     name="dam",
+    stops_after="the current training step or evaluation",
     title="DAM: trained merge coefficients",
     summary=("Differentiable Adaptive Merging trains merge coefficients by gradient descent: the merged model runs "
              "on each source model's task inputs (labels are never used) and is pulled towards that model's outputs "

@@ -979,7 +979,9 @@ def test_client_dam_and_evo_stop_and_resume_with_their_history(fmnist_server, fm
             (_evo_args(fmnist_demo, KEY_F, evo_max_evals=400), "evo.generation", "evo.resumed", "generation")):
         assert "Started" in c.predict(**start, api_name="/start_search")[2]
         first = _wait_events(ctx, owner, kind, 4)
-        assert "Stopping" in c.predict(KEY_F, api_name="/stop_search")
+        stopping = c.predict(KEY_F, api_name="/stop_search")
+        assert stopping.startswith("Stopping after the current " + ("training step" if start["name"] == "dam"
+                                                                    else "evaluation")), stopping
         out = _poll_until(c, KEY_F, lambda d: d["status"] not in ("queued", "running"))
         assert out[-1]["status"] == "cancelled" and "Resume" in out[-3], out[-1]
         out_dir = Path(first.meta["out"])
