@@ -8,7 +8,10 @@ best trajectory's recipe is replayed by the engine into a checkpoint and that ch
 scored on the full *test* split, next to the data-free rows of bench/quality.py (same split,
 same heads). Speed: the same seeded episodes timed four ways in one run -- a naive version that
 rebuilds the model's weights every episode; the layer bank with module reuse; + the prefix
-cache; + reward memoisation -- and episodes per second with the ratio to naive.
+cache; + reward memoisation (without and with the cache) -- and episodes per second with the
+ratio to naive, the time split (building candidates / scoring / the rest: sampling, PPO) and
+Amdahl's bound for making builds free. `--speed-episodes 700` times a whole default-length
+search, where a concentrating policy repeats (trajectory, subset) pairs that the memo skips.
 Tables are printed and saved as CSV in the family folder (or --out).
 """
 
@@ -121,6 +124,7 @@ def speed_rows(fam, base, experts, args) -> list[dict]:
     variants = [("naive: rebuild weights every episode", "naive", False, False),
                 ("bank + module reuse", "bank", False, False),
                 ("bank + prefix cache", "bank", True, False),
+                ("bank + reward memo", "bank", False, True),
                 ("bank + prefix cache + reward memo", "bank", True, True)]
     trajectories = None
     for label, kind, cache, memo in variants:
