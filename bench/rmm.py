@@ -6,7 +6,7 @@
 Quality: for each data_ratio and DAR on/off, an RMM search on the family's *val* split; the
 best trajectory's recipe is replayed by the engine into a checkpoint and that checkpoint is
 scored on the full *test* split, next to the data-free rows of bench/quality.py (same split,
-same heads). Speed: the same seeded episodes timed four ways in one run -- a naive version that
+same heads). Speed: the same seeded episodes timed five ways in one run -- a naive version that
 rebuilds the model's weights every episode; the layer bank with module reuse; + the prefix
 cache; + reward memoisation (without and with the cache) -- and episodes per second with the
 ratio to naive, the time split (building candidates / scoring / the rest: sampling, PPO) and

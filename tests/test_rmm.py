@@ -326,6 +326,18 @@ def test_cli_bad_config_is_one_line(tmp_path, capsys):
     bad.write_text("base_model: x\nmodels: [a]\ntasks: t.yml\ndata_ratio: 2\n")
     assert main(["search", "rmm", str(bad), str(tmp_path / "o")]) == 2
     assert "data_ratio" in capsys.readouterr().err
+    bad.write_text("base_model: x\nmodels: [a]\ntasks: t.yml\nprefix_cache_size: lots\n")
+    assert main(["search", "rmm", str(bad), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prefix_cache_size" in err[0] and "cannot parse size" in err[0], err
+
+
+def test_config_prefix_cache_size_reaches_the_search():
+    from mergecore.search.rmm.run import RMMConfig
+
+    cfg = RMMConfig(base_model="b", models=["a"], tasks="t.yml", prefix_cache_size="4GiB")
+    assert cfg.settings().cache_bytes == 4 * 2**30
+    assert RMMConfig(base_model="b", models=["a"], tasks="t.yml").settings().cache_bytes == 2**30
 
 
 def test_checkpoint_names_follow_transformers_renames(model_factory):

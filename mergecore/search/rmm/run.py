@@ -11,6 +11,7 @@ Search YAML (paths relative to the YAML file)::
     data_ratio: 0.1                 # each episode scores this fraction of each task
     episodes: 700
     dar: true                       # Dynamic Average Reward (false: the ablation)
+    prefix_cache_size: 1GiB         # memory for cached layer outputs of shared prefixes
     backend: local                  # or ray: the episodes of each PPO update are scored in parallel
     workers: 2                      # Ray actors (each loads the models once); ray_address: a cluster
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -76,6 +77,7 @@ class RMMConfig(BackendSpec):
     batch_size: int = 128
     memoize: bool = True
     prefix_cache: bool = True
+    prefix_cache_size: Union[str, int] = "1GiB"  # bound on cached layer outputs ('4GiB', '500MB', bytes)
     rerank_top: int = 5  # re-score this many best trajectories on all the data at the end (0: off)
     reward_scale: float = 100.0  # reward = scale x mean task score (the paper uses accuracy in %)
     ppo: PPOSpec = Field(default_factory=PPOSpec)
@@ -85,6 +87,18 @@ class RMMConfig(BackendSpec):
     def _ratio(cls, v: float) -> float:
         if not 0 < v <= 1:
             raise ValueError("data_ratio must be in (0, 1]")
+        return v
+
+    @field_validator("prefix_cache_size")
+    @classmethod
+    def _cache_size(cls, v: Union[str, int]) -> Union[str, int]:
+        from mergecore.errors import MergeError
+        from mergecore.io.writer import parse_size
+
+        try:
+            parse_size(v)
+        except MergeError as err:
+            raise ValueError(str(err)) from None
         return v
 
     @field_validator("models")
@@ -105,11 +119,16 @@ class RMMConfig(BackendSpec):
         return RMMSettings(
             episodes=self.episodes, max_steps=self.max_steps, update_every=self.update_every, dar=self.dar,
             dar_lambda=self.dar_lambda, back_penalty=self.back_penalty, seed=self.seed, memoize=self.memoize,
-            prefix_cache=self.prefix_cache, keep_top=max(self.rerank_top, 1),
+            prefix_cache=self.prefix_cache, cache_bytes=self.cache_bytes(), keep_top=max(self.rerank_top, 1),
             ppo=PPOConfig(hidden=tuple(self.ppo.hidden), lr_actor=self.ppo.lr_actor, lr_critic=self.ppo.lr_critic,
                           gamma=self.ppo.gamma, clip=self.ppo.clip, epochs=self.ppo.epochs,
                           entropy_coef=self.ppo.entropy_coef),
         )
+
+    def cache_bytes(self) -> int:
+        from mergecore.io.writer import parse_size
+
+        return parse_size(self.prefix_cache_size)
 
     def operator_list(self) -> list[Operator]:
         return [Operator(o.name or o.method, o.method, dict(o.parameters)) for o in self.operators]
@@ -151,6 +170,7 @@ def run_rmm(config: RMMConfig, root: Path, out_dir: str | Path, *, on_event: Opt
                              str(Path(tasks).expanduser().resolve()),
                              config.data_ratio if config.data_ratio < 1 else None, seed=config.seed,
                              batch_size=config.batch_size, prefix_cache=config.prefix_cache,
+                             cache_bytes=config.cache_bytes(),
                              reward_scale=config.reward_scale)
         pool = make_backend(config, WorkerFactory(RMMWorker, (spec,)))
     search = RMMSearch(base, models, config.operator_list(), _Scorer(), config.settings(), out_dir=out,
