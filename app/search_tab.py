@@ -86,6 +86,15 @@ def latest_search(ctx, owner: str) -> Optional[Job]:
     return jobs[-1] if jobs else None
 
 
+def finished_search(ctx, owner: str, job_id: Any, missing: str) -> tuple[Job, srch.SearchSpec, Path]:
+    """(job, spec, recipe path) of this owner's finished search `job_id`, or MergeError(`missing`)."""
+    job = ctx.jobs.find(owner, job_id)
+    if job is None or job.status != DONE:
+        raise MergeError(missing)
+    spec = srch.get_search(job.meta["search"])
+    return job, spec, Path(job.meta["out"]) / spec.recipe_file
+
+
 def resumable(ctx, owner: str) -> tuple[srch.SearchSpec, Any, dict[str, Any], Path]:
     """(spec, config, meta, out dir) of this owner's newest unfinished search, or MergeError."""
     job = latest_search(ctx, owner)
@@ -434,13 +443,10 @@ class SearchTab:
         def on_use(job_id, key, state, form, version, request: gr.Request):
             from app.ui import _import_yaml
 
-            owner = search_owner(key, request)
-            job = ctx.jobs.find(owner, job_id)
             try:
-                if job is None or job.status != DONE:
-                    raise MergeError("no finished search to take the recipe from")
-                spec = srch.get_search(job.meta["search"])
-                text = _absolute_artifacts(Path(job.meta["out"]) / spec.recipe_file)
+                job, spec, recipe = finished_search(ctx, search_owner(key, request), job_id,
+                                                    "no finished search to take the recipe from")
+                text = _absolute_artifacts(recipe)
                 state, form, notes = _import_yaml(text, state)
             except (MergeError, OSError) as err:
                 return (*refresh(state, form, version, request, status=f"**Error:** {err}"), gr.skip())
@@ -453,13 +459,9 @@ class SearchTab:
         def on_replay(job_id, key, state, request: gr.Request):
             from app.ui import owner_of
 
-            owner = search_owner(key, request)
-            job = ctx.jobs.find(owner, job_id)
             try:
-                if job is None or job.status != DONE:
-                    raise MergeError("no finished search to replay")
-                spec = srch.get_search(job.meta["search"])
-                recipe = Path(job.meta["out"]) / spec.recipe_file
+                job, spec, recipe = finished_search(ctx, search_owner(key, request), job_id,
+                                                    "no finished search to replay")
                 session = srch.SearchSession.from_state(state)
                 tasks = session.tasks or (job.result or {}).get("config", {}).get("tasks")
                 base = session.models.get(session.base) if session.base else None

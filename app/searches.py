@@ -284,6 +284,17 @@ def _names_by_path(session: SearchSession, paths: Sequence[str]) -> list[str]:
     return [by_path.get(p, Path(p).name) for p in paths]
 
 
+def _config_loader(module: str, cls: str) -> Callable[[dict[str, Any]], Any]:
+    """`load_config` for a search whose config is a pydantic model (imported on first use)."""
+
+    def load(d: dict[str, Any]):
+        import importlib
+
+        return getattr(importlib.import_module(module), cls).model_validate(d)
+
+    return load
+
+
 def _rmm_config(values: dict[str, Any], session: SearchSession):
     from pydantic import ValidationError
 
@@ -471,12 +482,6 @@ def _rmm_log_line(ev: Event) -> Optional[str]:
     return None
 
 
-def _rmm_load(d: dict[str, Any]):
-    from mergecore.search.rmm.run import RMMConfig
-
-    return RMMConfig.model_validate(d)
-
-
 RMM = register_search(SearchSpec(
     name="rmm",
     title="RMM: reinforced model merging",
@@ -510,7 +515,7 @@ RMM = register_search(SearchSpec(
     progress=_rmm_progress,
     summary_md=_rmm_summary,
     dump_config=lambda c: c.model_dump(mode="json"),
-    load_config=_rmm_load,
+    load_config=_config_loader("mergecore.search.rmm.run", "RMMConfig"),
     meta=_rmm_meta,
     log_line=_rmm_log_line,
 ))
@@ -741,12 +746,6 @@ def _dam_log_line(ev: Event) -> Optional[str]:
     return None
 
 
-def _dam_load(d: dict[str, Any]):
-    from mergecore.search.dam.run import DAMConfig
-
-    return DAMConfig.model_validate(d)
-
-
 DAM = register_search(SearchSpec(
     name="dam",
     stops_after="the current training step or evaluation",
@@ -792,7 +791,7 @@ DAM = register_search(SearchSpec(
     progress=_dam_progress,
     summary_md=_dam_summary,
     dump_config=lambda c: c.model_dump(mode="json"),
-    load_config=_dam_load,
+    load_config=_config_loader("mergecore.search.dam.run", "DAMConfig"),
     meta=_dam_meta,
     log_line=_dam_log_line,
 ))
@@ -1063,12 +1062,6 @@ def _evo_log_line(ev: Event) -> Optional[str]:
     return None
 
 
-def _evo_load(d: dict[str, Any]):
-    from mergecore.search.evo.run import EvoConfig
-
-    return EvoConfig.model_validate(d)
-
-
 EVO = register_search(SearchSpec(
     name="evo",
     title="Evolutionary search (CMA-ES)",
@@ -1106,7 +1099,7 @@ EVO = register_search(SearchSpec(
     progress=_evo_progress,
     summary_md=_evo_summary,
     dump_config=lambda c: c.model_dump(mode="json"),
-    load_config=_evo_load,
+    load_config=_config_loader("mergecore.search.evo.run", "EvoConfig"),
     meta=_evo_meta,
     log_line=_evo_log_line,
 ))

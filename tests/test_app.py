@@ -684,18 +684,8 @@ def test_client_rmm_search_streams_events_and_its_recipe_merges(fmnist_server, f
     assert "Merged" in _poll_merge(c)[2]
 
     # merge the best recipe and evaluate it on the test tasks
-    out = c.predict(KEY_A, api_name="/replay_search")
-    assert "merging the best recipe" in out[-1]
-    end = time.time() + 60
-    while time.time() < end:
-        out = c.predict(api_name="/poll_replay")
-        if "merged into" in str(out[0]) or "error" in str(out[0]).lower():
-            break
-        time.sleep(0.2)
-    assert "merged into" in out[0], out[0]
-    scores = out[1]["value"] if isinstance(out[1], dict) and "value" in out[1] else out[1]
-    rows = [r[0] for r in scores["data"]]
-    assert rows == ["base (no merge)", "rmm-best"] and "mean" in scores["headers"]
+    scores, out = _replay_scores(c, KEY_A, "rmm")
+    assert "mean" in scores["headers"]
     assert "rmm-best" in out[3]["choices"][-1]  # offered on the Compare tab
 
 
@@ -847,7 +837,7 @@ def _replay_scores(c, key, name):
     assert "merged into" in out[0], out[0]
     scores = out[1]["value"] if isinstance(out[1], dict) and "value" in out[1] else out[1]
     assert [r[0] for r in scores["data"]] == ["base (no merge)", f"{name}-best"]
-    return scores
+    return scores, out
 
 
 def test_client_dam_search_plots_its_loss_terms_and_its_recipe_replays(fmnist_server, fmnist_demo):  # noqa: F811
@@ -891,7 +881,7 @@ def test_client_dam_search_plots_its_loss_terms_and_its_recipe_replays(fmnist_se
     result = json.loads((out_dir / "result.json").read_text())
 
     # the engine replays the recipe (Merge it and evaluate: merged from its folder, scored on the test tasks)
-    scores = _replay_scores(c, KEY_D, "dam")
+    scores, _ = _replay_scores(c, KEY_D, "dam")
     assert set(EXPERTS) <= set(scores["headers"])
     # ... and from the Recipe and Merge tabs (the coefficients file is found from there too)
     out = c.predict(KEY_D, api_name="/use_search_recipe")
