@@ -1,7 +1,7 @@
 """RMM benchmark on an offline family: search quality (paper's Table I/IV shape) and speed.
 
     python bench/rmm.py [--family fmnist-vit] [--episodes 300] [--ratios 0.1,0.01] [--speed-episodes 60]
-                        [--threads N] [--skip-quality] [--skip-speed]
+                        [--threads N] [--big-cache-gib G] [--skip-quality] [--skip-speed]
 
 Quality: for each data_ratio and DAR on/off, an RMM search on the family's *val* split; the
 best trajectory's recipe is replayed by the engine into a checkpoint and that checkpoint is
@@ -11,7 +11,9 @@ rebuilds the model's weights every episode; the layer bank with module reuse; + 
 cache; + reward memoisation (without and with the cache) -- and episodes per second with the
 ratio to naive, the time split (building candidates / scoring / the rest: sampling, PPO) and
 Amdahl's bound for making builds free. `--speed-episodes 700` times a whole default-length
-search, where a concentrating policy repeats (trajectory, subset) pairs that the memo skips.
+search, where a concentrating policy repeats (trajectory, subset) pairs that the memo skips;
+`--big-cache-gib 8` adds a row with a larger prefix cache. The run ends with the exact-reuse
+ceiling: the most any cache of exact results could gain on these episodes (`reuse_ceiling`).
 Tables are printed and saved as CSV in the family folder (or --out).
 """
 
@@ -121,15 +123,21 @@ def quality_rows(fam, base, experts, args) -> list[dict]:
 def speed_rows(fam, base, experts, args) -> list[dict]:
     val = fam.evaluator("val", subset=0.1, seed=args.seed, batch_size=256)
     rows = []
-    variants = [("naive: rebuild weights every episode", "naive", False, False),
-                ("bank + module reuse", "bank", False, False),
-                ("bank + prefix cache", "bank", True, False),
-                ("bank + reward memo", "bank", False, True),
-                ("bank + prefix cache + reward memo", "bank", True, True)]
+    gib = 2 ** 30
+    default_cache = RMMSettings().cache_bytes
+    variants = [("naive: rebuild weights every episode", "naive", False, False, default_cache),
+                ("bank + module reuse", "bank", False, False, default_cache),
+                ("bank + prefix cache", "bank", True, False, default_cache),
+                ("bank + reward memo", "bank", False, True, default_cache),
+                ("bank + prefix cache + reward memo", "bank", True, True, default_cache)]
+    if args.big_cache_gib:
+        variants.append((f"bank + {args.big_cache_gib:g} GiB prefix cache + reward memo", "bank", True, True,
+                         int(args.big_cache_gib * gib)))
     trajectories = None
-    for label, kind, cache, memo in variants:
+    memo_keys = None
+    for label, kind, cache, memo, cache_bytes in variants:
         settings = RMMSettings(episodes=args.speed_episodes, update_every=4, seed=args.seed, prefix_cache=cache,
-                               memoize=memo, ppo=PPOConfig())
+                               memoize=memo, cache_bytes=cache_bytes, ppo=PPOConfig())
         search = RMMSearch(base, list(experts.values()), OPERATORS, make_scorer(val), settings)
         if kind == "naive":
             search.assembler = NaiveAssembler(base, search.bank)
@@ -147,6 +155,8 @@ def speed_rows(fam, base, experts, args) -> list[dict]:
                      "cache hits": search.cache.hits if search.cache else 0,
                      "same trajectories": same})
         print(json.dumps(rows[-1]), flush=True)
+        if memo and not cache:
+            memo_keys = list(search.memo)
     naive = rows[0]["episodes/s"]
     for r in rows:
         r["speed-up"] = r["episodes/s"] / naive
@@ -155,7 +165,25 @@ def speed_rows(fam, base, experts, args) -> list[dict]:
     r0 = rows[0]
     print(f"naive run: {r0['build s']:.1f} s building candidates of {r0['seconds']:.1f} s; making builds free "
           f"bounds the speed-up at {r0['seconds'] / (r0['seconds'] - r0['build s']):.2f}x", flush=True)
+    if memo_keys:
+        memo_row = next(r for r in rows if r["variant"] == "bank + reward memo")
+        print(reuse_ceiling(memo_keys, r0["seconds"], memo_row["score s"], memo_row["other s"]), flush=True)
     return rows
+
+
+def reuse_ceiling(keys, naive_s: float, score_s: float, other_s: float) -> str:
+    """How far any exact reuse can go on this run: the memo leaves one evaluation per distinct
+    (trajectory, subset); of the layer applications those need, a prefix cache can only skip the
+    ones whose (emitted prefix, subset) came before. Crediting the cache with shrinking *all*
+    scoring time in that proportion (embeddings, heads, metrics too) and builds as free gives an
+    upper bound on the speed-up of bank + prefix cache + memo over naive."""
+    applied = sum(len(emitted) for emitted, _ in keys)
+    distinct = len({(emitted[:d], subset) for emitted, subset in keys for d in range(1, len(emitted) + 1)})
+    best = other_s + score_s * distinct / applied
+    return (f"exact-reuse ceiling: the memo's {len(keys)} evaluations apply {applied} layers (per batch); "
+            f"{distinct} are distinct (prefix, subset) pairs, so a perfect prefix cache skips at most "
+            f"{1 - distinct / applied:.0%} of them; with all scoring shrinking that much and free builds, "
+            f"a run takes at least {best:.1f} s: at most {naive_s / best:.2f}x over naive")
 
 
 def main() -> int:
@@ -168,6 +196,8 @@ def main() -> int:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--big-cache-gib", type=float, default=0,
+                    help="also time the cache + memo variant with this prefix-cache budget (GiB; default 1 GiB only)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
 

@@ -171,6 +171,37 @@ def test_bank_reuses_modules_and_replayed_recipe_matches(lm_family, tmp_path):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_prefix_cache_keys_batches_on_inputs_and_skips_generation(lm_family):
+    """The cache names a batch by the model call's inputs: another mask or other ids miss, the
+    same inputs hit; a call with a KV cache (generate) bypasses it, so generation is unchanged."""
+    from mergecore.search.rmm.layers import Assembler, LayerBank, PrefixCache, input_fingerprint
+
+    _, models = lm_family
+    bank = LayerBank([models["a"], models["b"]], models["base"], _ops(), seed=3)
+    cache = PrefixCache()
+    emitted = [(0, 0), (1, 2), (2, 1), (3, 4)]
+    cached = Assembler(models["base"], bank, cache).build(emitted)
+    x = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        first = cached(x, attention_mask=mask, use_cache=False).logits
+        assert (cache.hits, cache.misses) == (0, 4) and cache.batch_key is None
+        assert torch.equal(cached(x, attention_mask=mask, use_cache=False).logits, first)
+        assert cache.hits == 4
+        mask2 = mask.clone()
+        mask2[0, :3] = 0
+        cached(x, attention_mask=mask2, use_cache=False)
+        assert cache.hits == 4  # another mask: another batch
+        assert input_fingerprint((x,), {"m": mask}) != input_fingerprint((x,), {"m": mask2})
+        assert input_fingerprint((x,), {"m": mask}) == input_fingerprint((x.clone(),), {"m": mask.clone()})
+        hits = cache.hits
+        plain = Assembler(models["base"], bank).build(emitted)
+        want = plain.generate(x, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        got = cached.generate(x, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want) and cache.hits == hits
+    assert not models["base"]._forward_pre_hooks  # the hook is the candidate's, not the base's
+
+
 def test_bank_replay_with_tied_embeddings(model_factory, tmp_path):
     """Qwen2 / SmolLM2-style tied lm_head: the checkpoint holds the embedding once; the bank
     still names every tensor (randomised operators are seeded by checkpoint name) and the

@@ -149,7 +149,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.entries: OrderedDict[tuple, Any] = OrderedDict()
-        self.batch_key: Optional[str] = None
+        self.batch_key: Optional[str] = None  # the current model call's inputs (None: do not cache)
         self.hits = 0
         self.misses = 0
 
@@ -185,28 +185,49 @@ class PrefixCache:
         self.bytes = 0
 
 
-def fingerprint(t: torch.Tensor) -> str:
-    return hashlib.blake2b(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest() + str(tuple(t.shape))
+def input_fingerprint(args: tuple, kwargs: dict[str, Any]) -> Optional[str]:
+    """Key of one model call's inputs (input ids / pixels / masks), or None when the call must not
+    be cached: it carries a KV cache (generation), whose state the layers read and update, or an
+    input this function cannot key. Hashing the inputs instead of the first layer's hidden
+    states is what makes keying cheap: for an LM, one int per token instead of hidden_size floats."""
+    if kwargs.get("past_key_values") is not None:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for name, value in [(str(i), v) for i, v in enumerate(args)] + sorted(kwargs.items()):
+        h.update(name.encode() + b"=")
+        if isinstance(value, torch.Tensor):
+            t = value.detach().contiguous().cpu().reshape(-1)
+            h.update(f"{t.dtype}{tuple(value.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy())
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            h.update(repr(value).encode())
+        else:
+            return None
+        h.update(b";")
+    return h.hexdigest()
 
 
 class CachedLayer(nn.Module):
-    """Runs `inner` unless the output for this prefix on this batch is cached."""
+    """Runs `inner` unless the output for this prefix on this batch is cached.
 
-    def __init__(self, inner: nn.Module, prefix: tuple, cache: PrefixCache, first: bool):
+    The batch is named by the candidate's inputs (`PrefixCache.batch_key`, set by the
+    Assembler's hook on every model call). The output of a prefix of emitted layers is a function
+    of those inputs alone because everything before the stack (embeddings, position encodings)
+    is the base model's and fixed for the whole search."""
+
+    def __init__(self, inner: nn.Module, prefix: tuple, cache: PrefixCache):
         super().__init__()
         self.inner = inner
         self.prefix = prefix
         self.cache = cache
-        self.first = first
         # attributes transformers reads from layers (e.g. attention_type in Qwen2/Mistral)
         for attr in ("attention_type",):
             if hasattr(inner, attr):
                 setattr(self, attr, getattr(inner, attr))
 
     def forward(self, *args, **kwargs):
-        if self.first:
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            self.cache.batch_key = fingerprint(hidden)
+        if self.cache.batch_key is None:
+            return self.inner(*args, **kwargs)
         key = (self.prefix, self.cache.batch_key)
         hit = self.cache.get(key)
         if hit is not None:
@@ -227,6 +248,19 @@ class Assembler:
         self.cache = cache
         self._owner, self._attr = self._split(bank.path)
         self._detach_path(bank.path)
+        # hooks of its own (a shallow copy shares the base's hook dicts), then key each call's batch
+        for attr, value in list(vars(self.model).items()):
+            if attr.startswith("_forward") and isinstance(value, dict):
+                setattr(self.model, attr, type(value)(value))
+        if cache is not None:
+            self.model.register_forward_pre_hook(self._key_batch, with_kwargs=True)
+            self.model.register_forward_hook(self._end_batch)
+
+    def _key_batch(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.cache.batch_key = input_fingerprint(args, kwargs)
+
+    def _end_batch(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.cache.batch_key = None
 
     @staticmethod
     def _split(path: str) -> tuple[str, str]:
@@ -252,7 +286,7 @@ class Assembler:
         for pos, (layer, action) in enumerate(emitted):
             mod = self.bank.module(layer, action)
             if self.cache is not None:
-                mod = CachedLayer(mod, tuple(emitted[: pos + 1]), self.cache, first=pos == 0)
+                mod = CachedLayer(mod, tuple(emitted[: pos + 1]), self.cache)
             mods.append(mod)
         owner = self.model.get_submodule(self._owner) if self._owner else self.model
         owner._modules[self._attr] = nn.ModuleList(mods)
