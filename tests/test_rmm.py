@@ -387,3 +387,39 @@ def test_checkpoint_names_follow_transformers_renames(model_factory):
         assert torch.equal(model.state_dict()[mem], src.read(disk))
     renamed = {k: v for k, v in names.items() if k != v}
     assert renamed and any("attention.attention.query" in v for v in renamed.values())
+
+
+def test_checkpoint_names_of_equal_tensors(model_factory, tmp_path):
+    """Tensors equal in value (zero biases, untrained norms) in one layer still get their own
+    names: matching by value alone swapped query/key biases and the two LayerNorms, which
+    seeds randomised operators by the wrong name and breaks replay."""
+    import transformers as tf
+
+    from mergecore.io.names import checkpoint_names
+    from mergecore.io.source import ModelSource
+    from mergecore.search.dam.merger import assign_checkpoint_names, find_slots
+
+    model = tf.ViTForImageClassification.from_pretrained(model_factory("vit", 0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and ".attention." in name:
+                p.zero_()
+    model.save_pretrained(tmp_path / "vit")
+    model = tf.ViTForImageClassification.from_pretrained(tmp_path / "vit")
+    src = ModelSource(str(tmp_path / "vit"))
+    names = checkpoint_names(model, src)
+    state = model.state_dict()
+    assert torch.equal(state["vit.layers.0.attention.q_proj.bias"], state["vit.layers.0.attention.k_proj.bias"])
+    assert torch.equal(state["vit.layers.0.layernorm_before.weight"], state["vit.layers.0.layernorm_after.weight"])
+    expected = {"q_proj": "attention.attention.query", "k_proj": "attention.attention.key",
+                "v_proj": "attention.attention.value", "layernorm_before": "layernorm_before",
+                "layernorm_after": "layernorm_after"}
+    checked = 0
+    for mem, disk in names.items():
+        for part, want in expected.items():
+            if f".{part}." in mem:
+                assert f".{want}." in disk, (mem, disk)
+                checked += 1
+    assert checked == 4 * 2 * len(expected)  # 4 layers, weight and bias each
+    slots = assign_checkpoint_names(find_slots(model, granularity="layer"), model, src)
+    assert all(names[s.name] == s.ckpt for s in slots)  # DAM's coefficient files use the same names

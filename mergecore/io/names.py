@@ -4,7 +4,11 @@ transformers 5 renames some architectures' weights on load (e.g. ViT's
 `vit.encoder.layer.0.attention.attention.query.weight` is `vit.layers.0.attention.q_proj.weight`
 in memory) and back on save. Code that works on loaded modules but must agree with the engine,
 which works on checkpoint names (seeds of randomised methods, coefficient files), maps names
-with this. Tensors are matched by identical values within the same layer and shape.
+with this: one place for RMM's bank and DAM's coefficient files.
+
+transformers' own save-time reversal names each tensor exactly (matched by storage, no reading).
+Only tensors it cannot name one-to-one (fused or split conversions, no transformers) are matched
+by value, within the same layer and shape; tied weights take their twin's name.
 """
 
 from __future__ import annotations
@@ -17,10 +21,39 @@ from mergecore.errors import MergeError
 from mergecore.io.source import ModelSource
 
 
+def reverted_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{state_dict key: checkpoint name} from transformers' save-time reversal, for the tensors it
+    renames one-to-one; {} without transformers or for a plain module."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - older transformers: no renaming on load
+        return {}
+    by_storage: dict[tuple, list[str]] = {}
+    for key, value in state.items():
+        by_storage.setdefault((value.data_ptr(), tuple(value.shape)), []).append(key)
+    try:
+        reverted = revert_weight_conversion(model, dict(state))
+    except Exception:  # noqa: BLE001 - not a transformers model: nothing is renamed
+        return {}
+    out: dict[str, str] = {}
+    for ck, value in reverted.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        keys = by_storage.get((value.data_ptr(), tuple(value.shape)), [])
+        if ck in keys:  # tied tensors share storage: a key that is its own name wins
+            out[ck] = ck
+        elif len(keys) == 1:
+            out[keys[0]] = ck
+    return out
+
+
 def checkpoint_names(model: nn.Module, source: ModelSource) -> dict[str, str]:
     """{in-memory state_dict key: checkpoint tensor name} for every tensor of `model`."""
     state = model.state_dict()
     out: dict[str, str] = {}
+    for key, ck in reverted_names(model, state).items():
+        if ck in source.tensors and source.info(ck).shape == tuple(state[key].shape):
+            out[key] = ck
     by_group: dict[tuple, list[str]] = {}
     for name, info in source.tensors.items():
         ref = layer_of(name)
@@ -34,6 +67,8 @@ def checkpoint_names(model: nn.Module, source: ModelSource) -> dict[str, str]:
 
     tied: list[tuple[str, torch.Tensor]] = []
     for key, value in state.items():
+        if key in out:
+            continue
         if key in source.tensors and source.info(key).shape == tuple(value.shape):
             out[key] = key
             continue

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mergecore.errors import MergeError
+from mergecore.io.source import ModelSource
 from mergecore.methods.dam import combine, inverse_activate
 
 
@@ -135,38 +136,14 @@ def find_slots(model: nn.Module, *, granularity: str = "column", merge_embedding
     return slots
 
 
-def checkpoint_names(model: nn.Module) -> dict[str, str]:
-    """Module parameter name -> checkpoint tensor name, for the one-to-one renames transformers 5
-    applies on load (e.g. ViT's `encoder.layer.N.attention.attention.query` is
-    `layers.N.attention.q_proj` in the module); its own save-time reversal gives the names back.
-    Names of fused or split tensors are missing from the result."""
-    params = dict(model.named_parameters())
-    names = {n: n for n in params}
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # pragma: no cover - older transformers: no renaming
-        return names
-    detached = {k: v.detach() for k, v in params.items()}
-    by_ptr = {(v.data_ptr(), tuple(v.shape)): k for k, v in detached.items()}
-    try:
-        reverted = revert_weight_conversion(model, dict(detached))
-    except Exception:  # noqa: BLE001 - not a transformers model: module names are the names
-        return names
-    out: dict[str, str] = {}
-    for ck, t in reverted.items():
-        if isinstance(t, torch.Tensor):
-            mk = by_ptr.get((t.data_ptr(), tuple(t.shape)))
-            if mk is not None:
-                out[mk] = ck
-    return out
-
-
-def assign_checkpoint_names(slots: list[Slot], model: nn.Module, checkpoint: Iterable[str]) -> list[Slot]:
-    """The slots with their checkpoint names, checked against the checkpoint's tensor names."""
+def assign_checkpoint_names(slots: list[Slot], model: nn.Module, source: ModelSource) -> list[Slot]:
+    """The slots with their checkpoint names (`mergecore.io.names`), checked against the checkpoint."""
     from dataclasses import replace
 
-    mapping = checkpoint_names(model)
-    have = set(checkpoint)
+    from mergecore.io.names import checkpoint_names
+
+    mapping = checkpoint_names(model, source)
+    have = set(source.tensors)
     out = []
     for s in slots:
         ck = mapping.get(s.name)

@@ -365,7 +365,7 @@ def prepare_dam(config: DAMConfig, root: Path, out_dir: str | Path, *, on_event:
                        merge_norms=cfg.merge_norms, lm_head=cfg.lm_head, exclude=exclude)
     src = ModelSource(base_ref, path=paths[base_ref])
     try:
-        slots = assign_checkpoint_names(slots, module, src.tensors)
+        slots = assign_checkpoint_names(slots, module, src)
     finally:
         src.close()
     merger = Merger(slots, n_models=len(refs) - (1 if cfg.base_model is None else 0), transform=cfg.transform,
