@@ -200,6 +200,8 @@ def main() -> int:
                     help="also time the cache + memo variant with this prefix-cache budget (GiB; default 1 GiB only)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.big_cache_gib < 0:
+        ap.error("--big-cache-gib must be 0 (off) or a positive size in GiB")
 
     import pandas as pd
 

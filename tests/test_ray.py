@@ -60,7 +60,8 @@ def test_evo_on_ray_equals_local(tiny_fmnist_family, tmp_path, ray_instance):
 
 
 def test_rmm_on_ray_equals_local(tiny_fmnist_family, tmp_path, ray_instance):
-    from mergecore.search.rmm.run import RMMConfig, load_config, run_rmm
+    from mergecore.search.config import load_config
+    from mergecore.search.rmm.run import RMMConfig, run_rmm
 
     fam = tiny_fmnist_family
     cfg = {

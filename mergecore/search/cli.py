@@ -32,7 +32,8 @@ def _episode_line(event) -> None:
 
 def _cmd_rmm(args: argparse.Namespace) -> int:
     from mergecore.events import CancelToken
-    from mergecore.search.rmm.run import RMMConfig, load_config, run_rmm
+    from mergecore.search.config import load_config
+    from mergecore.search.rmm.run import RMMConfig, run_rmm
 
     config, root = load_config(args.config, RMMConfig)
     if args.episodes:

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.search.backend import BackendSpec
-from mergecore.search.config import load_config, resolve_path  # noqa: F401  (re-exported)
+from mergecore.search.config import resolve_path
 from mergecore.search.rmm.layers import Operator
 from mergecore.search.rmm.ppo import PPOConfig
 from mergecore.search.rmm.search import RMMSearch, RMMSettings, rerank_on_full, trajectory_recipe
