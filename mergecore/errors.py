@@ -7,6 +7,8 @@ do. The CLI prints that line and exits with status 2; the app shows it in the jo
 
 from __future__ import annotations
 
+import reprlib
+
 
 class MergeError(Exception):
     """A user-facing error with a one-line explanation."""
@@ -20,3 +22,17 @@ class Cancelled(MergeError):
 
     def __init__(self, message: str = "cancelled"):
         super().__init__(message)
+
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+def short(value: object, limit: int = 120) -> str:
+    """A bounded repr of `value` for error messages: a value from a user's file may be huge (an
+    alias can expand to billions of items), and an error must stay one short line. Never walks
+    more than a few levels and items of the value."""
+    text = " ".join(_REPR.repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
