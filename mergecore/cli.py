@@ -36,7 +36,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     search_dirs = (Path(args.recipe).resolve().parent,)
-    plan = plan_merge(recipe, out_dtype=args.dtype, search_dirs=search_dirs)
+    plan = plan_merge(recipe, out_dtype=args.dtype, search_dirs=search_dirs, allow_nonfinite=args.allow_nonfinite)
     if args.dry_run:
         print(plan_to_json(plan) if args.json else plan.describe(budget))
         return 0
@@ -66,6 +66,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     print(result.summary())
     return 0
 
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and a peak-memory estimate, write nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write merged tensors that turn inf/NaN from finite inputs instead of stopping")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")

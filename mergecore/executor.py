@@ -84,6 +84,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)  # recipe artifacts, resolved (methods read them)
     vocab: Optional[VocabPlan] = None  # output vocabulary when the models' vocabularies differ (tokenizer_source)
+    allow_nonfinite: bool = False  # keep going when finite inputs merge into inf/NaN (--allow-nonfinite)
 
     @property
     def out_bytes(self) -> int:
@@ -250,6 +251,7 @@ def plan_merge(
     out_dtype: Optional[str] = None,
     search_dirs: tuple[Path, ...] = (),
     sources: Optional[dict[str, ModelSource]] = None,
+    allow_nonfinite: bool = False,
 ) -> Plan:
     """Check the recipe against the models and build one job per output tensor."""
     method = get_method(recipe.merge_method)
@@ -462,7 +464,7 @@ def plan_merge(
         recipe=recipe, method=method, sources=sources, jobs=jobs, reference=reference,
         base=recipe.base_model, config=config, layer_sources=layer_sources,
         source_layer_count=src_count, compute_dtype=compute_dtype, tokenizer_source=tok,
-        warnings=warnings, artifacts=artifacts, vocab=vocab,
+        warnings=warnings, artifacts=artifacts, vocab=vocab, allow_nonfinite=allow_nonfinite,
     )
 
 
@@ -506,19 +508,96 @@ def seed_for_tensor(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Run one job's method and return the output tensor (out dtype, on CPU)."""
+class NonFiniteTally:
+    """Non-finite values met in source tensors during one run, per model; safe across threads.
+
+    Each (model, tensor) counts once, however many jobs read it, so the warning reports what
+    the files hold.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str], int] = {}
+
+    def add(self, model: str, name: str, count: int) -> None:
+        with self._lock:
+            self._seen[(model, name)] = count
+
+    def warnings(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._seen.items())
+        by_model: dict[str, list[tuple[str, int]]] = {}
+        for (model, name), count in items:
+            by_model.setdefault(model, []).append((name, count))
+        out = []
+        for model, hits in by_model.items():
+            values = sum(c for _, c in hits)
+            first = ", ".join(f"'{n}'" for n, _ in hits[:3]) + (", ..." if len(hits) > 3 else "")
+            out.append(f"model '{model}' holds {values} non-finite value{'s' if values != 1 else ''} (NaN or inf) "
+                       f"in {len(hits)} tensor{'s' if len(hits) != 1 else ''} ({first}); merged tensors that "
+                       f"read them may be non-finite too")
+        return out
+
+
+def _nonfinite_count(t: torch.Tensor) -> int:
+    """How many values of `t` are NaN or +-inf (0 for integer tensors); one pass when all are finite."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def _check_output(plan: Plan, job: TensorJob, method: str, merged: torch.Tensor, out: torch.Tensor) -> None:
+    """Refuse an output that turned non-finite from finite inputs: a parameter (lambda: -1e308) or
+    the cast to a narrower dtype overflowed, and the checkpoint would hold inf/NaN silently."""
+    if plan.allow_nonfinite:
+        return
+    bad = _nonfinite_count(merged)
+    if bad:
+        raise MergeError(
+            f"merged tensor '{job.out_name}' ({method}) has {bad} non-finite values although its inputs are "
+            f"finite; check the parameters (lambda, weight) or pass --allow-nonfinite")
+    bad = _nonfinite_count(out) if out is not merged else 0
+    if bad:
+        raise MergeError(
+            f"merged tensor '{job.out_name}' ({method}) has {bad} values out of the range of "
+            f"{dtype_name(job.out_dtype)}, non-finite after the cast; use a wider --dtype or pass --allow-nonfinite")
+
+
+def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu", *,
+                   source_nonfinite: Optional[NonFiniteTally] = None) -> torch.Tensor:
+    """Run one job's method and return the output tensor (out dtype, on CPU).
+
+    Raises MergeError when the result is non-finite although every input was finite (unless
+    `plan.allow_nonfinite`); non-finite values already in an input are recorded in
+    `source_nonfinite` instead, and do not fail the tensor.
+    """
+    inputs_finite = True
+
+    def note(model: str, name: str, t: torch.Tensor) -> torch.Tensor:
+        nonlocal inputs_finite
+        bad = _nonfinite_count(t)
+        if bad:
+            inputs_finite = False
+            if source_nonfinite is not None:
+                source_nonfinite.add(model, name, bad)
+        return t
+
     if job.copy:
         model, name = job.inputs[0]
+        raw = note(model, name, plan.sources[model].read(name))
         if job.vocab and plan.vocab is not None:
-            t = plan.sources[model].read(name).to(plan.compute_dtype)
-            return plan.vocab.permute([(model, t)], None, job.out_name)[0].to(job.out_dtype)
-        return plan.sources[model].read(name).to(job.out_dtype)
+            merged = plan.vocab.permute([(model, raw.to(plan.compute_dtype))], None, job.out_name)[0]
+        else:
+            merged = raw
+        out = merged.to(job.out_dtype)
+        if inputs_finite:
+            _check_output(plan, job, "copy", merged, out)
+        return out
     dev = torch.device(device)
     method = get_method(job.method) if job.method else plan.method
 
     def loader(model: str, name: str):
-        return lambda: plan.sources[model].read(name).to(dev, plan.compute_dtype)
+        return lambda: note(model, name, plan.sources[model].read(name).to(dev)).to(plan.compute_dtype)
 
     if "streaming" in method.tags and not job.vocab:  # read each input when the method gets to it
         tensors = OwnedInputs([loader(m, n) for m, n in job.inputs])
@@ -535,11 +614,14 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu
     if method.randomized:
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed_for_tensor(plan.recipe.seed or 0, job.inputs[0][1]))
-    out = method(tensors, base, job.params, generator=gen, tensor_name=job.out_name, artifacts=plan.artifacts)
+    merged = method(tensors, base, job.params, generator=gen, tensor_name=job.out_name, artifacts=plan.artifacts)
     del tensors, base
-    if tuple(out.shape) != job.shape:
-        raise MergeError(f"method '{method.name}' returned shape {list(out.shape)} for '{job.out_name}', expected {list(job.shape)}")
-    return out.to("cpu", job.out_dtype)
+    if tuple(merged.shape) != job.shape:
+        raise MergeError(f"method '{method.name}' returned shape {list(merged.shape)} for '{job.out_name}', expected {list(job.shape)}")
+    out = merged.to("cpu", job.out_dtype)
+    if inputs_finite:  # a streaming method has read every input by now
+        _check_output(plan, job, method.name, merged, out)
+    return out
 
 
 @dataclass
@@ -550,6 +632,7 @@ class MergeResult:
     bytes_written: int
     shards: int
     plan: Plan
+    warnings: list[str] = field(default_factory=list)  # e.g. non-finite values met in the sources
 
     def summary(self) -> str:
         return (
@@ -577,6 +660,7 @@ def execute_plan(
     layout = [(j.out_name, j.out_dtype, j.shape) for j in plan.jobs]
     meta = {"mergecore_method": plan.method.name}
     budget = _Budget(memory_budget or default_memory_budget(plan))
+    tally = NonFiniteTally()
     done_tensors = 0
     done_bytes = 0
     with ShardedWriter(out_dir, layout, shard_size=shard_size, metadata=meta) as writer:
@@ -587,7 +671,7 @@ def execute_plan(
             held = budget.acquire(job.working_bytes(), cancel)
             try:
                 cancel.check()
-                out = compute_tensor(plan, job, device)
+                out = compute_tensor(plan, job, device, source_nonfinite=tally)
                 return writer.write(job.out_name, out)
             finally:
                 budget.release(held)
@@ -620,7 +704,8 @@ def execute_plan(
                 raise
         write_side_files(writer, plan)
         out = writer.finalize()
-    return MergeResult(out, time.time() - start, len(plan.jobs), done_bytes, len(writer.shard_names), plan)
+    return MergeResult(out, time.time() - start, len(plan.jobs), done_bytes, len(writer.shard_names), plan,
+                       warnings=tally.warnings())
 
 
 def merge(
@@ -681,6 +766,7 @@ def merge_in_memory(
     *,
     device: str = "cpu",
     cancel: Optional[CancelToken] = None,
+    source_nonfinite: Optional[NonFiniteTally] = None,
 ) -> Any:
     """Run every job of `plan` without writing a checkpoint (searches score candidates this way).
 
@@ -689,14 +775,15 @@ def merge_in_memory(
     the model is returned: a candidate costs one merge pass, no reload. Without it, the merged
     state dict (name -> tensor, out dtype, on CPU) is returned. The tensors are exactly what
     `execute_plan` writes for the same plan (same `compute_tensor`), so a replayed recipe
-    scores the same. Raises MergeError if an output tensor has no place in `model`.
+    scores the same (and is checked for non-finite values the same way; `source_nonfinite`
+    collects the sources' own). Raises MergeError if an output tensor has no place in `model`.
     """
     cancel = cancel or CancelToken()
     if model is None:
         out: dict[str, torch.Tensor] = {}
         for job in plan.jobs:
             cancel.check()
-            out[job.out_name] = compute_tensor(plan, job, device)
+            out[job.out_name] = compute_tensor(plan, job, device, source_nonfinite=source_nonfinite)
         return out
     targets = checkpoint_tensors(model)
     for job in plan.jobs:
@@ -710,7 +797,7 @@ def merge_in_memory(
     with torch.no_grad():
         for job in plan.jobs:
             cancel.check()
-            targets[job.out_name].copy_(compute_tensor(plan, job, device))
+            targets[job.out_name].copy_(compute_tensor(plan, job, device, source_nonfinite=source_nonfinite))
     return model
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from mergecore.errors import MergeError
+from mergecore.errors import MergeError, short
 
 UNSET: Any = object()
 
@@ -46,7 +46,16 @@ def interpolate(anchors: Sequence[Any], t: float) -> Any:
     lo = int(math.floor(scaled))
     hi = min(lo + 1, len(anchors) - 1)
     frac = scaled - lo
-    return float(anchors[lo]) * (1.0 - frac) + float(anchors[hi]) * frac
+    return _as_float(anchors[lo]) * (1.0 - frac) + _as_float(anchors[hi]) * frac
+
+
+def _as_float(x: int | float) -> float:
+    """float(x), with integers beyond float range as +-inf: the parameter check then refuses
+    the value by name instead of an OverflowError escaping from here."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
 
 
 def filter_matches(pattern: Any, tensor_name: str) -> bool:
@@ -62,7 +71,7 @@ def resolve(value: Any, tensor_name: str, t: float) -> Any:
             unknown = set(entry) - {"filter", "value"}
             if unknown or "value" not in entry:
                 raise MergeError(
-                    f"a filtered parameter entry needs 'value' (and optionally 'filter'); got {entry}"
+                    f"a filtered parameter entry needs 'value' (and optionally 'filter'); got {short(entry)}"
                 )
             if filter_matches(entry.get("filter"), tensor_name):
                 return resolve(entry["value"], tensor_name, t)
@@ -70,7 +79,7 @@ def resolve(value: Any, tensor_name: str, t: float) -> Any:
     if is_curve(value):
         return interpolate(value, t)
     if isinstance(value, dict):
-        raise MergeError(f"a parameter value must be a scalar, a list or a list of filters; got {value}")
+        raise MergeError(f"a parameter value must be a scalar, a list or a list of filters; got {short(value)}")
     return value
 
 
@@ -121,7 +130,7 @@ def preset_curve(name: str, low: float, high: float, points: int = 5) -> list[fl
         shape = CURVE_PRESETS[name]
     except KeyError:
         raise MergeError(
-            f"unknown curve preset '{name}'; valid presets: {', '.join(CURVE_PRESETS)}"
+            f"unknown curve preset {short(name)}; valid presets: {', '.join(CURVE_PRESETS)}"
         ) from None
     if points < 1:
         raise MergeError("a curve needs at least one point")

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from mergecore.errors import MergeError
+from mergecore.io.source import read_json_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from mergecore.io.source import ModelSource, TensorInfo
@@ -61,9 +62,12 @@ def _signature(path: Path) -> str:
     tj = path / "tokenizer.json"
     if tj.is_file():
         try:
-            data = json.loads(tj.read_text())
+            data = read_json_file(tj, "tokenizer.json")
+        except MergeError:  # unreadable or oversized: the bytes still tell two tokenizers apart
+            data = None
+        if isinstance(data, dict):
             h.update(json.dumps([data.get("model"), data.get("added_tokens")], sort_keys=True).encode())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        else:
             h.update(tj.read_bytes())
     else:
         for f in VOCAB_FILES[1:] + ("added_tokens.json",):

@@ -547,10 +547,10 @@ def test_failure_in_a_job_leaves_nothing(llama_family, tmp_path, monkeypatch):
 
     real = ex.compute_tensor
 
-    def flaky(plan, job, device="cpu"):
+    def flaky(plan, job, device="cpu", **kw):
         if job.out_name == "model.layers.2.mlp.up_proj.weight":
             raise MergeError("simulated failure")
-        return real(plan, job, device)
+        return real(plan, job, device, **kw)
 
     monkeypatch.setattr(ex, "compute_tensor", flaky)
     out = tmp_path / "o"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from mergecore.errors import MergeError
+from mergecore.io.source import read_json_file, read_json_object
 
 if TYPE_CHECKING:  # pragma: no cover
     from mergecore.executor import Plan
@@ -66,7 +67,7 @@ def _chat_template(plan: "Plan") -> Optional[str]:
             if jinja.is_file():
                 found.append(jinja.read_text())
             elif cfg.is_file():
-                t = json.loads(cfg.read_text()).get("chat_template")
+                t = read_json_object(cfg, f"model '{src.ref}': {cfg.name}").get("chat_template")
                 if isinstance(t, str):
                     found.append(t)
         return Counter(found).most_common(1)[0][0] if found else None
@@ -115,8 +116,12 @@ def write_side_files(writer: "ShardedWriter", plan: "Plan") -> None:
     vocab = plan.vocab
     if gen.is_file() and vocab is not None and vocab.id_map:
         try:  # special token ids renumbered to the output vocabulary
-            writer.add_file(gen.name, json.dumps(vocab.translate_ids(json.loads(gen.read_text())), indent=2) + "\n")
-        except json.JSONDecodeError:
+            data = read_json_file(gen, gen.name)
+        except MergeError:  # not JSON: copied unchanged, as transformers would meet it in the source
+            data = None
+        if isinstance(data, dict):
+            writer.add_file(gen.name, json.dumps(vocab.translate_ids(data), indent=2) + "\n")
+        else:
             writer.copy_file(gen)
     elif gen.is_file():
         writer.copy_file(gen)
@@ -134,7 +139,7 @@ def write_side_files(writer: "ShardedWriter", plan: "Plan") -> None:
         writer.add_file("chat_template.jinja", template)
         cfg = writer.tmp_dir / "tokenizer_config.json"
         if cfg.is_file():
-            data = json.loads(cfg.read_text())
+            data = read_json_object(cfg, f"{cfg.name} of the tokenizer")
             if "chat_template" in data:
                 data["chat_template"] = template
                 cfg.write_text(json.dumps(data, indent=2))

@@ -9,6 +9,7 @@ in flight, not by the model. `.bin` checkpoints are opened only through
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
-from mergecore.errors import MergeError
+from mergecore.errors import MergeError, short
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -59,8 +60,57 @@ class TensorInfo:
         return n
 
 
+MAX_HEADER_BYTES = 100_000_000  # a safetensors header larger than this is refused unread
+MAX_JSON_BYTES = 50_000_000  # config.json, shard indexes, tokenizer configs
+MAX_RANK = 8
+MAX_DIM = 2**48  # a dimension beyond this cannot be backed by any real file
+MAX_NAME_CHARS = 1024
+_TENSOR_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _shown(name: Any) -> str:
+    """A tensor or file name for a message: in full (quoted, control characters escaped) when of a
+    real name's length, else bounded by `short`."""
+    return repr(name) if isinstance(name, str) and len(name) <= 256 else short(name)
+
+
+def _is_int(x: Any) -> bool:
+    """A JSON integer: Python's bool is an int subclass, but `true` is not a size."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_json_file(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file a model folder provides, bounded in size; any failure is one MergeError.
+
+    Size is checked before reading so a huge file cannot exhaust memory, and parse failures
+    (bad UTF-8, deep nesting, integers too long to convert) all end in one line naming `what`.
+    """
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise MergeError(f"{what} ({path}) is {size} bytes, more than the {limit}-byte limit")
+        with open(path, "rb") as f:
+            return json.loads(f.read(limit + 1))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise MergeError(f"{what} ({path}) is not valid JSON ({reason})") from None
+
+
+def read_json_object(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """`read_json_file` for files that must hold a JSON object (config.json and the like)."""
+    data = read_json_file(path, what, limit)
+    if not isinstance(data, dict):
+        raise MergeError(f"{what} ({path}) must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header; returns (header, data_start). Raises MergeError if corrupt."""
+    """Parse and validate a safetensors header; returns (header, data_start).
+
+    Every entry is checked before any tensor byte is read (see `_check_header`), so a corrupt
+    or hostile file ends in one MergeError naming the file and tensor, never in header bytes
+    read as weights or a RuntimeError from a reshape.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -68,28 +118,69 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             if len(raw) < 8:
                 raise MergeError(f"corrupt safetensors file {path}: shorter than its 8-byte header length")
             (hlen,) = struct.unpack("<Q", raw)
-            if hlen > min(size - 8, 100_000_000):
+            if hlen > min(size - 8, MAX_HEADER_BYTES):
                 raise MergeError(f"corrupt safetensors file {path}: header length {hlen} exceeds the file")
             header = json.loads(f.read(hlen))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MergeError(f"corrupt safetensors file {path}: {err}") from None
-    if not isinstance(header, dict):
-        raise MergeError(f"corrupt safetensors file {path}: header is not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise MergeError(f"corrupt safetensors file {path}: {reason}") from None
     data_start = 8 + hlen
-    end = 0
+    _check_header(path, header, data_start, size)
+    return header, data_start
+
+
+def _check_header(path: Path, header: Any, data_start: int, size: int) -> None:
+    """Raise MergeError unless `header` describes tensors that tile (part of) the data section.
+
+    Checks: an object of objects; `__metadata__` str -> str; each tensor exactly dtype / shape /
+    data_offsets with integer (not bool) values; a known dtype; rank <= MAX_RANK; offsets
+    0 <= begin <= end <= size - data_start; end - begin == numel * element size; no overlaps.
+    """
+    bad = f"corrupt safetensors file {path}"
+    if not isinstance(header, dict):
+        raise MergeError(f"{bad}: header is not a JSON object")
+    spans: list[tuple[int, int, str]] = []
     for name, meta in header.items():
         if name == "__metadata__":
+            if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+                raise MergeError(f"{bad}: __metadata__ must map strings to strings")
             continue
-        try:
-            end = max(end, int(meta["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise MergeError(f"corrupt safetensors file {path}: bad entry for tensor '{name}'") from None
-    if data_start + end > size:
-        raise MergeError(
-            f"truncated safetensors file {path}: header promises {data_start + end} bytes, "
-            f"file has {size}"
-        )
-    return header, data_start
+        if not name or len(name) > MAX_NAME_CHARS:
+            raise MergeError(f"{bad}: tensor name {_shown(name)} is empty or longer than {MAX_NAME_CHARS} characters")
+        where = f"{bad}: tensor {_shown(name)}"
+        if not isinstance(meta, dict):
+            raise MergeError(f"{where}: entry is not a JSON object")
+        if set(meta) != _TENSOR_KEYS:
+            raise MergeError(f"{where}: entry must have exactly dtype, shape and data_offsets, has "
+                             f"{short(sorted(meta))}")
+        dtype = SAFETENSORS_DTYPES.get(meta["dtype"]) if isinstance(meta["dtype"], str) else None
+        if dtype is None:
+            raise MergeError(f"{where}: unsupported dtype {short(meta['dtype'])}; known: {', '.join(SAFETENSORS_DTYPES)}")
+        shape = meta["shape"]
+        if not isinstance(shape, list) or len(shape) > MAX_RANK:
+            raise MergeError(f"{where}: shape must be a list of at most {MAX_RANK} dimensions, got {short(shape)}")
+        if not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+            raise MergeError(f"{where}: shape {short(shape)} must hold integers in [0, {MAX_DIM}]")
+        offsets = meta["data_offsets"]
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise MergeError(f"{where}: data_offsets must be two integers, got {short(offsets)}")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise MergeError(f"{where}: data_offsets [{begin}, {end}] must satisfy 0 <= begin <= end")
+        if data_start + end > size:
+            raise MergeError(f"truncated safetensors file {path}: tensor {_shown(name)} ends at byte "
+                             f"{data_start + end}, the file has {size}")
+        numel = math.prod(shape)
+        want = numel * dtype.itemsize
+        if end - begin != want:
+            raise MergeError(f"{where}: data_offsets span {end - begin} bytes but shape {shape} of "
+                             f"{meta['dtype']} needs {want}")
+        if end > begin:  # empty tensors take no bytes and cannot overlap anything
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise MergeError(f"{bad}: tensors {_shown(prev)} and {_shown(name)} overlap in the data section")
 
 
 def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
@@ -98,11 +189,9 @@ def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype = SAFETENSORS_DTYPES.get(meta.get("dtype"))
-        if dtype is None:
-            raise MergeError(f"{path}: tensor '{name}' has unsupported dtype {meta.get('dtype')}")
-        begin, end = (int(x) for x in meta["data_offsets"])
-        out[name] = TensorInfo(name, dtype, tuple(int(s) for s in meta["shape"]), path, start + begin, end - begin)
+        begin, end = meta["data_offsets"]
+        out[name] = TensorInfo(name, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), path,
+                               start + begin, end - begin)
     return out
 
 
@@ -164,27 +253,25 @@ class ModelSource:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             return {}
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as err:
-            raise MergeError(f"model '{self.ref}': config.json is not valid JSON ({err})") from None
+        return read_json_object(cfg, f"model '{self.ref}': config.json")
 
     def _index(self) -> None:
         p = self.path
         st_index = p / "model.safetensors.index.json"
         bin_index = p / "pytorch_model.bin.index.json"
         if st_index.is_file():
-            files = self._files_from_index(st_index)
-            for f in files:
-                self.tensors.update(_safetensors_infos(f))
+            weight_map = self._weight_map(st_index)
+            held = {f: _safetensors_infos(f) for f in dict.fromkeys(weight_map.values())}
+            self._apply_index(st_index, weight_map, held)
         elif (p / "model.safetensors").is_file():
             self.tensors.update(_safetensors_infos(p / "model.safetensors"))
         elif list(p.glob("*.safetensors")):
             for f in sorted(p.glob("*.safetensors")):
                 self.tensors.update(_safetensors_infos(f))
         elif bin_index.is_file():
-            for f in self._files_from_index(bin_index):
-                self._index_bin(f)
+            weight_map = self._weight_map(bin_index)
+            held = {f: self._bin_infos(f) for f in dict.fromkeys(weight_map.values())}
+            self._apply_index(bin_index, weight_map, held)
         elif (p / "pytorch_model.bin").is_file():
             self._index_bin(p / "pytorch_model.bin")
         else:
@@ -195,24 +282,57 @@ class ModelSource:
         if not self.tensors:
             raise MergeError(f"model '{self.ref}' ({p}): its weight files contain no tensors")
 
-    def _files_from_index(self, index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise MergeError(f"model '{self.ref}': bad index file {index.name} ({err})") from None
-        files = []
-        for fname in dict.fromkeys(weight_map.values()):
-            f = index.parent / fname
-            if not f.is_file():
-                raise MergeError(f"model '{self.ref}': shard {fname} named in {index.name} is missing")
-            files.append(f)
-        return files
+    def _weight_map(self, index: Path) -> dict[str, Path]:
+        """The index's tensor -> shard file map, each shard a plain file name in the model folder.
+
+        A shard named with a path (`../x`, `/etc/x`, `a/b`) is refused before anything is
+        opened: an index must not point a merge at files outside the model it describes.
+        """
+        where = f"model '{self.ref}': {index.name}"
+        data = read_json_object(index, where)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MergeError(f"{where}: 'weight_map' must be a non-empty mapping of tensor names to shard files")
+        folder = index.parent
+        shards: dict[str, Path] = {}
+        out: dict[str, Path] = {}
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str) or not name:
+                raise MergeError(f"{where}: entry {_shown(name)}: {_shown(fname)} must map a tensor name to a file name")
+            if fname not in shards:
+                plain = (fname not in ("", ".", "..") and not any(c in fname for c in "/\\\0")
+                         and not os.path.isabs(fname) and Path(fname).name == fname)
+                f = folder / fname
+                if not plain or os.path.dirname(os.path.normpath(f)) != os.path.normpath(folder):
+                    raise MergeError(f"{where}: shard {_shown(fname)} must be a plain file name inside the model folder")
+                if not f.is_file():
+                    shown = fname if len(fname) <= 256 else short(fname)
+                    raise MergeError(f"model '{self.ref}': shard {shown} named in {index.name} is missing")
+                shards[fname] = f
+            out[name] = shards[fname]
+        return out
+
+    def _apply_index(self, index: Path, weight_map: dict[str, Path], held: dict[Path, dict[str, TensorInfo]]) -> None:
+        """Record the shards' tensors, the index deciding where a listed one is read from.
+
+        A tensor the index lists must be in the shard it names: otherwise the read would fail
+        mid-merge, or silently take a same-named tensor from another shard.
+        """
+        for infos in held.values():
+            self.tensors.update(infos)
+        for name, f in weight_map.items():
+            info = held[f].get(name)
+            if info is None:
+                raise MergeError(f"model '{self.ref}': {index.name} puts tensor {_shown(name)} in {f.name}, "
+                                 f"which does not hold it")
+            self.tensors[name] = info
+
+    def _bin_infos(self, f: Path) -> dict[str, TensorInfo]:
+        return {name: TensorInfo(name, t.dtype, tuple(t.shape), f, -1, t.numel() * t.element_size())
+                for name, t in self._load_bin(f).items() if isinstance(t, torch.Tensor)}
 
     def _index_bin(self, f: Path) -> None:
-        sd = self._load_bin(f)
-        for name, t in sd.items():
-            if isinstance(t, torch.Tensor):
-                self.tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), f, -1, t.numel() * t.element_size())
+        self.tensors.update(self._bin_infos(f))
 
     def _load_bin(self, f: Path) -> dict[str, torch.Tensor]:
         with self._bin_lock:

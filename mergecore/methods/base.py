@@ -31,13 +31,14 @@ imports every module here at start-up.
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Literal, Sequence, TypeVar
 
 import torch
 
-from mergecore.errors import MergeError
+from mergecore.errors import MergeError, short
 
 T = TypeVar("T")
 
@@ -121,17 +122,22 @@ class ParamSpec:
                 value = int(value)
             elif self.type is str:
                 value = str(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
+            if self.type in (float, int) and _non_finite(value):
+                raise MergeError(f"parameter '{self.name}'{at} must be a finite number, got {short(value)}") from None
             raise MergeError(
-                f"parameter '{self.name}'{at} must be a {self.type.__name__}, got {value!r}"
+                f"parameter '{self.name}'{at} must be a {self.type.__name__}, got {short(value)}"
             ) from None
-        if self.range is not None and not self.range.contains(float(value)):
+        if self.type is float and not math.isfinite(value):
+            # inf / nan (YAML .inf, .nan, "1e400") would turn every merged value non-finite
+            raise MergeError(f"parameter '{self.name}'{at} must be a finite number, got {short(value)}")
+        if self.range is not None and not self.range.contains(value):
             raise MergeError(
-                f"parameter '{self.name}'{at} = {value!r} is out of range {self.range}"
+                f"parameter '{self.name}'{at} = {short(value)} is out of range {self.range}"
             )
         if self.choices is not None and value not in self.choices:
             raise MergeError(
-                f"parameter '{self.name}'{at} = {value!r} is not one of {', '.join(map(str, self.choices))}"
+                f"parameter '{self.name}'{at} = {short(value)} is not one of {', '.join(map(str, self.choices))}"
             )
         return value
 
@@ -142,6 +148,22 @@ class ParamSpec:
         if self.choices:
             extra += f", one of {'/'.join(map(str, self.choices))}"
         return f"{self.name} ({self.type.__name__}, {kind}, {default}{extra})"
+
+
+def _non_finite(value: Any) -> bool:
+    """True for a value that names infinity or NaN, or an integer too large for a float."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, int):
+        return abs(value) > 2**1023
+    if isinstance(value, str) and len(value) < 64:
+        try:
+            return not math.isfinite(float(value))
+        except ValueError:
+            return False
+    return False
 
 
 BaseRule = Literal["required", "optional", "ignored"]
