@@ -920,13 +920,12 @@ def _evo_run(config, out_dir: Path, emit: Callable[[Event], None], cancel: Cance
 
 def _evo_checkpoint_best(config, root: Path, out_dir: Path) -> Optional[dict[str, Any]]:
     """The best candidate of the checkpoint in `out_dir` as an `evo.best` event's data (or None)."""
-    import pickle
-
-    from mergecore.search.evo.search import CHECKPOINT
+    from mergecore.search.evo.search import checkpoint_best
 
     try:
-        with open(out_dir / CHECKPOINT, "rb") as f:  # written by this search into its own folder
-            best = pickle.load(f).get("best")
+        best = checkpoint_best(out_dir)  # safetensors + JSON, never unpickled
+        if best is None:
+            return None
         genome = config.genome(root)
         return {"generation": best.generation, "evaluation": best.evaluation, "score": best.score,
                 "scores": best.scores, "values": dict(zip(genome.labels(), genome.values(best.genome))),

@@ -704,7 +704,7 @@ def test_client_search_stop_resume_and_a_second_page(fmnist_server, fmnist_demo)
     assert out[-1]["status"] == "cancelled" and "Resume" in out[-3]
     first = ctx.jobs.jobs(owner, kind="search")[-1]
     out_dir = Path(first.meta["out"])
-    assert (out_dir / "rmm_checkpoint.pt").is_file() and not (out_dir / "result.json").exists()
+    assert (out_dir / "rmm_checkpoint.safetensors").is_file() and not (out_dir / "result.json").exists()
     stopped_at = len([e for e in first.events if e.kind == "rmm.episode"])
 
     out = c.predict(KEY_B, api_name="/resume_search")

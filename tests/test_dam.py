@@ -203,7 +203,7 @@ def test_replay_equals_search_and_resume_equals_uninterrupted(tiny_fmnist_family
     assert summary["eval"]["final"] and summary["eval"]["step"] == 6
     assert [e["step"] for e in summary["evals"]] == [0, 2, 4]
     out = tmp_path / "a"
-    for f in ("recipe.yml", "dam_coefficients.safetensors", "result.json", "dam_log.jsonl", "dam_checkpoint.pt"):
+    for f in ("recipe.yml", "dam_coefficients.safetensors", "result.json", "dam_log.jsonl", "dam_checkpoint.safetensors"):
         assert (out / f).is_file(), f
     recipe = load_recipe(out / "recipe.yml")
     assert recipe.merge_method == "dam" and recipe.artifacts == {"coefficients": "dam_coefficients.safetensors"}

@@ -204,7 +204,7 @@ def test_cli_runs_resumes_and_reports_errors(tiny_fmnist_family, tmp_path, capsy
     assert "generation   1" in text and "best score" in text and "tasks.yml" in text
     result = json.loads((out / "result.json").read_text())
     assert result["evaluations"] == 4 and set(result["final"]["scores"]) == set(fam.experts)
-    assert (out / "evo_checkpoint.pkl").is_file()
+    assert (out / "evo_checkpoint.safetensors").is_file()
     # again with a larger budget: resumes after the first generation
     assert main(["search", "evo", str(cfg), str(out), "--max-evals", "8", "--merge", "-q"]) == 0
     text = capsys.readouterr().out

@@ -46,8 +46,8 @@ Search YAML (paths relative to the YAML file; `~` is expanded)::
 Outputs in OUT_DIR: `dam_coefficients.safetensors` (raw coefficients, one entry per merged
 tensor), `recipe.yml` (method `dam`, replayable with `mergecore merge`), `result.json` (last
 evaluation, timings, memory, config), `dam_log.jsonl` (one line per step and evaluation) and
-`dam_checkpoint.pt` (resume state). The coefficients file and the recipe are also rewritten at
-every checkpoint, so a cancelled run leaves a usable recipe.
+`dam_checkpoint.safetensors` (resume state: tensors and JSON, no pickle). The coefficients file and
+the recipe are also rewritten at every checkpoint, so a cancelled run leaves a usable recipe.
 """
 
 from __future__ import annotations

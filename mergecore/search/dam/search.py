@@ -24,11 +24,21 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from mergecore.errors import Cancelled, MergeError
+from mergecore.errors import Cancelled, MergeError, short
 from mergecore.events import CancelToken, Event, EventCallback
+from mergecore.search.checkpoint import (load_checkpoint, need, pack_tree, restoring, resume_file, save_checkpoint,
+                                         unpack_tree)
 from mergecore.search.dam import losses
 from mergecore.search.dam.data import TaskData, run_model
 from mergecore.search.dam.merger import Merger
+
+CHECKPOINT = "dam_checkpoint.safetensors"
+LEGACY_CHECKPOINT = "dam_checkpoint.pt"  # the old pickle format: refused, never loaded
+
+
+def _plain(value: Any) -> Any:
+    """`value` as it comes back from JSON (tuples as lists), so a loaded identity compares equal."""
+    return json.loads(json.dumps(value, default=str))
 
 
 @dataclass
@@ -133,55 +143,60 @@ class DAMSearch:
 
     @property
     def _ckpt(self) -> Optional[Path]:
-        return self.out_dir / "dam_checkpoint.pt" if self.out_dir else None
+        return self.out_dir / CHECKPOINT if self.out_dir else None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, plain JSON state) of everything a resumed run needs to continue exactly."""
+        tensors = {f"coef.{k}": v for k, v in self.merger.raw_state().items()}
+        tensors["torch_rng"] = torch.get_rng_state()
+        state = {
             "step": self.step,
-            "coefficients": self.merger.raw_state(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": pack_tree(self.optimizer.state_dict(), "optimizer", tensors),
             "examples_seen": self.examples_seen,
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
             "history": self.history,
             "evals": self.evals,
-            "rng": torch.get_rng_state(),
-            "identity": self.identity,
+            "identity": _plain(self.identity),
         }
+        return tensors, state
 
     def save(self) -> None:
         if self._ckpt is not None:
-            tmp = self._ckpt.with_suffix(".tmp")
-            torch.save(self.state_dict(), tmp)
-            tmp.replace(self._ckpt)
+            tensors, state = self.checkpoint_state()
+            save_checkpoint(self._ckpt, tensors, state, kind="dam")
         if self.on_checkpoint:
             self.on_checkpoint(self)
         self._emit("dam.checkpoint", {"step": self.step})
 
     def try_resume(self) -> bool:
-        if self._ckpt is None or not self._ckpt.is_file():
+        """Continue from the checkpoint in `out_dir`, if there is one; a bad one is one line."""
+        if self._ckpt is None or not resume_file(self._ckpt, self.out_dir / LEGACY_CHECKPOINT):
             return False
-        try:
-            state = torch.load(self._ckpt, weights_only=False)
-        except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-            raise MergeError(f"cannot read the DAM checkpoint {self._ckpt} ({type(err).__name__}); "
-                             f"use --restart to start over") from None
-        theirs = state.get("identity", {})
-        diff = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
-        if diff:
-            raise MergeError(f"{self._ckpt} belongs to a different DAM configuration (differs in: {', '.join(diff)}); "
-                             f"use another output folder or --restart")
-        self.merger.load_raw_state(state["coefficients"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        self.examples_seen = state["examples_seen"]
-        self.tokens_seen = state["tokens_seen"]
-        self.train_seconds = state["train_seconds"]
-        self.eval_seconds = state.get("eval_seconds", 0.0)
-        self.history = state["history"]
-        self.evals = state["evals"]
-        torch.set_rng_state(state["rng"])
+        tensors, state = load_checkpoint(self._ckpt, kind="dam")
+        with restoring(self._ckpt):
+            theirs = need(state, "identity", dict)
+            mine = _plain(self.identity)
+            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+            if diff:
+                raise MergeError(f"{self._ckpt} belongs to a different DAM configuration (differs in: "
+                                 f"{', '.join(short(k, 40) for k in diff[:8])}); use another output folder or "
+                                 f"--restart")
+            step = need(state, "step", int)
+            counters = {k: need(state, k, int) for k in ("examples_seen", "tokens_seen")}
+            seconds = {k: need(state, k, float) for k in ("train_seconds", "eval_seconds")}
+            history, evals = need(state, "history", list), need(state, "evals", list)
+            if step < 0 or not all(isinstance(r, dict) and type(r.get("step")) is int for r in history + evals):
+                raise ValueError("the step count or a history row is malformed")
+            rng = tensors["torch_rng"]
+            self.merger.load_raw_state({k[5:]: v for k, v in tensors.items() if k.startswith("coef.")})
+            self.optimizer.load_state_dict(unpack_tree(need(state, "optimizer", dict), tensors))
+            torch.set_rng_state(rng)
+        self.step = step
+        self.examples_seen, self.tokens_seen = counters["examples_seen"], counters["tokens_seen"]
+        self.train_seconds, self.eval_seconds = seconds["train_seconds"], seconds["eval_seconds"]
+        self.history, self.evals = history, evals
         self._emit("dam.resumed", {"step": self.step})
         return True
 

@@ -24,7 +24,8 @@ Search YAML (paths relative to the YAML file; `~` is expanded)::
 
 Outputs in OUT_DIR: `recipe.yml` (the best candidate as a plain recipe that `mergecore merge`
 replays), `result.json` (best score and per-task scores, the genes, timings, the final-task
-scores), `evo_log.jsonl` (one line per generation) and `evo_checkpoint.pkl` (resume state).
+scores), `evo_log.jsonl` (one line per generation) and `evo_checkpoint.safetensors` (resume state:
+plain JSON in a safetensors file, no pickle).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from mergecore.errors import MergeError
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.search.backend import BackendSpec, WorkerFactory, make_backend
 from mergecore.search.evo.genome import Bounds, Genome
-from mergecore.search.evo.search import EvoSearch, EvoSettings
+from mergecore.search.evo.search import CHECKPOINT, EvoSearch, EvoSettings
 from mergecore.search.evo.worker import EvalSpec, EvoWorker
 
 
@@ -204,8 +205,8 @@ def run_evo(config: EvoConfig, root: Path, out_dir: Union[str, Path], *, on_even
             search = EvoSearch(genome, backend, config.settings(), out_dir=out, on_event=on_event, cancel=cancel,
                                fingerprint={"tasks": spec.tasks, "subset": spec.subset,
                                             "subset_index": spec.subset_index})
-        if not resume and (out / "evo_checkpoint.pkl").exists():
-            (out / "evo_checkpoint.pkl").unlink()
+        if not resume and (out / CHECKPOINT).is_file():
+            (out / CHECKPOINT).unlink()
         if resume:
             search.try_resume()
         t0 = time.time()

@@ -3,8 +3,10 @@
 Each generation asks CMA-ES (the `cma` package) for a population, scores it through a backend
 (`mergecore.search.backend`: in this process, or on Ray actors; results come back in candidate
 order) and tells CMA-ES the negated scores. The optimiser's random draws come from the search's
-own NumPy state (seeded by `seed`, saved in the checkpoint), so a run is fixed by its seed and
-a resumed run continues exactly where the uninterrupted one would be.
+own NumPy state (seeded by `seed`), so a run is fixed by its seed. The checkpoint (safetensors
+file, plain JSON state, no pickle) records each generation's candidates and fitness; a resume
+replays them into a fresh CMA-ES under the same RNG, so it continues exactly where the
+uninterrupted run would be.
 
 Events: `evo.candidate` (each scored candidate, in order), `evo.generation` (generation, best,
 population mean, sigma, seconds per evaluation, evaluations per minute), `evo.best` (a new best),
@@ -14,9 +16,8 @@ population mean, sigma, seconds per evaluation, evaluations per minute), `evo.be
 from __future__ import annotations
 
 import json
-import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,16 +26,44 @@ import numpy as np
 from mergecore.errors import MergeError
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.search.backend import Backend
+from mergecore.search.checkpoint import load_checkpoint, need, restoring, resume_file, save_checkpoint
 from mergecore.search.evo.genome import Genome
 
-CHECKPOINT = "evo_checkpoint.pkl"
+CHECKPOINT = "evo_checkpoint.safetensors"
+LEGACY_CHECKPOINT = "evo_checkpoint.pkl"  # the old pickle format: refused, never loaded
 
 
 def _randn(*shape: int) -> np.ndarray:
     """CMA-ES's sampler: numpy's global generator, which `EvoSearch` swaps its own state into.
-    (cma's default, the bound method `np.random.randn`, would pickle a *copy* of the global
-    generator into the checkpoint and draw from that copy after a resume.)"""
+    (cma's default, the bound method `np.random.randn`, holds on to the global generator object,
+    not to whatever state is swapped into it.)"""
     return np.random.randn(*shape)
+
+
+def _plain(value: Any) -> Any:
+    """`value` as it comes back from JSON, so a loaded fingerprint compares equal to a fresh one."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _candidate(d: Any) -> "Candidate":
+    """A Candidate from its JSON form, checked field by field."""
+    genome = need(d, "genome", list)
+    scores = need(d, "scores", dict)
+    if not all(type(v) in (int, float) for v in genome) or not all(type(v) in (int, float) for v in scores.values()):
+        raise TypeError("the best candidate's genome or scores are not numbers")
+    return Candidate([float(v) for v in genome], need(d, "score", float), {k: float(v) for k, v in scores.items()},
+                     need(d, "evaluation", int), need(d, "generation", int))
+
+
+def checkpoint_best(out_dir: Path) -> Optional["Candidate"]:
+    """The best candidate recorded in the checkpoint in `out_dir` (None without one)."""
+    path = Path(out_dir) / CHECKPOINT
+    if not resume_file(path, Path(out_dir) / LEGACY_CHECKPOINT):
+        return None
+    _, state = load_checkpoint(path, kind="evo")
+    with restoring(path):
+        best = state.get("best")
+        return None if best is None else _candidate(best)
 
 
 @dataclass
@@ -91,6 +120,7 @@ class EvoSearch:
         self.eval_seconds = 0.0
         self.best: Optional[Candidate] = None
         self.history: list[dict[str, Any]] = []
+        self.generations: list[dict[str, list]] = []  # asked solutions and told fitness: replayed on resume
         self.stop_reason = ""
 
     def _new_es(self):
@@ -137,43 +167,56 @@ class EvoSearch:
         return self.out_dir / CHECKPOINT if self.out_dir else None
 
     def save(self) -> None:
+        """Write the resume state: plain JSON, CMA-ES as the record of its generations (no pickle)."""
         if not self._ckpt:
             return
         state = {
-            "fingerprint": self.fingerprint,
-            "es": self.es,
-            "rng_state": self.rng_state,
+            "fingerprint": _plain(self.fingerprint),
             "generation": self.generation,
             "evaluations": self.evaluations,
             "eval_seconds": self.eval_seconds,
-            "best": self.best,
+            "best": asdict(self.best) if self.best is not None else None,
             "history": self.history,
+            "generations": self.generations,
         }
-        tmp = self._ckpt.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(state, f)
-        tmp.replace(self._ckpt)
+        save_checkpoint(self._ckpt, {}, state, kind="evo")
 
     def try_resume(self) -> bool:
-        if not self._ckpt or not self._ckpt.is_file():
+        """Continue from the checkpoint in `out_dir`, if there is one. CMA-ES is rebuilt by replaying
+        the recorded generations (the same asks under the same RNG, told the recorded fitness), which
+        gives back its state and the RNG's exactly; a bad checkpoint is one line."""
+        if not self._ckpt or not resume_file(self._ckpt, self.out_dir / LEGACY_CHECKPOINT):
             return False
-        try:
-            with open(self._ckpt, "rb") as f:
-                state = pickle.load(f)
-        except Exception as err:
-            raise MergeError(f"cannot read the checkpoint {self._ckpt} ({type(err).__name__}); "
-                             f"remove it or start over with --restart") from None
-        if json.dumps(state.get("fingerprint"), sort_keys=True, default=str) != json.dumps(
-                self.fingerprint, sort_keys=True, default=str):
-            raise MergeError(f"the checkpoint in {self.out_dir} was made by a different search config; "
-                             f"use another OUT_DIR or start over with --restart")
-        self.es = state["es"]
-        self.rng_state = state["rng_state"]
-        self.generation = state["generation"]
-        self.evaluations = state["evaluations"]
-        self.eval_seconds = state["eval_seconds"]
-        self.best = state["best"]
-        self.history = state["history"]
+        _, state = load_checkpoint(self._ckpt, kind="evo")
+        with restoring(self._ckpt):
+            if json.dumps(need(state, "fingerprint", dict), sort_keys=True) != json.dumps(
+                    _plain(self.fingerprint), sort_keys=True):
+                raise MergeError(f"the checkpoint in {self.out_dir} was made by a different search config; "
+                                 f"use another OUT_DIR or start over with --restart")
+            generation = need(state, "generation", int)
+            evaluations = need(state, "evaluations", int)
+            eval_seconds = need(state, "eval_seconds", float)
+            best = state.get("best")
+            best = None if best is None else _candidate(best)
+            history = need(state, "history", list)
+            generations = need(state, "generations", list)
+            if generation < 0 or len(generations) != generation or len(history) != generation:
+                raise ValueError(f"{len(generations)} recorded generations for generation {generation}")
+            records = [(need(g, "solutions", list), need(g, "fitness", list)) for g in generations]
+            es = self._new_es()
+            rng = np.random.RandomState(self.settings.seed).get_state()
+            self.es, self.rng_state = es, rng
+            for g, (solutions, fitness) in enumerate(records):
+                if g:
+                    self.es.stop()  # as `run` does before every generation after the first
+                xs = self._with_rng(self.es.ask)
+                if [[float(v) for v in x] for x in xs] != solutions or len(fitness) != len(xs) or not all(
+                        type(f) in (int, float) for f in fitness):
+                    raise ValueError(f"generation {g} does not replay to its recorded candidates (another "
+                                     f"cma version or a changed file)")
+                self._with_rng(self.es.tell, xs, [float(f) for f in fitness])
+        self.generation, self.evaluations, self.eval_seconds = generation, evaluations, eval_seconds
+        self.best, self.history, self.generations = best, history, generations
         self._emit("evo.resumed", {"generation": self.generation, "evaluations": self.evaluations})
         return True
 
@@ -200,7 +243,9 @@ class EvoSearch:
         genomes = [[float(v) for v in x] for x in xs]
         results = self.backend.map(genomes, cancel=self.cancel)
         self.cancel.check()
-        self._with_rng(self.es.tell, xs, [-float(r["score"]) for r in results])
+        fitness = [-float(r["score"]) for r in results]
+        self._with_rng(self.es.tell, xs, fitness)
+        self.generations.append({"solutions": genomes, "fitness": fitness})
         gen = self.generation
         scores = [float(r["score"]) for r in results]
         improved = False

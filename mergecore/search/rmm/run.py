@@ -17,7 +17,8 @@ Search YAML (paths relative to the YAML file)::
 
 Outputs in OUT_DIR: `recipe.yml` (the best trajectory as a replayable recipe), `result.json`
 (best trajectory, its rewards and metrics, the kept top trajectories, timings),
-`rmm_log.jsonl` (one line per episode) and `rmm_checkpoint.pt` (resume state).
+`rmm_log.jsonl` (one line per episode) and `rmm_checkpoint.safetensors` (resume state: tensors and
+JSON, no pickle; `mergecore.search.checkpoint`).
 """
 
 from __future__ import annotations

@@ -20,10 +20,24 @@ from mergecore.errors import MergeError
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.methods import get_method
 from mergecore.recipe import Recipe, recipe_from_dict
+from mergecore.search.checkpoint import (load_checkpoint, need, pack_tree, restoring, resume_file, save_checkpoint,
+                                         unpack_tree)
 from mergecore.search.rmm.dar import DynamicAverageReward
 from mergecore.search.rmm.env import LayerWalk
 from mergecore.search.rmm.layers import Assembler, LayerBank, Operator, PrefixCache
 from mergecore.search.rmm.ppo import PPOAgent, PPOConfig
+
+
+CHECKPOINT = "rmm_checkpoint.safetensors"
+LEGACY_CHECKPOINT = "rmm_checkpoint.pt"  # the old pickle format: refused, never loaded
+
+
+def _emitted(value: Any) -> list[tuple[int, int]]:
+    """A trajectory from JSON ([[layer, action], ...]) as the search keeps it (a list of tuples)."""
+    if not isinstance(value, list) or not all(
+            isinstance(x, list) and len(x) == 2 and all(type(v) is int for v in x) for x in value):
+        raise TypeError("a trajectory is not a list of [layer, action] pairs")
+    return [(x[0], x[1]) for x in value]
 
 
 class Scorer(Protocol):
@@ -140,37 +154,55 @@ class RMMSearch:
 
     @property
     def _ckpt(self) -> Optional[Path]:
-        return self.out_dir / "rmm_checkpoint.pt" if self.out_dir else None
+        return self.out_dir / CHECKPOINT if self.out_dir else None
 
     def save(self) -> None:
+        """Write the resume state (safetensors + JSON, no pickle) at a PPO-update boundary."""
         if not self._ckpt:
             return
+        tensors: dict[str, torch.Tensor] = {}
         state = {
             "episode": self.episode,
             "evaluations": self.evaluations,
-            "agent": self.agent.state_dict(),
-            "dar": self.dar.state_dict(),
-            "top": [t.__dict__ for t in self.top],
+            "agent": pack_tree(self.agent.state_dict(), "agent", tensors),
+            "dar": {"last": self.dar.last},
+            "top": [{"emitted": [list(x) for x in t.emitted], "actions": list(t.actions), "reward": t.reward,
+                     "metrics": t.metrics, "episode": t.episode} for t in self.top],
             "history": self.history,
-            "memo": {repr(k): v for k, v in self.memo.items()},
+            "memo": [[[list(x) for x in emitted], subset, reward, metrics]
+                     for (emitted, subset), (reward, metrics) in self.memo.items()],
         }
-        tmp = self._ckpt.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self._ckpt)
+        save_checkpoint(self._ckpt, tensors, state, kind="rmm")
 
     def try_resume(self) -> bool:
-        if not self._ckpt or not self._ckpt.is_file():
+        """Continue from the checkpoint in `out_dir`, if there is one; a bad one is one line."""
+        if not self._ckpt or not resume_file(self._ckpt, self.out_dir / LEGACY_CHECKPOINT):
             return False
-        state = torch.load(self._ckpt, weights_only=False)
-        self.episode = state["episode"]
-        self.evaluations = state["evaluations"]
-        self.agent.load_state_dict(state["agent"])
-        self.dar.load_state_dict(state["dar"])
-        self.top = [Trajectory(**t) for t in state["top"]]
-        self.history = state["history"]
-        import ast
-
-        self.memo = {ast.literal_eval(k): v for k, v in state.get("memo", {}).items()}
+        tensors, state = load_checkpoint(self._ckpt, kind="rmm")
+        with restoring(self._ckpt):
+            episode = need(state, "episode", int)
+            evaluations = need(state, "evaluations", int)
+            last = need(need(state, "dar", dict), "last", float, type(None))
+            top = [Trajectory(_emitted(need(t, "emitted", list)), [int(a) for a in need(t, "actions", list)],
+                              need(t, "reward", float), dict(need(t, "metrics", dict)), need(t, "episode", int))
+                   for t in need(state, "top", list)]
+            history = need(state, "history", list)
+            if not all(isinstance(h, dict) for h in history):
+                raise TypeError("'history' holds a non-object")
+            memo: dict[tuple, tuple[float, dict[str, float]]] = {}
+            for entry in need(state, "memo", list):
+                if not isinstance(entry, list) or len(entry) != 4 or type(entry[1]) is not int:
+                    raise TypeError("a memo entry is not [emitted, subset, reward, metrics]")
+                emitted, subset, reward, metrics = entry
+                if type(reward) not in (int, float) or not isinstance(metrics, dict):
+                    raise TypeError("a memo entry is not [emitted, subset, reward, metrics]")
+                memo[(tuple(_emitted(emitted)), subset)] = (float(reward), metrics)
+            if episode < 0 or evaluations < 0:
+                raise ValueError(f"episode {episode} / evaluations {evaluations} out of range")
+            self.agent.load_state_dict(unpack_tree(need(state, "agent", dict), tensors))
+        self.episode, self.evaluations = episode, evaluations
+        self.dar.last = last
+        self.top, self.history, self.memo = top, history, memo
         self._emit("rmm.resumed", {"episode": self.episode})
         return True
 
