@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergecore.errors import MergeError  # noqa: E402
+from mergecore.threads import check_threads  # noqa: E402
 
 
 def _quality():
@@ -271,10 +272,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--ablation", action="store_true", help="also run the loss ablation (KL, +cos, +reg, entropy, MSE)")
     p.add_argument("--baseline-csv", default=None, help="reuse the data-free rows of a bench/quality.py CSV")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
     p.add_argument("--root", default=None, help="families folder (default <cache>/families)")
     p.add_argument("--work", default=None, help="keep search outputs here (default: a temporary folder)")
     p.add_argument("--out", default=None, help="CSV path (default <family folder>/dam-<split>.csv)")
     args = p.parse_args(argv)
+    args.threads = check_threads(args.threads)
 
     import pandas as pd
 
@@ -314,4 +317,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mergecore.cli import run_script
+
+    sys.exit(run_script(main, "bench/dam.py"))

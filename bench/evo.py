@@ -125,6 +125,7 @@ def main() -> int:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
     args = ap.parse_args()
 
     import pandas as pd
@@ -164,4 +165,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mergecore.cli import run_script
+
+    sys.exit(run_script(main, "bench/evo.py"))

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergecore.io.source import ModelSource, fadvise_dontneed  # noqa: E402
+from mergecore.threads import check_threads  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=16,
                 num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -169,7 +170,9 @@ def main() -> int:
     ap.add_argument("--methods", default="ties,linear")
     ap.add_argument("--threads", type=int, default=None, help="mergecore --threads (default: its own)")
     ap.add_argument("--keep", action="store_true", help="keep outputs")
+    ap.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
     args = ap.parse_args()
+    args.threads = check_threads(args.threads)
 
     models = build_models(args.models)
     files = [p / "model.safetensors" for p in models.values()]
@@ -217,4 +220,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mergecore.cli import run_script
+
+    sys.exit(run_script(main, "bench/merge_speed.py"))

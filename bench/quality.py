@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergecore.errors import MergeError  # noqa: E402
+from mergecore.threads import check_threads  # noqa: E402
 
 
 @dataclass
@@ -204,9 +205,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--methods", default=None, help="comma-separated methods (default: all rows)")
     p.add_argument("--threads", type=int, default=2, help="merge threads")
+    p.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
     p.add_argument("--root", default=None, help="families folder (default <cache>/families)")
     p.add_argument("--out", default=None, help="CSV path (default <family folder>/quality-<split>.csv)")
     args = p.parse_args(argv)
+    args.threads = check_threads(args.threads)
 
     import pandas as pd
 
@@ -239,4 +242,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mergecore.cli import run_script
+
+    sys.exit(run_script(main, "bench/quality.py"))

@@ -40,6 +40,7 @@ from mergecore.families import get_family  # noqa: E402
 from mergecore.search.rmm.layers import LayerBank, Operator, layer_stack  # noqa: E402
 from mergecore.search.rmm.ppo import PPOConfig  # noqa: E402
 from mergecore.search.rmm.search import RMMSearch, RMMSettings, rerank_on_full, trajectory_recipe  # noqa: E402
+from mergecore.threads import set_torch_threads  # noqa: E402
 
 OPERATORS = [
     Operator("avg", "linear", {"weight": 1.0}),
@@ -199,6 +200,7 @@ def main() -> int:
     ap.add_argument("--big-cache-gib", type=float, default=0,
                     help="also time the cache + memo variant with this prefix-cache budget (GiB; default 1 GiB only)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
     args = ap.parse_args()
     if args.big_cache_gib < 0:
         ap.error("--big-cache-gib must be 0 (off) or a positive size in GiB")
@@ -206,8 +208,7 @@ def main() -> int:
     import pandas as pd
 
     torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     fam = get_family(args.family)
     base, experts = load_models(fam)
     out = args.out or fam.root
@@ -231,4 +232,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mergecore.cli import run_script
+
+    sys.exit(run_script(main, "bench/rmm.py"))

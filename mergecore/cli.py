@@ -6,14 +6,17 @@ Bad input ends in one line on stderr and exit status 2; `--verbose` shows the tr
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mergecore.errors import Cancelled, MergeError
+from mergecore.errors import Cancelled, MergeError, clip
+from mergecore.threads import check_threads
 
 EXIT_BAD_INPUT = 2
 
@@ -24,8 +27,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from mergecore.io.writer import parse_size, prepare_output_dir
     from mergecore.recipe import load_recipe
 
-    if args.threads < 1:
-        raise MergeError("--threads must be at least 1")
+    args.threads = check_threads(args.threads)
     recipe = load_recipe(args.recipe)
     shard_size = parse_size(args.shard_size)
     budget = parse_size(args.memory_budget) if args.memory_budget else None
@@ -94,7 +96,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergecore", description="Merge models from YAML recipes.")
+    parser = _Parser(prog="mergecore", description="Merge models from YAML recipes.")
     parser.add_argument("--verbose", "-v", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -127,27 +129,85 @@ def build_parser() -> argparse.ArgumentParser:
 SUBCOMMAND_MODULES: tuple[str, ...] = ("mergecore.eval.cli", "mergecore.families.cli", "mergecore.search.cli")
 
 
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space or write somewhere else",
+    errno.EDQUOT: "free some disk space or write somewhere else",
+    errno.EACCES: "check the permissions of that path",
+    errno.EPERM: "check the permissions of that path",
+    errno.EROFS: "write somewhere else",
+    errno.EMFILE: "raise the open-file limit (ulimit -n) or use fewer --threads",
+    errno.ENFILE: "raise the open-file limit (ulimit -n) or use fewer --threads",
+}
+
+
+def _os_error_line(err: OSError, what: str) -> str:
+    """`<what> failed: <strerror> (<path>); <hint>`: disk full, permissions, open files..."""
+    reason = err.strerror or clip(err, 200) or type(err).__name__
+    paths = [clip(p, 200) for p in (err.filename, err.filename2) if p is not None]
+    hint = _OS_HINTS.get(err.errno or 0)
+    return (f"{what} failed: {reason}" + (f" ({' -> '.join(paths)})" if paths else "")
+            + (f"; {hint}" if hint else ""))
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings as one `warning:` line each (not the two-line file:line form)."""
+    try:
+        print(f"warning: {clip(message, 300)}", file=file or sys.stderr)
+    except OSError:  # stderr closed: nowhere to warn
+        pass
+
+
+def run_command(call: Callable[[], int], *, verbose: bool = False, what: str = "mergecore") -> int:
+    """Run a command and turn every failure into one `error:` line on stderr and exit status 2.
+
+    Shared by `main` and the bench scripts: bad input (`MergeError`), operating-system errors
+    (disk full, permissions, too many open files) and unexpected exceptions all end the same
+    way, so scripts and users can rely on one line and status 2; `verbose` adds the traceback.
+    Ctrl-C is status 130.
+    """
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            return call()
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # output piped into e.g. `head`
+            return 0
+        except Exception as err:
+            if verbose:
+                traceback.print_exc()
+            if isinstance(err, MergeError):
+                line = str(err)
+            elif isinstance(err, OSError):
+                line = _os_error_line(err, what)
+            elif isinstance(err, MemoryError):
+                line = f"{what} ran out of memory"
+            else:  # a bug, not bad input: still one line unless --verbose
+                line = (f"internal error: {type(err).__name__}: {clip(err, 200) or '(no message)'}"
+                        + ("" if verbose else " (run with --verbose for the traceback)"))
+            print(f"error: {clip(line, 600)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+
+def run_script(main: Callable[[], int], name: str) -> int:
+    """`run_command` for a script with its own `main` (bench/*.py); `--verbose`/`-v` shows tracebacks."""
+    return run_command(main, verbose=bool({"--verbose", "-v"} & set(sys.argv[1:])), what=name)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line too, pointing at --help instead of printing the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {clip(message, 300)} (see {self.prog} --help)\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except MergeError as err:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into e.g. `head`
-        return 0
-    except Exception as err:  # an unexpected failure: one line unless --verbose
-        if args.verbose:
-            traceback.print_exc()
-        msg = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {type(err).__name__}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
-        return 1
+    what = " ".join(str(v) for v in (args.command, getattr(args, "search_kind", None),
+                                     getattr(args, "bench_command", None)) if v)
+    return run_command(lambda: args.func(args), verbose=args.verbose, what=what)
 
 
 if __name__ == "__main__":  # pragma: no cover

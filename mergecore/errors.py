@@ -30,6 +30,13 @@ _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 
 _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
 
 
+def clip(text: object, limit: int = 120) -> str:
+    """`str(text)` cut to `limit` characters: for a user's string (a key, a path, a name) that is
+    shown as is, where `short` would add quotes."""
+    s = " ".join(str(text)[: limit + 1].split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
 def short(value: object, limit: int = 120) -> str:
     """A bounded repr of `value` for error messages: a value from a user's file may be huge (an
     alias can expand to billions of items), and an error must stay one short line. Never walks

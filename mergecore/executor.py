@@ -9,6 +9,7 @@ everything, so peak memory is a few tensors, not a model. `merge` does both.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import threading
@@ -238,8 +239,12 @@ class _ParamReader:
                     return spec.coerce(v, f"{model}, {tensor}" if model else tensor)
         if spec.required:
             who = f" for model '{model}'" if spec.per_model and model else ""
+            known = {p.name for p in self.method.params}
+            unknown = [k for lv in levels for k in lv if isinstance(k, str) and k not in known and len(k) <= 64]
+            typo = difflib.get_close_matches(spec.name, unknown, n=1)
+            hint = f" ('{typo[0]}' in the recipe is not a parameter of '{self.method.name}': a typo?)" if typo else ""
             raise MergeError(
-                f"method '{self.method.name}' needs parameter '{spec.name}'{who} (tensor {tensor}); "
+                f"method '{self.method.name}' needs parameter '{spec.name}'{who} (tensor {tensor}){hint}; "
                 f"set it under the model's parameters or the global parameters"
             )
         return spec.default
@@ -255,7 +260,7 @@ def plan_merge(
 ) -> Plan:
     """Check the recipe against the models and build one job per output tensor."""
     method = get_method(recipe.merge_method)
-    validate_parameters(recipe)
+    warnings: list[str] = validate_parameters(recipe)  # unused parameters: mergekit ignores them too
     artifacts = resolve_artifacts(recipe, search_dirs)
     if "artifacts" in method.context and not artifacts:
         raise MergeError(f"method '{method.name}' reads its data from the recipe's 'artifacts:', which is missing")
@@ -276,7 +281,6 @@ def plan_merge(
     ref_src = sources[reference]
     forced = dtype_from_name(out_dtype) or dtype_from_name(recipe.out_dtype) or dtype_from_name(recipe.dtype)
     compute_dtype = torch.float64 if dtype_from_name(recipe.dtype) == torch.float64 else torch.float32
-    warnings: list[str] = []
     if recipe.non_layer_from and recipe.non_layer_from not in sources:
         raise MergeError(f"non_layer_from: model '{recipe.non_layer_from}' is not one of the recipe's models")
 

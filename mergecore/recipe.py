@@ -7,14 +7,16 @@ and the executor is the only thing that turns it into files.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergecore.errors import MergeError
+from mergecore.errors import MergeError, clip, short
 from mergecore.params import is_filter_list
+from mergecore.yamlio import load_yaml, load_yaml_file
 
 ParamDict = dict[str, Any]
 
@@ -127,14 +129,14 @@ class Recipe(_Strict):
             out.append(("parameters", self.parameters, all_methods))
         for i, m in enumerate(self.models or []):
             if m.parameters:
-                out.append((f"models[{i}] ({m.model})", m.parameters, [self.merge_method]))
+                out.append((f"models[{i}] ({clip(m.model, 80)})", m.parameters, [self.merge_method]))
         for i, s in enumerate(self.slices or []):
             methods = [s.merge_method or self.merge_method]
             if s.parameters:
                 out.append((f"slices[{i}]", s.parameters, methods))
             for j, src in enumerate(s.sources):
                 if src.parameters:
-                    out.append((f"slices[{i}].sources[{j}] ({src.model})", src.parameters, methods))
+                    out.append((f"slices[{i}].sources[{j}] ({clip(src.model, 80)})", src.parameters, methods))
         return out
 
     def to_yaml(self) -> str:
@@ -149,14 +151,17 @@ class Recipe(_Strict):
 
 
 def _format_validation_error(err: ValidationError, where: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    """First problem only, without pydantic's `input` (which may be an alias-expanded giant)."""
+    problems = err.errors(include_url=False, include_input=False)
+    first = problems[0]
+    loc = ".".join(clip(p, 60) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
+    msg = clip(msg, 300)
     if first["type"] == "extra_forbidden":
         fields = ", ".join(Recipe.model_fields) if len(first["loc"]) == 1 else None
-        msg = f"unknown key '{first['loc'][-1]}'" + (f" (valid keys: {fields})" if fields else "")
-        loc = ".".join(str(p) for p in first["loc"][:-1])
-    more = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
+        msg = f"unknown key {short(first['loc'][-1], 60)}" + (f" (valid keys: {fields})" if fields else "")
+        loc = ".".join(clip(p, 60) for p in first["loc"][:-1])
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
     return f"{where}: {loc + ': ' if loc else ''}{msg}{more}"
 
 
@@ -169,44 +174,49 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
         raise MergeError(_format_validation_error(err, where)) from None
 
 
-def parse_recipe(text: str, where: str = "recipe") -> Recipe:
-    """Parse YAML text into a Recipe; errors name the line and column."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        pos = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise MergeError(f"{where}:{pos}: malformed YAML: {err.problem or err.context}") from None
-    except yaml.YAMLError as err:
-        raise MergeError(f"{where}: malformed YAML: {err}") from None
-    return recipe_from_dict(data, where)
+def parse_recipe(text: str | bytes, where: str = "recipe") -> Recipe:
+    """Parse YAML text into a Recipe within `yamlio`'s limits; errors name the line and column."""
+    return recipe_from_dict(load_yaml(text, where), where)
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    p = Path(path)
-    if not p.is_file():
-        raise MergeError(f"recipe file not found: {p}")
-    return parse_recipe(p.read_text(), where=str(p))
+    """Read a recipe file: size checked before reading, UTF-8 only."""
+    return recipe_from_dict(load_yaml_file(path, "recipe file"), str(Path(path).expanduser()))
 
 
-def validate_parameters(recipe: Recipe) -> None:
-    """Check every parameter name against the method's schema (values are checked per tensor)."""
+def _unused_warning(key: str, places: list[str], names: list[str], valid: set[str]) -> str:
+    where = places[0] if len(places) == 1 else f"{places[0]} and {len(places) - 1} more"
+    close = difflib.get_close_matches(key, sorted(valid), n=1) if len(key) <= 64 else []
+    hint = f"; did you mean '{close[0]}'?" if close else f" (its parameters: {', '.join(sorted(valid)) or 'none'})"
+    return (f"{where}: parameter {short(key, 60)} is not used by method '{'/'.join(names)}' and is "
+            f"ignored{hint}")
+
+
+def validate_parameters(recipe: Recipe) -> list[str]:
+    """Check the recipe's parameter blocks against the methods' schemas and return warnings.
+
+    A parameter the method does not read is a warning, not an error: mergekit ignores such
+    keys, and recipes copied from model cards often carry them (`weight:` under each model of a
+    `slerp`). Values are checked per tensor by the executor, where filters are resolved.
+    """
     from mergecore.methods import get_method
 
     get_method(recipe.merge_method)
+    unused: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    valid_for: dict[tuple[str, ...], set[str]] = {}
     for where, params, names in recipe.parameter_dicts():
-        methods = [get_method(n) for n in names]
-        valid = {p.name for m in methods for p in m.params}
+        methods = tuple(dict.fromkeys(names))
+        valid = valid_for.setdefault(methods, {p.name for n in methods for p in get_method(n).params})
         for key, value in params.items():
             if key not in valid:
-                raise MergeError(
-                    f"{where}: unknown parameter '{key}' for method '{'/'.join(dict.fromkeys(names))}'; "
-                    f"valid: {', '.join(sorted(valid)) or '(none)'}"
-                )
+                unused.setdefault((str(key), methods), []).append(where)
+                continue
             if is_filter_list(value):
                 for entry in value:
                     if "value" not in entry or set(entry) - {"filter", "value"}:
                         raise MergeError(
                             f"{where}: parameter '{key}': each filter entry needs 'value' and "
-                            f"optionally 'filter', got {entry}"
+                            f"optionally 'filter', got {short(entry)}"
                         )
+    return [_unused_warning(key, places, list(methods), valid_for[methods])
+            for (key, methods), places in unused.items()]

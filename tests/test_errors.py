@@ -91,11 +91,13 @@ def test_unknown_method_lists_valid_ones(tmp_path, capsys, llama_family):
         assert name in msg
 
 
-def test_unknown_parameter_lists_valid_ones(tmp_path, capsys, llama_family):
+def test_misspelled_required_parameter_names_the_typo(tmp_path, capsys, llama_family):
+    # an unused key is only a warning (mergekit runs such recipes), but when the method then
+    # misses a parameter it needs, the error points at the likely typo
     recipe = _linear(llama_family["a"], llama_family["b"])
     recipe["models"][1]["parameters"] = {"weigth": 0.5}
-    msg = run_bad(tmp_path, capsys, recipe)
-    assert "unknown parameter 'weigth'" in msg and "valid: normalize, weight" in msg
+    msg = run_bad(tmp_path, capsys, recipe, "--quiet")
+    assert "needs parameter 'weight'" in msg and "'weigth' in the recipe is not a parameter of 'linear'" in msg
 
 
 def test_parameter_out_of_range(tmp_path, capsys, llama_family):

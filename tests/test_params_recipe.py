@@ -252,15 +252,22 @@ def test_mergekit_slices_recipe_parses():
     assert resolve(r.parameters["t"], "model.norm.weight", 0.0) == 0.5
 
 
-def test_validate_parameters_unknown_parameter():
+def test_validate_parameters_unused_parameter_is_a_warning():
+    # mergekit ignores parameters a method does not read; so do we, but we say so
     r = parse_recipe("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weigth: 1.0}\n")
-    with pytest.raises(MergeError) as err:
-        validate_parameters(r)
-    msg = str(err.value)
-    assert "unknown parameter 'weigth'" in msg and "valid: normalize, weight" in msg and "models[0] (a)" in msg
+    [msg] = validate_parameters(r)
+    assert msg.startswith("models[0] (a): parameter 'weigth' is not used by method 'linear'")
+    assert "did you mean 'weight'?" in msg
     r = parse_recipe("merge_method: linear\nmodels: [{model: a}]\nparameters: {density: 0.5}\n")
-    with pytest.raises(MergeError, match=r"^parameters: unknown parameter 'density'"):
-        validate_parameters(r)
+    [msg] = validate_parameters(r)
+    assert msg.startswith("parameters: parameter 'density' is not used by method 'linear'")
+    assert "did you mean" not in msg and "normalize, weight" in msg
+    # one line per key, however many models carry it
+    r = parse_recipe("merge_method: slerp\nbase_model: a\nparameters: {t: 0.5}\nmodels:\n"
+                     "  - {model: a, parameters: {weight: 1}}\n  - {model: b, parameters: {weight: 1}}\n")
+    assert validate_parameters(r) == ["models[0] (a) and 1 more: parameter 'weight' is not used by method "
+                                      "'slerp' and is ignored (its parameters: t)"]
+    assert validate_parameters(parse_recipe("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n")) == []
 
 
 def test_validate_parameters_bad_filter_entry():

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from mergecore.errors import Cancelled, MergeError
+from mergecore.threads import set_torch_threads
 
 
 def _is_recipe(path: Path) -> bool:
@@ -26,10 +27,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise MergeError(f"{target} is a file but not a recipe (.yml/.yaml); give a checkpoint folder or a recipe")
     if args.batch_size < 1:
         raise MergeError("--batch-size must be at least 1")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
+    set_torch_threads(args.threads)
     ev = Evaluator(args.tasks, subset=parse_subset(args.subset), seed=args.seed, batch_size=args.batch_size,
                    device=args.device)
     _quiet_transformers()
@@ -94,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subset-index", type=int, default=0, help="which of the disjoint subsets (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)

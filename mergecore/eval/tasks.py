@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import math
 import string
+from collections import Counter
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,12 +74,12 @@ from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from mergecore.errors import MergeError
+from mergecore.errors import MergeError, clip, short
 from mergecore.eval.data import Arrays, Data, DataSpec, Records, load_data
 from mergecore.eval.prep import ImagePrep, pad_batch, pad_id_of
+from mergecore.yamlio import load_yaml, load_yaml_file
 
 BatchCallback = Callable[[int], None]  # called with the number of examples finished so far
 
@@ -210,7 +211,8 @@ def _fill(template: Optional[str], field_name: str, row: dict[str, Any], where: 
     try:
         return template.format_map(row)
     except (KeyError, IndexError, ValueError) as err:
-        raise MergeError(f"{where}: template {template!r} cannot be filled from the row ({type(err).__name__}: {err})") from None
+        raise MergeError(f"{where}: template {short(template)} cannot be filled from the row "
+                         f"({type(err).__name__}: {clip(err, 80)})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ class Task(ABC):
     # -- data --------------------------------------------------------------------------------
 
     def where(self) -> str:
-        return f"task '{self.name}'"
+        return f"task '{clip(self.name, 60)}'"
 
     def data(self) -> Data:
         if self._data is None:
@@ -272,7 +274,8 @@ class Task(ABC):
             raise MergeError(f"{self.where()}: the data has no rows")
         for f in fields:
             if f is not None and f not in rows[0]:
-                raise MergeError(f"{self.where()}: the data has no field '{f}' (fields: {', '.join(map(str, rows[0]))})")
+                raise MergeError(f"{self.where()}: the data has no field '{clip(f, 60)}' "
+                                 f"(fields: {clip(', '.join(map(str, rows[0])), 200)})")
 
     def _tokenizer_override(self) -> Optional[Path]:
         tok = getattr(self.spec, "tokenizer", None)
@@ -333,7 +336,7 @@ class ClassificationTask(Task):
         if not p.is_absolute() and self.base_dir is not None:
             p = self.base_dir / p
         if not p.is_dir():
-            raise MergeError(f"{self.where()}: head_from '{self.head_from}' is not a checkpoint folder ({p})")
+            raise MergeError(f"{self.where()}: head_from '{clip(self.head_from)}' is not a checkpoint folder ({clip(p)})")
         return p
 
     def is_image(self) -> bool:
@@ -352,7 +355,7 @@ class ClassificationTask(Task):
             v = r[self.spec.label_field]
             if isinstance(v, str) and not v.lstrip("-").isdigit():
                 if names is None or v not in names:
-                    raise MergeError(f"{self.where()}: label '{v}' is not a number; list the label names in label_names")
+                    raise MergeError(f"{self.where()}: label {short(v)} is not a number; list the label names in label_names")
                 out.append(names.index(v))
             else:
                 out.append(int(v))
@@ -366,7 +369,7 @@ class ClassificationTask(Task):
             return data
         keep = np.flatnonzero(np.isin(labels, self.classes))
         if len(keep) == 0:
-            raise MergeError(f"{self.where()}: no example has a label in classes {self.classes}")
+            raise MergeError(f"{self.where()}: no example has a label in classes {short(self.classes)}")
         self._keep = keep
         if isinstance(data, Arrays):
             imgs = data.images[keep] if isinstance(data.images, np.ndarray) else [data.images[i] for i in keep]
@@ -559,7 +562,7 @@ class MultipleChoiceTask(Task):
         elif isinstance(v, str) and len(v.strip()) == 1 and v.strip().upper() in string.ascii_uppercase:
             i = string.ascii_uppercase.index(v.strip().upper())
         else:
-            raise MergeError(f"{self.where()}: answer {v!r} is neither an option index, a letter nor one of the options")
+            raise MergeError(f"{self.where()}: answer {short(v)} is neither an option index, a letter nor one of the options")
         if not 0 <= i < len(choices):
             raise MergeError(f"{self.where()}: answer index {i} is outside the {len(choices)} options")
         return i
@@ -579,7 +582,7 @@ class MultipleChoiceTask(Task):
             for c in choices:
                 cont = tok(s.choice_prefix + c, add_special_tokens=False)["input_ids"]
                 if not cont:
-                    raise MergeError(f"{self.where()}: option {c!r} has no tokens")
+                    raise MergeError(f"{self.where()}: option {short(c)} has no tokens")
                 seq = (ctx_ids + cont)[-s.max_length:]
                 opts.append((seq, min(len(cont), len(seq) - 1), len(s.choice_prefix + c)))
             examples.append((opts, self._answer(r, choices)))
@@ -699,15 +702,17 @@ TASK_CLASSES: dict[str, type[Task]] = {
 
 
 def _format_error(err: ValidationError, where: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if p not in KINDS)
-    msg = first["msg"].removeprefix("Value error, ")
+    """First problem only, without pydantic's `input` (a value from the file may be huge)."""
+    problems = err.errors(include_url=False, include_input=False)
+    first = problems[0]
+    loc = ".".join(clip(p, 60) for p in first["loc"] if p not in KINDS)
+    msg = clip(first["msg"].removeprefix("Value error, "), 300)
     if first["type"] == "extra_forbidden":
-        msg = f"unknown key '{first['loc'][-1]}'"
-        loc = ".".join(str(p) for p in first["loc"][:-1] if p not in KINDS)
+        msg = f"unknown key '{clip(first['loc'][-1], 60)}'"
+        loc = ".".join(clip(p, 60) for p in first["loc"][:-1] if p not in KINDS)
     elif first["type"] in ("union_tag_invalid", "union_tag_not_found"):
         msg = f"'kind' must be one of {', '.join(KINDS)}"
-    more = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
     return f"{where}: {loc + ': ' if loc else ''}{msg}{more}"
 
 
@@ -718,7 +723,7 @@ def task_from_dict(data: Any, base_dir: Optional[Path] = None, where: str = "tas
     data = dict(data)
     data.setdefault("kind", "classification")
     if isinstance(data.get("name"), str):
-        where = f"{where} ({data['name']})"
+        where = f"{where} ({clip(data['name'], 60)})"
     try:
         spec = _SPEC_ADAPTER.validate_python(data)
     except ValidationError as err:
@@ -726,34 +731,28 @@ def task_from_dict(data: Any, base_dir: Optional[Path] = None, where: str = "tas
     return TASK_CLASSES[spec.kind](spec, base_dir)
 
 
-def parse_tasks(text: str, base_dir: Optional[Path] = None, where: str = "tasks") -> list[Task]:
+def parse_tasks(text: str | bytes, base_dir: Optional[Path] = None, where: str = "tasks") -> list[Task]:
     """Tasks from YAML text: a list of tasks, or a mapping with a `tasks:` list."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        pos = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise MergeError(f"{where}:{pos}: malformed YAML: {err.problem or err.context}") from None
-    except yaml.YAMLError as err:
-        raise MergeError(f"{where}: malformed YAML: {err}") from None
+    return _tasks_from_data(load_yaml(text, where), base_dir, where)
+
+
+def _tasks_from_data(data: Any, base_dir: Optional[Path], where: str) -> list[Task]:
     if isinstance(data, dict):
         unknown = set(data) - {"tasks", "description", "name"}
         if unknown:
-            raise MergeError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (expected 'tasks')")
+            raise MergeError(f"{where}: unknown key(s) {clip(', '.join(sorted(map(str, unknown))), 200)} (expected 'tasks')")
         data = data.get("tasks")
     if not isinstance(data, list) or not data:
         raise MergeError(f"{where}: expected a non-empty list of tasks (or 'tasks:' with one)")
     tasks = [task_from_dict(t, base_dir, f"{where}: tasks[{i}]") for i, t in enumerate(data)]
     names = [t.name for t in tasks]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = sorted(n for n, count in Counter(names).items() if count > 1)
     if dup:
-        raise MergeError(f"{where}: task names must be unique; repeated: {', '.join(dup)}")
+        raise MergeError(f"{where}: task names must be unique; repeated: {clip(', '.join(dup), 200)}")
     return tasks
 
 
 def load_tasks(path: str | Path) -> list[Task]:
     """Tasks from a YAML file; data paths are relative to the file's folder."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise MergeError(f"tasks file not found: {p}")
-    return parse_tasks(p.read_text(), base_dir=p.resolve().parent, where=str(p))
+    return _tasks_from_data(load_yaml_file(p, "tasks file"), p.resolve().parent, str(p))

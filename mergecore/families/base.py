@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from mergecore.errors import MergeError
+from mergecore.errors import MergeError, clip, short
 from mergecore.events import CancelToken, Event
 
 
@@ -116,7 +116,7 @@ def override_dataclass(preset: Any, overrides: Optional[dict[str, Any]], where: 
     """`dataclasses.replace(preset, **overrides)` with values checked against the preset's types."""
     import dataclasses
 
-    import yaml
+    from mergecore.yamlio import load_yaml
 
     if not overrides:
         return preset
@@ -124,13 +124,14 @@ def override_dataclass(preset: Any, overrides: Optional[dict[str, Any]], where: 
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
         if key not in fields:
-            raise MergeError(f"{where}: unknown setting '{key}'; valid: {', '.join(sorted(fields))}")
+            raise MergeError(f"{where}: unknown setting '{clip(key, 60)}'; valid: {', '.join(sorted(fields))}")
         if isinstance(value, str):
-            value = None if value.strip().lower() in ("none", "null", "~", "") else yaml.safe_load(value)
+            empty = value.strip().lower() in ("none", "null", "~", "")
+            value = None if empty else load_yaml(value, f"{where}: setting '{key}'")
         current = getattr(preset, key)
         if value is not None and current is not None:
             if isinstance(current, bool) != isinstance(value, bool) and not isinstance(current, (str, tuple)):
-                raise MergeError(f"{where}: setting '{key}' expects {type(current).__name__}, got {value!r}")
+                raise MergeError(f"{where}: setting '{key}' expects {type(current).__name__}, got {short(value)}")
             if isinstance(current, float) and isinstance(value, int):
                 value = float(value)
             elif isinstance(current, tuple):
@@ -138,7 +139,7 @@ def override_dataclass(preset: Any, overrides: Optional[dict[str, Any]], where: 
             elif isinstance(current, str):
                 value = str(value)
             elif not isinstance(value, type(current)):
-                raise MergeError(f"{where}: setting '{key}' expects {type(current).__name__}, got {value!r}")
+                raise MergeError(f"{where}: setting '{key}' expects {type(current).__name__}, got {short(value)}")
         changes[key] = value
     return dataclasses.replace(preset, **changes)
 

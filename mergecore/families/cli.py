@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from mergecore.errors import Cancelled, MergeError
+from mergecore.threads import set_torch_threads
 
 
 def _cmd_build_family(args: argparse.Namespace) -> int:
@@ -22,10 +23,7 @@ def _cmd_build_family(args: argparse.Namespace) -> int:
         if args.json:
             print((target / "family.json").read_text())
         return 0
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     bar = None
     state = {"stage": None}
 
@@ -106,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", default=None, help="families folder (default: <cache>/families; MERGECORE_CACHE sets <cache>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change one build setting of the preset (repeatable), e.g. --set expert_steps=200")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print family.json when done")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_build_family)

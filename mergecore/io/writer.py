@@ -13,6 +13,7 @@ cancelled merge leaves nothing at the output path.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -23,32 +24,46 @@ from typing import Sequence
 
 import torch
 
-from mergecore.errors import MergeError
+from mergecore.errors import MergeError, clip
 from mergecore.io.source import DTYPE_NAMES
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
+MAX_SIZE = 1000**5  # 1 PB: more than any disk; a bigger size is a typo
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500M', '1.5G', '2GiB' or a plain byte count -> bytes."""
+    """'5GB', '500M', '1.5G', '2GiB' or a plain byte count -> bytes.
+
+    Only a finite, positive size up to `MAX_SIZE` passes: 'inf', 'nan', '1e400' (which float()
+    reads as inf) and '-5GB' are one-line errors, not an OverflowError deep in a merge.
+    """
+    shown = clip(text, 40)
+    if isinstance(text, bool):
+        raise MergeError(f"cannot parse size '{shown}' (examples: 5GB, 500MB, 2GiB)")
     if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().replace(" ", "")
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
-             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-             "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            num = s[: -len(unit)]
-            break
+        value = text
     else:
-        num, mult = s, 1
-    try:
-        value = int(float(num) * mult)
-    except ValueError:
-        raise MergeError(f"cannot parse size '{text}' (examples: 5GB, 500MB, 2GiB)") from None
+        s = str(text).strip().upper().replace(" ", "")
+        units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+                 "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+                 "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "B": 1}
+        for unit, mult in units.items():
+            if s.endswith(unit):
+                num = s[: -len(unit)]
+                break
+        else:
+            num, mult = s, 1
+        try:
+            number = float(num)
+        except ValueError:
+            raise MergeError(f"cannot parse size '{shown}' (examples: 5GB, 500MB, 2GiB)") from None
+        if not math.isfinite(number * mult):
+            raise MergeError(f"size must be a finite number of bytes, got '{shown}'")
+        value = int(number * mult)
     if value <= 0:
-        raise MergeError(f"size must be positive, got '{text}'")
+        raise MergeError(f"size must be positive, got '{shown}'")
+    if value > MAX_SIZE:
+        raise MergeError(f"size '{shown}' is too large (at most {MAX_SIZE // 1000**5} PB)")
     return value
 
 

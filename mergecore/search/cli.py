@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mergecore.errors import Cancelled
+from mergecore.threads import set_torch_threads
 
 
 def _episode_line(event) -> None:
@@ -139,10 +140,7 @@ def _cmd_dam(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise MergeError("--steps must be at least 1")
         config.steps = args.steps
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
+    set_torch_threads(args.threads)
     cancel = CancelToken()
     try:
         summary = run_dam(config, root, args.out_dir, on_event=None if args.quiet else _dam_line(args.log_every),

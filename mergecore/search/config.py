@@ -4,30 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from mergecore.errors import MergeError
+from mergecore.errors import MergeError, clip
+from mergecore.yamlio import load_yaml_file
 
 
 def load_config(path: str | Path, cls: type[BaseModel]) -> tuple[BaseModel, Path]:
     """Parse a search YAML; relative paths in it are taken relative to the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise MergeError(f"search config not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        raise MergeError(f"{p}: line {mark.line + 1 if mark else '?'}: malformed YAML: {err.problem}") from None
+    p = Path(path).expanduser()
+    data = load_yaml_file(p, "search config")
     if not isinstance(data, dict):
-        raise MergeError(f"{p}: expected a mapping at the top level")
+        raise MergeError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         cfg = cls.model_validate(data)
     except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(str(x) for x in e["loc"])
-        raise MergeError(f"{p}: {loc}: {e['msg'].removeprefix('Value error, ')}") from None
+        # without pydantic's `input`: it may be a huge (alias-expanded) value
+        e = err.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(clip(x, 60) for x in e["loc"])
+        raise MergeError(f"{p}: {loc}: {clip(e['msg'].removeprefix('Value error, '), 300)}") from None
     return cfg, p.resolve().parent
 
 
