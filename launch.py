@@ -1,10 +1,11 @@
-"""Start the mergecore app: `python launch.py [--host 127.0.0.1] [--port 7860] [--share]`.
+"""Start the mergecore app: `python launch.py [--host 127.0.0.1] [--port 7860] [--share] [--allow-dir DIR]`.
 
 On first run the built-in demo models are built locally (no download; a progress bar is
 printed): by default the miniature fmnist-vit family, a small ViT and four experts trained on
 Fashion-MNIST and digits in about a minute on a CPU (`--demo-family synthetic-llama` for three
 tiny random Llamas instead). Then the app opens on them. Everything the app writes goes under
---work-dir.
+--work-dir. A path typed into the app is only read inside the work dir, the demo dir, the Hugging
+Face cache and the folders given with --allow-dir (repeatable; `app.paths`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,21 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default=None, help="where merges and downloads are written "
                         "(default: $MERGECORE_CACHE/app)")
     parser.add_argument("--zip-limit", default="2GB", help="largest checkpoint offered as a zip download (default 2GB)")
+    parser.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                        help="a folder whose models and tasks files the app may read, besides the work dir, the demo "
+                             "dir and the Hugging Face cache (repeatable)")
     args = parser.parse_args(argv)
 
     from mergecore.demo import cache_root
+    from mergecore.errors import MergeError
     from mergecore.io.writer import parse_size
 
     from app.demo_family import build_demo_family
+
+    for d in args.allow_dir:  # before the demo is built: a typo should not cost a minute
+        if not os.path.isdir(os.path.expanduser(d)):
+            print(f"error: --allow-dir {d}: not a folder", file=sys.stderr)
+            return 2
 
     family = None
     if not args.no_demo:
@@ -54,8 +64,6 @@ def main(argv=None) -> int:
                 last[0] = line
                 print(f"\r{line:<110}", end="", flush=True)
 
-        from mergecore.errors import MergeError
-
         try:
             family = build_demo_family(args.demo_family, args.demo_dir, progress=progress)
         except MergeError as err:
@@ -70,7 +78,12 @@ def main(argv=None) -> int:
 
     from app.ui import build_app, launch_kwargs, make_context
 
-    ctx = make_context(args.work_dir or (cache_root() / "app"), demo=family, zip_limit=parse_size(args.zip_limit))
+    try:
+        ctx = make_context(args.work_dir or (cache_root() / "app"), demo=family, zip_limit=parse_size(args.zip_limit),
+                           allowed_dirs=args.allow_dir, demo_dir=args.demo_dir)
+    except MergeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(ctx))

@@ -25,7 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
-from mergecore.errors import MergeError
+from mergecore.errors import MergeError, short
+from mergecore.yamlio import load_yaml
 
 # substrings that select attention and MLP tensors, tried in order (first match in the names wins)
 ATTN_PATTERNS = ("self_attn", "attention", "attn")
@@ -181,9 +182,9 @@ def _fmt(v: float) -> str:
 
 def _check_number(field: dict[str, Any], v: Any) -> float:
     if not _is_number(v):
-        raise MergeError(f"{field['label']}: expected a number or a list of numbers, got {v!r}")
+        raise MergeError(f"{field['label']}: expected a number or a list of numbers, got {short(v)}")
     if field["type"] == "int" and float(v) != int(v):
-        raise MergeError(f"{field['label']}: expected a whole number, got {v!r}")
+        raise MergeError(f"{field['label']}: expected a whole number, got {short(v)}")
     lo, hi = field["range"] or (None, None)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise MergeError(f"{field['label']} = {v} is out of range {field['range_text']}")
@@ -200,11 +201,11 @@ def check_value(field: dict[str, Any], value: Any) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.strip().lower() in ("true", "yes", "1")
-        raise MergeError(f"{field['label']}: expected true or false, got {value!r}")
+        raise MergeError(f"{field['label']}: expected true or false, got {short(value)}")
     if t == "str":
         value = "" if value is None else str(value)
         if field["choices"] and value not in field["choices"]:
-            raise MergeError(f"{field['label']}: '{value}' is not one of {', '.join(map(str, field['choices']))}")
+            raise MergeError(f"{field['label']}: {short(value)} is not one of {', '.join(map(str, field['choices']))}")
         return value
     if is_split(value):
         return {g: check_value(field, v) for g, v in value.items()}
@@ -223,12 +224,13 @@ def text_to_value(field: dict[str, Any], text: str) -> Any:
     if not text:
         raise MergeError(f"{field['label']}: give a value")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise MergeError(f"{field['label']}: cannot read '{text}'; write a number, [0.2, 0.8] or "
+        value = load_yaml(text, field["label"])  # size and alias limits: typed in the browser
+    except MergeError:
+        raise MergeError(f"{field['label']}: cannot read {short(text)}; write a number, [0.2, 0.8] or "
                          f"{{attn: [0, 1], mlp: [1, 0], other: 0.5}}") from None
     if isinstance(value, dict) and not is_split(value):
-        raise MergeError(f"{field['label']}: separate curves use the keys attn, mlp and other, got {list(value)}")
+        raise MergeError(f"{field['label']}: separate curves use the keys attn, mlp and other, "
+                         f"got {short(list(value))}")
     return check_value(field, value)
 
 
@@ -479,7 +481,7 @@ def form_from_recipe(recipe, state: dict[str, Any]) -> tuple[dict[str, Any], dic
     def name_of(ref: str) -> str:
         m = find_model(state, ref)
         if m is None:
-            raise MergeError(f"model '{ref}' of the recipe is not loaded")
+            raise MergeError(f"model {short(ref)} of the recipe is not loaded")
         return m["name"]
 
     if recipe.base_model:

@@ -81,6 +81,19 @@ def start_search(ctx, owner: str, spec: srch.SearchSpec, config: Any, meta: dict
                            meta={**meta, "search": spec.name, "out": str(out_dir), "resumed": resume})
 
 
+def checked_paths(spec: srch.SearchSpec, form: dict[str, Any], roots) -> dict[str, Any]:
+    """The form with each typed tasks file confined to `roots` and checked as a tasks file
+    (`app.paths.tasks_file`) before the search's own code reads it: a server file outside them is
+    refused, and one that is no tasks file is named without showing what it holds."""
+    from app.paths import tasks_file
+
+    out = dict(form)
+    for f in spec.fields:
+        if f.kind == "tasks" and str(out.get(f.key) or "").strip():
+            out[f.key] = str(tasks_file(str(out[f.key]), roots))
+    return out
+
+
 def latest_search(ctx, owner: str) -> Optional[Job]:
     jobs = ctx.jobs.jobs(owner, kind="search")
     return jobs[-1] if jobs else None
@@ -330,7 +343,7 @@ class SearchTab:
                 spec = srch.get_search(name)
                 session = srch.SearchSession.from_state(state)
                 form = values_for(name, values)
-                config = spec.make_config(form, session)
+                config = spec.make_config(checked_paths(spec, form, ctx.read_roots()), session)
                 meta = {**spec.meta(config, session), "form": _jsonable(form)}
                 if any(not j.done for j in ctx.jobs.jobs(owner, kind="search")):
                     raise MergeError("a search is already running in this browser; stop it first")
@@ -447,7 +460,7 @@ class SearchTab:
                 job, spec, recipe = finished_search(ctx, search_owner(key, request), job_id,
                                                     "no finished search to take the recipe from")
                 text = _absolute_artifacts(recipe)
-                state, form, notes = _import_yaml(text, state)
+                state, form, notes = _import_yaml(text, state, ctx.read_roots(), "the search's recipe")
             except (MergeError, OSError) as err:
                 return (*refresh(state, form, version, request, status=f"**Error:** {err}"), gr.skip())
             msg = f"Loaded the best {job.meta['search']} recipe." + "".join(f"\n- {n}" for n in notes)
@@ -511,10 +524,12 @@ def _absolute_artifacts(recipe: Path) -> str:
     so the recipe still finds them from the Recipe and Merge tabs."""
     import yaml
 
+    from mergecore.yamlio import load_yaml
+
     text = recipe.read_text()
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+        data = load_yaml(text, str(recipe))
+    except MergeError:
         return text  # the import reports it, with its line
     arts = data.get("artifacts") if isinstance(data, dict) else None
     if not isinstance(arts, dict):

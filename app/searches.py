@@ -43,8 +43,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from mergecore.errors import MergeError
+from mergecore.errors import MergeError, short
 from mergecore.events import CancelToken, Event
+from mergecore.yamlio import load_yaml
 
 from app import plots
 
@@ -202,11 +203,7 @@ def parse_operators(text: str, n_models: int) -> list[dict[str, Any]]:
     """The operators YAML as [{name, method, parameters}], checked against the method registry."""
     from mergecore.search.rmm.layers import Operator
 
-    try:
-        data = yaml.safe_load(text or "") or []
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        raise MergeError(f"operators: line {mark.line + 1 if mark else '?'}: malformed YAML: {err.problem}") from None
+    data = load_yaml(text or "", "operators") or []  # size and alias limits: the text comes from the browser
     if not isinstance(data, list):
         raise MergeError("operators: write a YAML list, e.g. - {method: ties, parameters: {density: 0.5, weight: 1.0}}")
     out, names = [], set()
@@ -217,7 +214,7 @@ def parse_operators(text: str, n_models: int) -> list[dict[str, Any]]:
             raise MergeError(f"operators: entry {i + 1} needs a 'method'")
         extra = set(item) - {"name", "method", "parameters"}
         if extra:
-            raise MergeError(f"operators: entry {i + 1} has unknown key(s) {', '.join(sorted(extra))}")
+            raise MergeError(f"operators: entry {i + 1} has unknown key(s) {short(sorted(map(str, extra)))}")
         name = str(item.get("name") or item["method"])
         base_name, k = name, 2
         while name in names:
@@ -252,7 +249,7 @@ def _inputs(values: dict[str, Any], session: SearchSession) -> tuple[str, list[s
     if not tasks:
         raise MergeError("give a tasks YAML to score candidates on (the demo family has one)")
     if not Path(tasks).is_file():
-        raise MergeError(f"tasks file not found: {tasks}")
+        raise MergeError(f"tasks file not found: {short(tasks)}")
     return base, names, tasks
 
 
@@ -276,7 +273,7 @@ def _number(values: dict[str, Any], key: str, kind=float, default: Any = 0):
     try:
         return kind(v)
     except (TypeError, ValueError):
-        raise MergeError(f"{key}: '{v}' is not a number") from None
+        raise MergeError(f"{key}: {short(v)} is not a number") from None
 
 
 def _names_by_path(session: SearchSession, paths: Sequence[str]) -> list[str]:
@@ -549,7 +546,7 @@ def _task_pairs(names: list[str], paths: list[str], tasks_file: str) -> list[Any
         return list(paths)
     lost = ", ".join(n for n, t in zip(names, paired) if not t)
     raise MergeError(f"no task for {lost}: DAM trains each model's coefficients on its own task's inputs; the tasks "
-                     f"file has {', '.join(task_names)} (a task pairs with the model of its name or its head_from)")
+                     f"file has {short(task_names)} (a task pairs with the model of its name or its head_from)")
 
 
 def _dam_config(values: dict[str, Any], session: SearchSession):
@@ -832,11 +829,7 @@ def default_bounds(method_name: str) -> dict[str, dict[str, float]]:
 
 
 def _yaml_mapping(text: str, where: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text or "")
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        raise MergeError(f"{where}: line {mark.line + 1 if mark else '?'}: malformed YAML: {err.problem}") from None
+    data = load_yaml(text or "", where)  # size and alias limits: the text comes from the browser
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -858,7 +851,8 @@ def parse_bounds(text: str, method_name: str) -> dict[str, dict[str, Any]]:
         if isinstance(b, (list, tuple)) and len(b) in (2, 3):
             b = dict(zip(("min", "max", "init"), b))
         if not isinstance(b, dict):
-            raise MergeError(f"searched parameters: '{name}' needs bounds, e.g. {name}: {{min: 0.0, max: 1.0}}")
+            raise MergeError(f"searched parameters: {short(name, 60)} needs bounds, e.g. {short(name, 60)}: "
+                             f"{{min: 0.0, max: 1.0}}")
         out[str(name)] = b
     return out
 

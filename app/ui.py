@@ -24,7 +24,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gradio as gr
 import pandas as pd
@@ -57,6 +57,21 @@ class AppContext:
     jobs: JobManager = field(default_factory=JobManager)
     hub_search: bool = True
     hub_timeout: float = 6.0
+    allowed_dirs: tuple[Path, ...] = ()  # --allow-dir: more folders a typed path may be in
+    demo_dir: Optional[Path] = None  # --demo-dir (None: the default demo folder)
+
+    def read_roots(self) -> list[Path]:
+        """The folders a path typed into the app may be in (`app.paths.confine`): the work dir,
+        the demo dir and the demo family's folders, the Hugging Face cache, --allow-dir."""
+        from app.demo_family import demo_root
+        from app.paths import hf_cache_dir
+
+        roots = [self.workspace.root, demo_root(self.demo_dir), hf_cache_dir(), *self.allowed_dirs]
+        fam = self.demo
+        if fam is not None:  # where the family was built (its models' and tasks' folders)
+            roots += [Path(p).parent for p in fam.models.values()]
+            roots += [Path(t).parent for t in (fam.tasks, fam.val_tasks) if t]
+        return roots
 
 
 def owner_of(request: Optional[gr.Request]) -> str:
@@ -332,15 +347,15 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             try:
                 if not ref:
                     raise MergeError("give a Hub id (org/name) or a local folder")
-                p = Path(ref).expanduser()
-                if p.is_dir():
+                from app.paths import local_model
+
+                p = local_model(ref, ctx.read_roots())  # None: a Hub id
+                if p is not None and p.is_dir():
                     state = st.add_model(state, ref, p)
                     form = forms.sync_form(form, state, DEFAULT_METHOD)
                     return (*refresh(state, form, version, request, status=f"Added `{ref}`."), "",
                             gr.Timer(active=False), "")
-                from mergecore.io.source import is_hub_id
-
-                if not is_hub_id(ref):
+                if p is not None:
                     raise MergeError(f"'{ref}' is neither a local folder nor a Hub id (org/name)")
                 job = ctx.jobs.submit(owner_of(request), "fetch", lambda jc: _fetch(jc, ref), title=ref,
                                       meta={"ref": ref}, slot="fetch")
@@ -373,7 +388,10 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                         gr.Timer(active=False), "")
             if job.status == DONE:
                 try:
-                    state = st.add_model(state, job.meta["ref"], job.result)
+                    from app.paths import confine
+
+                    folder = confine(job.result, ctx.read_roots(), "model folder")  # a Hub snapshot: in the cache
+                    state = st.add_model(state, job.meta["ref"], folder)
                     form = forms.sync_form(form, state, DEFAULT_METHOD)
                     msg = f"Added `{job.meta['ref']}`."
                 except MergeError as err:
@@ -430,13 +448,16 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         method_dd.input(on_method, [method_dd, session_state, form_state, form_version],
                         all_outputs + [models_status], api_name="set_method")
 
-        def on_import_text(text, state, form, version, request: gr.Request):
+        def import_recipe(text: str | bytes, where: str, state, form, version, request):
             try:
-                state, form, notes = _import_yaml(text, state)
+                state, form, notes = _import_yaml(text, state, ctx.read_roots(), where)
             except MergeError as err:
                 return refresh(state, form, version, request, status=f"**Error:** {err}")
             msg = "Recipe loaded." + "".join(f"\n- {n}" for n in notes)
             return refresh(state, form, version, request, status=msg)
+
+        def on_import_text(text, state, form, version, request: gr.Request):
+            return import_recipe(text, "recipe", state, form, version, request)
 
         apply_yaml_btn.click(on_import_text, [yaml_code, session_state, form_state, form_version],
                              all_outputs + [models_status], api_name="import_yaml")
@@ -444,16 +465,13 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         def on_import_file(path, state, form, version, request: gr.Request):
             if not path:
                 return (*[gr.skip()] * len(all_outputs), gr.skip())
+            from app.paths import read_upload
+
             try:
-                size = Path(path).stat().st_size
-                if size > 1_000_000:
-                    raise MergeError(f"recipe file is {size} bytes; recipes are small YAML files")
-                text = Path(path).read_text(encoding="utf-8", errors="replace")
-            except OSError as err:
-                return refresh(state, form, version, request, status=f"**Error:** cannot read the file: {err}")
+                data = read_upload(path, "recipe file")  # over the YAML size limit: refused unread
             except MergeError as err:
                 return refresh(state, form, version, request, status=f"**Error:** {err}")
-            return on_import_text(text, state, form, version, request)
+            return import_recipe(data, f"recipe file {Path(path).name}", state, form, version, request)
 
         yaml_file.upload(on_import_file, [yaml_file, session_state, form_state, form_version],
                          all_outputs + [models_status], api_visibility="private")
@@ -613,12 +631,13 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         def on_eval(selected, tasks, subset, state, request: gr.Request):
             owner = owner_of(request)
             try:
-                models = _paths_for(ctx, owner, state, selected)
                 tasks = (tasks or "").strip()
                 if not tasks:
                     raise MergeError("give a tasks YAML for mergecore.eval (the synthetic demo has none)")
-                if not Path(tasks).is_file():
-                    raise MergeError(f"tasks file not found: {tasks}")
+                from app.paths import tasks_file
+
+                tasks = str(tasks_file(tasks, ctx.read_roots()))  # confined, and a tasks file: checked now
+                models = _paths_for(ctx, owner, state, selected)
                 from mergecore.eval import parse_subset
 
                 sub = parse_subset(subset) if (subset or "").strip() else None
@@ -759,21 +778,28 @@ def _hub_search(ctx: AppContext, q: str):
             f"{len(found)} model(s) found; pick one, then **Add model**." if found else "No models found.")
 
 
-def _import_yaml(text: str, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """Parse YAML as data (never executed), load its models into the session, fill the form."""
-    from mergecore.recipe import parse_recipe
+def _import_yaml(text: str | bytes, state: dict[str, Any], roots: Sequence[Path],
+                 where: str = "recipe") -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Parse YAML as data (never executed; within `mergecore.yamlio`'s size and alias limits,
+    so a small hostile upload cannot blow up), load its models into the session, fill the form.
+    Local models and artifacts it names must lie in `roots` (`app.paths`), as typed paths do."""
+    from mergecore.errors import short
+    from mergecore.io.source import resolve_model_path
+    from mergecore.recipe import recipe_from_dict
+    from mergecore.yamlio import load_yaml
 
-    recipe = parse_recipe(text or "", where="recipe")
+    from app.paths import confine, local_model
+
+    recipe = recipe_from_dict(load_yaml(text or "", where), where)
     forms.get_method(recipe.merge_method)
+    for key, ref in (recipe.artifacts or {}).items():
+        confine(ref, roots, f"artifact {short(key, 40)}")
     state = copy.deepcopy(state or st.new_session())
     for ref in recipe.referenced_models():
         if st.find_model(state, ref) is None:
-            p = Path(ref).expanduser()
-            if not p.is_dir():
-                from mergecore.io.source import resolve_model_path
-
-                p = resolve_model_path(ref)  # cached Hub snapshot, or a one-line error
-            state = st.add_model(state, ref, p)
+            local = local_model(ref, roots)  # None: a Hub id
+            p = resolve_model_path(str(local) if local is not None else ref)  # cached Hub snapshot, or one line
+            state = st.add_model(state, ref, confine(p, roots, "model folder"))
     return forms.form_from_recipe(recipe, state)
 
 
@@ -1015,6 +1041,10 @@ def _compare(ctx: AppContext, owner: str, state, selected, prompt, ntok, image, 
     if kinds == {"image-classification"}:
         head_path, classes, note = None, None, ""
         if head == TASK_HEAD:
+            if (tasks or "").strip():  # typed: confined, and checked as a tasks file first
+                from app.paths import tasks_file
+
+                tasks = str(tasks_file(tasks, ctx.read_roots()))
             heads = cmp.task_heads(tasks or (state.get("family") or {}).get("tasks") or "")
             if not task or task not in heads:
                 raise MergeError("choose a task (its expert's head scores every body), or another classifier head"
@@ -1120,13 +1150,27 @@ def _export(ctx: AppContext, owner: str, name: Optional[str], state, form):
 
 
 def launch_kwargs(ctx: AppContext) -> dict[str, Any]:
-    """Arguments for `demo.launch` (Gradio 6 takes theme and css there)."""
+    """Arguments for `demo.launch` (Gradio 6 takes theme and css there). Uploads are capped at
+    the YAML size limit: the app takes recipe files and images, nothing larger."""
+    from mergecore.yamlio import MAX_YAML_BYTES
+
     gr.set_static_paths([str(ctx.workspace.exports)])
-    return {"css": CSS, "theme": gr.themes.Soft(), "allowed_paths": [str(ctx.workspace.exports)]}
+    return {"css": CSS, "theme": gr.themes.Soft(), "allowed_paths": [str(ctx.workspace.exports)],
+            "max_file_size": MAX_YAML_BYTES}
 
 
-def make_context(work_dir: str | Path, demo: Optional[DemoFamily] = None, **kwargs: Any) -> AppContext:
+def make_context(work_dir: str | Path, demo: Optional[DemoFamily] = None, allowed_dirs: Sequence[str | Path] = (),
+                 demo_dir: Optional[str | Path] = None, **kwargs: Any) -> AppContext:
+    """The app's context; `allowed_dirs` (`--allow-dir`) are folders besides the work dir, the demo
+    dir and the Hugging Face cache that paths typed into the app may name."""
     from app.files import Workspace
 
     ws_kwargs = {k: kwargs.pop(k) for k in ("zip_limit",) if k in kwargs}
-    return AppContext(workspace=Workspace(work_dir, **ws_kwargs), demo=demo, **kwargs)
+    allowed = []
+    for d in allowed_dirs:
+        p = Path(d).expanduser()
+        if not p.is_dir():
+            raise MergeError(f"--allow-dir {p}: not a folder")
+        allowed.append(p.resolve())
+    return AppContext(workspace=Workspace(work_dir, **ws_kwargs), demo=demo, allowed_dirs=tuple(allowed),
+                      demo_dir=Path(demo_dir).expanduser() if demo_dir else None, **kwargs)

@@ -231,8 +231,9 @@ def test_mergekit_recipes_import_into_the_form(demo_family):  # noqa: F811
     from mergecore.recipe import parse_recipe
 
     m = {k: str(v) for k, v in demo_family.models.items()}
+    roots = list(demo_family.models.values())  # where the imported recipe's models may be (app.paths)
     text = MERGEKIT_TIES.format(base=m["base"], a=m["variant_a"], b=m["variant_b"])
-    state, form, notes = _import_yaml(text, st.new_session())
+    state, form, notes = _import_yaml(text, st.new_session(), roots)
     assert state["base"] == "base" and form["method"] == "ties"
     assert form["values"]["density@variant_b"] == [0.2, 0.8] and form["values"]["int8_mask"] is True
     again = parse_recipe(forms.recipe_yaml(form, state))
@@ -241,7 +242,7 @@ def test_mergekit_recipes_import_into_the_form(demo_family):  # noqa: F811
     assert [x.parameters for x in again.models] == [x.parameters for x in orig.models if x.parameters]
 
     text = MERGEKIT_SLERP.format(a=m["base"], b=m["variant_a"])
-    state, form, notes = _import_yaml(text, st.new_session())
+    state, form, notes = _import_yaml(text, st.new_session(), roots)
     assert form["slices"] and any("slices" in n for n in notes)
     assert form["values"]["t"] == {"attn": [0, 0.5, 0.3, 0.7, 1], "mlp": [1, 0.5, 0.7, 0.3, 0], "other": 0.5}
     again = parse_recipe(forms.recipe_yaml(form, state))
@@ -255,9 +256,9 @@ def test_mergekit_recipes_import_into_the_form(demo_family):  # noqa: F811
     vit = ("attention", ("intermediate", "output.dense"))
     assert forms.value_from_recipe([{"filter": "intermediate", "value": 1}], vit) == {"raw": [{"filter": "intermediate", "value": 1}]}
     with pytest.raises(MergeError, match="line"):
-        _import_yaml("merge_method: ties\nmodels: [", st.new_session())
+        _import_yaml("merge_method: ties\nmodels: [", st.new_session(), roots)
     with pytest.raises(MergeError, match="unknown merge method"):
-        _import_yaml("merge_method: nope\nmodels: [{model: x}]", st.new_session())
+        _import_yaml("merge_method: nope\nmodels: [{model: x}]", st.new_session(), roots)
 
 
 def test_compatibility_says_what_differs(model_factory, tmp_path):
@@ -482,6 +483,8 @@ def test_client_imports_a_recipe_and_searches_the_hub_offline(app_server, demo_f
         time.sleep(0.2)
     assert "cannot fetch 'nobody-here/no-such-model'" in out[-3] and "\n" not in out[-3]
     out = c.predict("/no/such/folder", api_name="/add_model")
+    assert "outside the folders this app may read" in out[-3]  # typed paths are confined (app.paths)
+    out = c.predict(str(Path(m["base"]).parent / "no-such-folder"), api_name="/add_model")
     assert "neither a local folder nor a Hub id" in out[-3]
 
 
