@@ -64,8 +64,14 @@ def _syntax_error(err: yaml.YAMLError, where: str) -> MergeError:
     if isinstance(err, yaml.MarkedYAMLError):
         mark = err.problem_mark or err.context_mark
         pos = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
-        return MergeError(f"{where}:{pos} malformed YAML: {err.problem or err.context}")
-    return MergeError(f"{where}: malformed YAML: {str(err)[:200]}")
+        return MergeError(f"{where}:{pos} malformed YAML: {_clip_problem(err.problem or err.context)}")
+    return MergeError(f"{where}: malformed YAML: {_clip_problem(str(err))}")
+
+
+def _clip_problem(text: object) -> str:
+    """PyYAML's problem text quotes names from the file (aliases, tags) unbounded: keep it short."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def load_yaml(text: str | bytes, where: str = "YAML") -> Any:
