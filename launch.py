@@ -86,6 +86,11 @@ def main(argv=None) -> int:
         return 2
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
+    from mergecore.io.outdir import install_signal_handlers
+
+    # merges run in worker threads: on Ctrl-C / SIGTERM / SIGHUP the main thread removes their
+    # temporary folders (the process-wide registry) before the app stops
+    install_signal_handlers()
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(ctx))
     return 0
 

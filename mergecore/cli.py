@@ -24,6 +24,7 @@ EXIT_BAD_INPUT = 2
 def _cmd_merge(args: argparse.Namespace) -> int:
     from mergecore.events import CancelToken, MergeProgress
     from mergecore.executor import execute_plan, plan_merge, plan_to_json
+    from mergecore.io.outdir import remove_stale_temp_dirs, stale_warning
     from mergecore.io.writer import parse_size, prepare_output_dir
     from mergecore.recipe import load_recipe
 
@@ -31,19 +32,23 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     shard_size = parse_size(args.shard_size)
     budget = parse_size(args.memory_budget) if args.memory_budget else None
-    if not args.dry_run:
-        prepare_output_dir(args.out_dir)
+    search_dirs = (Path(args.recipe).resolve().parent,)
+    if not args.dry_run:  # before models are fetched or read; the sources are checked once planned
+        prepare_output_dir(args.out_dir, overwrite=args.overwrite, protect=search_dirs)
     if args.threads:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-    search_dirs = (Path(args.recipe).resolve().parent,)
     plan = plan_merge(recipe, out_dtype=args.dtype, search_dirs=search_dirs, allow_nonfinite=args.allow_nonfinite)
     if args.dry_run:
         print(plan_to_json(plan) if args.json else plan.describe(budget))
         return 0
+    sources = [src.path for src in plan.sources.values()]
+    out = prepare_output_dir(args.out_dir, overwrite=args.overwrite, sources=sources, protect=search_dirs)
     for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    for stale in remove_stale_temp_dirs(out.parent):
+        print(f"warning: {stale_warning(stale)}", file=sys.stderr)
 
     bar = None
     progress: Optional[Callable[[MergeProgress], None]] = None
@@ -61,7 +66,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     cancel = CancelToken()
     try:
         result = execute_plan(plan, args.out_dir, shard_size=shard_size, threads=args.threads,
-                              device=args.device, memory_budget=budget, progress=progress, cancel=cancel)
+                              device=args.device, memory_budget=budget, progress=progress, cancel=cancel,
+                              overwrite=args.overwrite, protect=search_dirs)
     except KeyboardInterrupt:
         cancel.cancel()
         raise Cancelled("merge cancelled; nothing was written") from None
@@ -111,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and a peak-memory estimate, write nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if an earlier merge wrote it (other non-empty folders are refused)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="write merged tensors that turn inf/NaN from finite inputs instead of stopping")
     p.set_defaults(func=_cmd_merge)
@@ -205,6 +213,9 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from mergecore.io.outdir import install_signal_handlers
+
+    install_signal_handlers()  # SIGINT/SIGTERM/SIGHUP remove this run's temporary folders first
     what = " ".join(str(v) for v in (args.command, getattr(args, "search_kind", None),
                                      getattr(args, "bench_command", None)) if v)
     return run_command(lambda: args.func(args), verbose=args.verbose, what=what)

@@ -28,6 +28,7 @@ from mergecore.errors import MergeError
 from mergecore.events import CancelToken, MergeProgress, ProgressCallback
 from mergecore.io.extras import write_side_files
 from mergecore.io.source import ModelSource, dtype_from_name, dtype_name
+from mergecore.io.outdir import stale_warning
 from mergecore.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, prepare_output_dir
 from mergecore.methods import MergeMethod, get_method
 from mergecore.methods.base import OwnedInputs
@@ -655,8 +656,14 @@ def execute_plan(
     memory_budget: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    overwrite: bool = False,
+    protect: tuple[Path, ...] = (),
 ) -> MergeResult:
-    """Stream every job of `plan` into a checkpoint at `out_dir` (atomically)."""
+    """Stream every job of `plan` into a checkpoint at `out_dir` (atomically).
+
+    The writer enforces the output-path policy for every caller: never a source model's folder
+    (or inside or above one), a `protect`ed folder (the recipe's), the working directory, or a
+    folder mergecore did not write; an earlier merge's folder only with `overwrite`."""
     cancel = cancel or CancelToken()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but no CUDA device is available")
@@ -667,7 +674,9 @@ def execute_plan(
     tally = NonFiniteTally()
     done_tensors = 0
     done_bytes = 0
-    with ShardedWriter(out_dir, layout, shard_size=shard_size, metadata=meta) as writer:
+    sources = [src.path for src in plan.sources.values()]
+    with ShardedWriter(out_dir, layout, shard_size=shard_size, metadata=meta, overwrite=overwrite,
+                       sources=sources, protect=protect) as writer:
         total_bytes = writer.total_bytes
 
         def run(job: TensorJob) -> int:
@@ -708,8 +717,9 @@ def execute_plan(
                 raise
         write_side_files(writer, plan)
         out = writer.finalize()
+    stale = [stale_warning(s) for s in writer.stale_removed]  # temp folders of dead runs, removed
     return MergeResult(out, time.time() - start, len(plan.jobs), done_bytes, len(writer.shard_names), plan,
-                       warnings=tally.warnings())
+                       warnings=stale + tally.warnings())
 
 
 def merge(
@@ -724,12 +734,15 @@ def merge(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     search_dirs: tuple[Path, ...] = (),
+    overwrite: bool = False,
 ) -> MergeResult:
-    """Plan and execute `recipe` into `out_dir`; the one entry point the CLI, app and searches use."""
-    prepare_output_dir(out_dir)
+    """Plan and execute `recipe` into `out_dir`; the one entry point the CLI, app and searches use.
+    `search_dirs` (the recipe's folder) are protected: the output may be neither one nor above one."""
+    prepare_output_dir(out_dir, overwrite=overwrite, protect=search_dirs)
     plan = plan_merge(recipe, out_dtype=out_dtype, search_dirs=search_dirs)
     return execute_plan(plan, out_dir, shard_size=shard_size, threads=threads, device=device,
-                        memory_budget=memory_budget, progress=progress, cancel=cancel)
+                        memory_budget=memory_budget, progress=progress, cancel=cancel, overwrite=overwrite,
+                        protect=search_dirs)
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

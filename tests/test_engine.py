@@ -357,13 +357,14 @@ def test_cancel_from_progress_callback_leaves_nothing(llama_family, tmp_path, ca
 
 def test_cancel_before_start_keeps_existing_output(llama_family, tmp_path):
     out = tmp_path / "o"
-    out.mkdir()
+    merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), out)  # a previous merge
     (out / "keep.txt").write_text("previous merge")
+    before = sorted(p.name for p in out.iterdir())
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):
-        merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), out, cancel=token)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), out, cancel=token, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before and "keep.txt" in before
     assert leftovers(out) == []
 
 
@@ -400,7 +401,9 @@ def test_rerun_replaces_existing_output(llama_family, tmp_path):
     (out / "stale.txt").write_text("from an earlier run")
     assert (out / "model.safetensors.index.json").is_file()
     r = write_recipe(tmp_path / "r.yml", linear_recipe(a, b, wa=0.0, wb=1.0))
-    assert _cli(r, out) == 0
+    assert _cli(r, out) == 2  # an earlier merge is replaced only when asked
+    assert (out / "stale.txt").is_file()
+    assert _cli(r, out, "--overwrite") == 0
     files = {p.name for p in out.iterdir()}
     assert "stale.txt" not in files and "model.safetensors.index.json" not in files
     assert not any(f.startswith("model-") for f in files)

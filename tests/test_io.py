@@ -260,7 +260,8 @@ def test_writer_single_shard_has_no_index(tmp_path):
         for k, v in sd.items():
             w.write(k, v)
         w.finalize()
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.safetensors"]
+    # the weights, and the marker that lets a later merge replace this folder (with overwrite)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".mergecore-output.json", "model.safetensors"]
     got = load_file(tmp_path / "o" / "model.safetensors")
     assert all(torch.equal(got[k], v) for k, v in sd.items())
 
@@ -317,16 +318,30 @@ def test_writer_rejects_wrong_tensor(tmp_path):
 
 
 def test_writer_replaces_existing_folder(tmp_path):
+    """An earlier merge's folder (it has the marker) is replaced as a whole, only with
+    overwrite; a folder mergecore did not write is never touched."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     with ShardedWriter(out, [("x", torch.float32, (2,))]) as w:
+        w.write("x", torch.zeros(2))
+        w.finalize()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(MergeError, match="already holds a merge; pass --overwrite"):
+        ShardedWriter(out, [("x", torch.float32, (2,))])
+    with ShardedWriter(out, [("x", torch.float32, (2,))], overwrite=True) as w:
         w.write("x", torch.ones(2))
         # the old folder stays intact until finalize
         assert (out / "stale.txt").is_file()
         w.finalize()
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".mergecore-output.json", "model.safetensors"]
+    assert torch.equal(load_file(out / "model.safetensors")["x"], torch.ones(2))
     assert _no_hidden_leftovers(tmp_path, "out") == []
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(MergeError, match="not empty and was not written by mergecore"):
+        ShardedWriter(foreign, [("x", torch.float32, (2,))], overwrite=True)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert _no_hidden_leftovers(tmp_path, "foreign") == []
 
 
 def test_writer_creates_missing_parents(tmp_path):

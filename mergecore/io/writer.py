@@ -7,7 +7,10 @@ flight, and tensors may arrive in any order from several threads.
 
 Everything is written into a hidden temporary folder beside the target and renamed into place
 by `finalize()`; `abort()` (or an exception inside the `with` block) removes it, so a failed or
-cancelled merge leaves nothing at the output path.
+cancelled merge leaves nothing at the output path. The output path follows the policy of
+`mergecore.io.outdir` (checked on creation and again before the rename): an existing folder is
+replaced only if an earlier merge marked it and `overwrite` is set. The temporary folder carries
+an owner record and is registered, so a signal handler or a later run can remove it.
 """
 
 from __future__ import annotations
@@ -20,11 +23,25 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
-from mergecore.errors import MergeError, clip
+from mergecore.errors import Cancelled, MergeError, clip
+from mergecore.io.outdir import (
+    OWNER,
+    StaleTemp,
+    TempDir,
+    check_output_dir,
+    make_temp_dir,
+    register_temp,
+    release_temp,
+    remove_stale_temp_dirs,
+    remove_tree,
+    signals_deferred,
+    write_marker,
+    write_owner,
+)
 from mergecore.io.source import DTYPE_NAMES
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
@@ -76,20 +93,11 @@ class _Slot:
     shape: tuple[int, ...]
 
 
-def prepare_output_dir(out_dir: str | Path) -> Path:
-    """Check the output path can be written; returns the absolute path. Creates nothing."""
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise MergeError(f"output path {out} exists and is not a folder")
-    parent = out.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise MergeError(f"cannot write to output path {out}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise MergeError(f"cannot write to output path {out}: {probe} is not writable")
-    return out
+def prepare_output_dir(out_dir: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path] = (),
+                       protect: Iterable[str | Path] = ()) -> Path:
+    """Check a merge may be written at `out_dir` (see `mergecore.io.outdir.check_output_dir`);
+    returns the resolved path. Creates nothing, so callers can fail before any work."""
+    return check_output_dir(out_dir, kind="merge", overwrite=overwrite, sources=sources, protect=protect)
 
 
 class ShardedWriter:
@@ -101,9 +109,16 @@ class ShardedWriter:
         layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
         shard_size: int = DEFAULT_SHARD_SIZE,
         metadata: dict[str, str] | None = None,
+        *,
+        overwrite: bool = False,
+        sources: Iterable[str | Path] = (),
+        protect: Iterable[str | Path] = (),
     ):
-        self.out_dir = prepare_output_dir(out_dir)
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._policy = {"overwrite": overwrite, "sources": tuple(sources), "protect": tuple(protect)}
+        self.out_dir = prepare_output_dir(out_dir, **self._policy)
+        self.stale_removed: list[StaleTemp] = []
+        self._fds: list[int] = []
+        self._closed = False
         try:
             missing = []
             p = self.out_dir.parent
@@ -112,12 +127,16 @@ class ShardedWriter:
                 p = p.parent
             self._created_parents = missing  # removed again if the merge fails
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp_dir.mkdir()
+            # folders of runs that died here (reported by the caller, e.g. in MergeResult.warnings)
+            self.stale_removed = remove_stale_temp_dirs(self.out_dir.parent)
+            self._temp = make_temp_dir(self.out_dir)
+            self.tmp_dir = self._temp.path
+            write_marker(self.tmp_dir, "merge")
         except OSError as err:
+            self.abort()
             raise MergeError(f"cannot write to output path {self.out_dir}: {err.strerror or err}") from None
         self._lock = threading.Lock()
         self._written: set[str] = set()
-        self._closed = False
         try:
             self._plan_shards(layout, shard_size, metadata or {})
         except BaseException:
@@ -190,16 +209,32 @@ class ShardedWriter:
             self._written.add(name)
         return slot.nbytes
 
+    def _check_alive(self) -> None:
+        """Stop if a signal handler removed the temporary folder (the process is going down)."""
+        temp = getattr(self, "_temp", None)
+        if temp is not None and temp.removed:
+            raise Cancelled("merge stopped by a signal; nothing was written")
+
+    def _subdir(self, relpath: str) -> Path:
+        """The folder for `relpath` inside the temporary folder, created below it one level at a
+        time: a temporary folder removed by a signal handler is never silently recreated."""
+        self._check_alive()
+        folder = self.tmp_dir
+        for part in Path(relpath).parent.parts:
+            folder = folder / part
+            folder.mkdir(exist_ok=True)
+        return folder
+
     def add_file(self, relpath: str, content: str | bytes) -> None:
-        path = self.tmp_dir / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._subdir(relpath) / Path(relpath).name
         if isinstance(content, str):
             path.write_text(content)
         else:
             path.write_bytes(content)
 
     def copy_file(self, src: Path, relpath: str | None = None) -> None:
-        shutil.copy2(src, self.tmp_dir / (relpath or src.name))
+        rel = relpath or src.name
+        shutil.copy2(src, self._subdir(rel) / Path(rel).name)
 
     # -- finishing ---------------------------------------------------------------------------
 
@@ -217,26 +252,61 @@ class ShardedWriter:
             self.abort()
             raise MergeError(f"internal: {len(missing)} tensors were never written (first: {missing[0]})")
         self._close_fds()
-        if len(self.shard_names) > 1:
-            index = {
-                "metadata": {"total_size": self.total_bytes},
-                "weight_map": {n: self.shard_names[s.shard] for n, s in self.slots.items()},
-            }
-            (self.tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out_dir, old)
-        os.rename(self.tmp_dir, self.out_dir)
+        try:
+            self._check_alive()
+            if len(self.shard_names) > 1:
+                index = {
+                    "metadata": {"total_size": self.total_bytes},
+                    "weight_map": {n: self.shard_names[s.shard] for n, s in self.slots.items()},
+                }
+                (self.tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            with signals_deferred():
+                old = self._swap_into_place()
+        except BaseException:
+            self.abort()
+            raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        self._closed = True
+            remove_tree(old.path)
+            release_temp(old)
         return self.out_dir
+
+    def _swap_into_place(self) -> Optional[TempDir]:
+        """Rename the temporary folder to the output (signals held by the caller); returns the
+        registered previous output, renamed away, for the caller to delete."""
+        self._check_alive()
+        # the folder may have changed during the merge: replace only what the policy allows
+        prepare_output_dir(self.out_dir, **self._policy)
+        old = None
+        if self.out_dir.exists() and next(os.scandir(self.out_dir), None) is not None:
+            old_path = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out_dir, old_path)
+            try:
+                os.rename(self.tmp_dir, self.out_dir)
+            except BaseException:
+                os.rename(old_path, self.out_dir)  # put the previous output back
+                raise
+            old = register_temp(old_path)
+            try:
+                write_owner(old_path)  # so a later run removes it if this one dies while deleting
+            except OSError:
+                pass
+        else:
+            os.rename(self.tmp_dir, self.out_dir)  # a new path, or over an empty folder
+        self._closed = True
+        release_temp(self._temp)
+        try:
+            os.unlink(self.out_dir / OWNER)
+        except OSError:
+            pass
+        return old
 
     def abort(self) -> None:
         self._close_fds()
         if not self._closed:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            temp = getattr(self, "_temp", None)
+            if temp is not None:
+                remove_tree(temp.path)
+                release_temp(temp)
             for parent in getattr(self, "_created_parents", []):
                 try:
                     parent.rmdir()
