@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from mergecore.errors import MergeError
+from mergecore.io.outdir import write_marker
 
 DEFAULT_ZIP_LIMIT = 2 * 1000**3
 EXPORT_MAX_AGE = 24 * 3600  # prepared downloads are kept a day
@@ -43,7 +44,8 @@ class Workspace:
         return d
 
     def merge_dir(self, session: str, name: str) -> Path:
-        """A fresh output folder for a merge called `name` (suffixed -2, -3 ... if taken)."""
+        """A fresh output path for a merge called `name` (suffixed -2, -3 ... if taken); the writer
+        creates it, with the marker that lets a later merge replace it."""
         clean = safe_name(name) or "merge"
         root = self.session_dir(session) / "merges"
         root.mkdir(parents=True, exist_ok=True)
@@ -58,8 +60,10 @@ class Workspace:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def search_dir(self, owner: str, name: str) -> Path:
-        """A fresh folder for a search run called `name` (name-1, name-2 ...)."""
+    def search_dir(self, owner: str, name: str, kind: Optional[str] = None) -> Path:
+        """A fresh folder for a search run called `name` (name-1, name-2 ...), marked as written
+        by a search of `kind` (default: `name`, the search's registered name), so the search
+        resumes there and nothing else is accepted in it."""
         root = self.searches_dir(owner)
         clean = safe_name(name) or "search"
         i = 1
@@ -67,6 +71,7 @@ class Workspace:
             i += 1
         out = root / f"{clean}-{i}"
         out.mkdir()
+        write_marker(out, kind or name)
         return out
 
     def secret(self, name: str = "browser-state") -> str:

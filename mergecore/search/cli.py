@@ -54,7 +54,8 @@ def _cmd_rmm(args: argparse.Namespace) -> int:
         from mergecore.executor import merge
         from mergecore.recipe import load_recipe
 
-        res = merge(load_recipe(f"{args.out_dir}/recipe.yml"), f"{args.out_dir}/model")
+        # the search owns OUT_DIR: a model it merged there before is replaced
+        res = merge(load_recipe(f"{args.out_dir}/recipe.yml"), f"{args.out_dir}/model", overwrite=True)
         print(res.summary())
     return 0
 
@@ -91,7 +92,8 @@ def _cmd_evo(args: argparse.Namespace) -> int:
         from mergecore.executor import merge
         from mergecore.recipe import load_recipe
 
-        res = merge(load_recipe(f"{args.out_dir}/recipe.yml"), f"{args.out_dir}/model")
+        # the search owns OUT_DIR: a model it merged there before is replaced
+        res = merge(load_recipe(f"{args.out_dir}/recipe.yml"), f"{args.out_dir}/model", overwrite=True)
         print(res.summary())
     return 0
 
@@ -158,7 +160,7 @@ def _cmd_dam(args: argparse.Namespace) -> int:
         from mergecore.recipe import load_recipe
 
         out = Path(args.out_dir)
-        res = merge(load_recipe(out / "recipe.yml"), out / "model", search_dirs=(out.resolve(),))
+        res = merge(load_recipe(out / "recipe.yml"), out / "model", search_dirs=(out.resolve(),), overwrite=True)
         print(res.summary())
     return 0
 

@@ -318,6 +318,7 @@ def prepare_dam(config: DAMConfig, root: Path, out_dir: str | Path, *, on_event:
                 cancel: Optional[CancelToken] = None) -> DAMRun:
     """Load the models and the data, cache the teachers, build the search (nothing trained yet)."""
     from mergecore.eval.evaluator import Evaluator, load_model
+    from mergecore.io.outdir import claim_output_dir, existing_dirs
     from mergecore.io.source import ModelSource, resolve_model_path
     from mergecore.io.writer import parse_size
     from mergecore.methods.dam import save_coefficients
@@ -330,8 +331,10 @@ def prepare_dam(config: DAMConfig, root: Path, out_dir: str | Path, *, on_event:
     cancel = cancel or CancelToken()
     emit = on_event or (lambda e: None)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = config
+    # a new or empty folder, or one a DAM search marked (resumed); never a foreign or model folder
+    claim_output_dir(out, kind="dam", sources=existing_dirs(
+        resolve_path(r, root) for r in [*cfg.model_refs(), *([cfg.base_model] if cfg.base_model else [])]))
     refs = [resolve_path(r, root) for r in cfg.model_refs()]
     if len(set(refs)) != len(refs):
         raise MergeError("models lists the same model twice; each merge input needs its own entry")

@@ -193,7 +193,10 @@ def run_evo(config: EvoConfig, root: Path, out_dir: Union[str, Path], *, on_even
     emit = on_event or (lambda e: None)
     genome = check_config(config, root)
     spec = config.eval_spec(root, genome)
-    out.mkdir(parents=True, exist_ok=True)
+    # a new or empty folder, or one an evo search marked (resumed); never a foreign or model folder
+    from mergecore.io.outdir import claim_output_dir, existing_dirs
+
+    claim_output_dir(out, kind="evo", sources=existing_dirs(genome.refs))
     emit(Event("evo.loading", {"models": list(genome.refs), "genes": genome.dim, "backend": config.backend,
                                "workers": config.workers if config.backend == "ray" else 1}))
     t_start = time.time()

@@ -139,12 +139,14 @@ def run_rmm(config: RMMConfig, root: Path, out_dir: str | Path, *, on_event: Opt
             cancel: Optional[CancelToken] = None, resume: bool = True) -> dict[str, Any]:
     """Run (or resume) the search and write recipe.yml and result.json into `out_dir`."""
     from mergecore.eval.evaluator import Evaluator, load_model
+    from mergecore.io.outdir import claim_output_dir, existing_dirs
     from mergecore.io.source import resolve_model_path
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     base_ref = resolve_path(config.base_model, root)
     refs = [resolve_path(m, root) for m in config.models]
+    # a new or empty folder, or one an RMM search marked (resumed); never a foreign or model folder
+    claim_output_dir(out, kind="rmm", sources=existing_dirs([base_ref, *refs]))
     tasks = resolve_path(config.tasks, root)
     emit = on_event or (lambda e: None)
     emit(Event("rmm.loading", {"models": refs}))
