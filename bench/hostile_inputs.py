@@ -68,8 +68,14 @@ def run_cli(repo: Path, python: str, args: list[str], cwd: Path, *, timeout: flo
     if on_start:
         on_start(proc)
     killed = False
+    peak_kb = 0
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        try:  # VmHWM is the high-water mark of this process image (ru_maxrss would include the parent's at fork)
+            status_text = Path(f"/proc/{proc.pid}/status").read_text()
+            peak_kb = max(peak_kb, int(next(ln.split()[1] for ln in status_text.splitlines() if ln.startswith("VmHWM"))))
+        except (OSError, StopIteration, ValueError):
+            pass
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         if time.time() - t0 > timeout:
@@ -82,7 +88,7 @@ def run_cli(repo: Path, python: str, args: list[str], cwd: Path, *, timeout: flo
     rc = None if killed else proc.returncode
     if killed:
         err = f"(killed after {timeout:.0f} s) " + err
-    return rc, err, usage.ru_maxrss / 1024, time.time() - t0
+    return rc, err, peak_kb / 1024, time.time() - t0
 
 
 def summarize(err: str) -> tuple[int, str]:
@@ -118,7 +124,8 @@ def nonfinite(out: Path) -> str:
 
 
 def cases(work: Path) -> list[tuple[str, Callable[[Path], tuple[list[str], Path, dict[str, bytes], Optional[Path], dict]]]]:
-    """(name, setup(dir) -> (cli args, cwd, user files to watch, output folder to inspect, options))."""
+    """(name, setup(dir) -> (cli args, cwd, folder of user files to watch, those files, output folder to
+    inspect, options))."""
     models = work / "models"
     a = tiny_llama(models / "a", 1)
     b = tiny_llama(models / "b", 2)
@@ -137,20 +144,20 @@ def cases(work: Path) -> list[tuple[str, Callable[[Path], tuple[list[str], Path,
         (proj / "notes.txt").write_text("my notes\n")
         (proj / "r.yml").write_text(linear.replace(str(a), "model-a").replace(str(b), "model-b"))
         keep = {str(p.relative_to(proj)): p.read_bytes() for p in proj.rglob("*") if p.is_file()}
-        return ["merge", "r.yml", "."], proj, keep, None, {}
+        return ["merge", "r.yml", "."], proj, proj, keep, None, {}
 
     def into_source(d: Path):
         m = d / "a"
         shutil.copytree(a, m)
         r = recipe(d, linear.replace(str(a), str(m)))
         keep = {p.name: p.read_bytes() for p in m.iterdir()}
-        return ["merge", str(r), str(m)], m, keep, None, {}
+        return ["merge", str(r), str(m)], d, m, keep, None, {}
 
     def foreign_dir(d: Path):
         out = d / "out"
         out.mkdir()
         (out / "thesis.tex").write_text("years of work\n")
-        return ["merge", str(recipe(d, linear)), str(out)], out, {"thesis.tex": b"years of work\n"}, None, {}
+        return ["merge", str(recipe(d, linear)), str(out)], d, out, {"thesis.tex": b"years of work\n"}, None, {}
 
     def alias_bomb(d: Path):
         # anchors in a filter entry that matches nothing; the catch-all entry names the last one,
@@ -158,13 +165,13 @@ def cases(work: Path) -> list[tuple[str, Callable[[Path], tuple[list[str], Path,
         anchors = ["&x0 [1,1,1,1,1,1,1,1,1]"] + [f"&x{i} [" + ",".join([f"*x{i - 1}"] * 9) + "]" for i in range(1, 9)]
         text = (f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n      weight:\n"
                 f"        - {{filter: no-such-tensor, value: [{', '.join(anchors)}]}}\n        - {{value: *x8}}\n")
-        return ["merge", str(recipe(d, text)), str(d / "out")], d, {}, None, {"timeout": 60}
+        return ["merge", str(recipe(d, text)), str(d / "out")], d, d, {}, None, {"timeout": 60}
 
     def weight(value: str, param: str = "weight", method: str = "linear", extra: str = ""):
         def setup(d: Path):
             text = (f"merge_method: {method}\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{{param}: {value}}}\n{extra}"
                     if method != "linear" else linear.replace("weight: 0.5}\n  - model", f"weight: {value}}}\n  - model", 1))
-            return ["merge", str(recipe(d, text)), str(d / "out")], d, {}, d / "out", {}
+            return ["merge", str(recipe(d, text)), str(d / "out")], d, d, {}, d / "out", {}
         return setup
 
     def corrupt_header(kind: str):
@@ -186,7 +193,7 @@ def cases(work: Path) -> list[tuple[str, Callable[[Path], tuple[list[str], Path,
             hb = json.dumps(header).encode()
             hb += b" " * (-len(hb) % 8)
             f.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n:])
-            return ["merge", str(recipe(d, linear.replace(str(a), str(m)))), str(d / "out")], d, {}, d / "out", {}
+            return ["merge", str(recipe(d, linear.replace(str(a), str(m)))), str(d / "out")], d, d, {}, d / "out", {}
         return setup
 
     def sigterm(d: Path):
@@ -194,29 +201,29 @@ def cases(work: Path) -> list[tuple[str, Callable[[Path], tuple[list[str], Path,
         big_b = tiny_llama(d / "big-b", 4, hidden=512, layers=8)
         r = recipe(d, f"merge_method: ties\nbase_model: {big_a}\nmodels:\n  - model: {big_b}\n"
                       f"    parameters: {{weight: 1.0, density: 0.5}}\n  - model: {big_a}\n")
-        return ["merge", str(r), str(d / "out"), "--threads", "1"], d, {}, None, {"sigterm": True}
+        return ["merge", str(r), str(d / "out"), "--threads", "1"], d, d, {}, None, {"sigterm": True}
 
     def threads(d: Path):
-        return ["merge", str(recipe(d, linear)), str(d / "out"), "--threads", "100000"], d, {}, None, {}
+        return ["merge", str(recipe(d, linear)), str(d / "out"), "--threads", "100000"], d, d, {}, None, {}
 
     def non_utf8(d: Path):
         p = d / "r.yml"
         p.write_bytes(linear.encode() + b"# caf\xe9\n")
-        return ["merge", str(p), str(d / "out")], d, {}, None, {}
+        return ["merge", str(p), str(d / "out")], d, d, {}, None, {}
 
     def config_list(d: Path):
         m = d / "a"
         shutil.copytree(a, m)
         (m / "config.json").write_text("[1, 2, 3]")
-        return ["merge", str(recipe(d, linear.replace(str(a), str(m)))), str(d / "out")], d, {}, None, {}
+        return ["merge", str(recipe(d, linear.replace(str(a), str(m)))), str(d / "out")], d, d, {}, None, {}
 
     def shard_inf(d: Path):
-        return ["merge", str(recipe(d, linear)), str(d / "out"), "--shard-size", "inf"], d, {}, None, {}
+        return ["merge", str(recipe(d, linear)), str(d / "out"), "--shard-size", "inf"], d, d, {}, None, {}
 
     def slerp_weight(d: Path):
         text = (f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
                 f"  - model: {b}\n    parameters: {{weight: 0.5}}\nparameters: {{t: 0.5}}\n")
-        return ["merge", str(recipe(d, text)), str(d / "out")], d, {}, None, {}
+        return ["merge", str(recipe(d, text)), str(d / "out")], d, d, {}, None, {}
 
     return [
         ("`merge r.yml .` in a project folder", project),
@@ -251,7 +258,7 @@ def main() -> int:
         for i, (name, setup) in enumerate(cases(work)):
             d = work / f"case{i}"
             d.mkdir()
-            cli_args, cwd, keep, out, opts = setup(d)
+            cli_args, cwd, watch, keep, out, opts = setup(d)
 
             def kill_when_writing(proc: subprocess.Popen) -> None:
                 deadline = time.time() + 60
@@ -264,7 +271,7 @@ def main() -> int:
             rc, err, peak, secs = run_cli(repo, args.python, cli_args, cwd, timeout=opts.get("timeout", 120),
                                           on_start=kill_when_writing if opts.get("sigterm") else None)
             n, msg = summarize(err)
-            left = leftovers(cwd if keep else d, keep) if keep else leftovers(d, {})
+            left = leftovers(watch, keep) if keep else leftovers(d, {})
             if out is not None and out.is_dir() and rc == 0:
                 left = "; ".join(x for x in (left, nonfinite(out)) if x)
             rows.append(Outcome(name, rc, n, msg, peak, secs, left))

@@ -24,7 +24,7 @@ EXIT_BAD_INPUT = 2
 def _cmd_merge(args: argparse.Namespace) -> int:
     from mergecore.events import CancelToken, MergeProgress
     from mergecore.executor import execute_plan, plan_merge, plan_to_json
-    from mergecore.io.outdir import remove_stale_temp_dirs, stale_warning
+    from mergecore.io.outdir import existing_dirs, remove_stale_temp_dirs, stale_warning
     from mergecore.io.writer import parse_size, prepare_output_dir
     from mergecore.recipe import load_recipe
 
@@ -33,8 +33,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     shard_size = parse_size(args.shard_size)
     budget = parse_size(args.memory_budget) if args.memory_budget else None
     search_dirs = (Path(args.recipe).resolve().parent,)
-    if not args.dry_run:  # before models are fetched or read; the sources are checked once planned
-        prepare_output_dir(args.out_dir, overwrite=args.overwrite, protect=search_dirs)
+    if not args.dry_run:  # before models are fetched or read; Hub sources are checked again once planned
+        local = existing_dirs(p for ref in recipe.referenced_models() for p in (ref, *(d / ref for d in search_dirs)))
+        prepare_output_dir(args.out_dir, overwrite=args.overwrite, sources=local, protect=search_dirs)
     if args.threads:
         import torch
 
@@ -55,7 +56,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=0, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
+        # leave=False: a failure's one `error:` line is not preceded by a half-filled bar
+        bar = tqdm(total=0, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True, leave=False)
 
         def progress(p: MergeProgress) -> None:
             bar.total = p.bytes_total

@@ -347,9 +347,9 @@ def test_rmm_restores_agent_memo_and_top_exactly_and_refuses_bad_files(model_fac
 
 
 def _error_line(capsys) -> str:
-    err = capsys.readouterr().err  # besides transformers' progress bars
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
     return lines[0]
 
 
@@ -413,3 +413,23 @@ def test_cli_corrupt_pickled_and_old_checkpoints_end_in_one_error_line(tiny_fmni
         assert main(["search", kind, str(cfg), str(out), "-q"]) == 0
         capsys.readouterr()
     assert not marker.exists()
+
+
+def test_cli_rmm_refuses_a_checkpoint_of_another_configuration(tiny_fmnist_family, tmp_path, capsys):
+    cfg = _configs(tiny_fmnist_family, tmp_path)["rmm"]
+    out = tmp_path / "out"
+    assert main(["search", "rmm", str(cfg), str(out), "-q"]) == 0
+    capsys.readouterr()
+    data = yaml.safe_load(cfg.read_text())
+    data["seed"] = 7
+    data["operators"][0]["parameters"]["weight"] = 0.5
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["search", "rmm", str(cfg), str(out), "-q"]) == 2
+    line = _error_line(capsys)
+    assert "different RMM search (differs in: operators, seed)" in line and "--restart" in line, line
+    # more episodes with the same configuration continue the run
+    data["seed"], data["operators"][0]["parameters"]["weight"] = 0, 1.0
+    data["episodes"] = 8
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["search", "rmm", str(cfg), str(out), "-q"]) == 0
+    assert json.loads((out / "result.json").read_text())["episodes"] == 8

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mergecore.errors import Cancelled
+from mergecore.eval.cli import _quiet_transformers
 from mergecore.threads import set_torch_threads
 
 
@@ -37,6 +38,7 @@ def _cmd_rmm(args: argparse.Namespace) -> int:
     from mergecore.search.rmm.run import RMMConfig, run_rmm
 
     config, root = load_config(args.config, RMMConfig)
+    _quiet_transformers()  # stderr keeps to our lines (an error is one line)
     if args.episodes:
         config.episodes = args.episodes
     _backend_overrides(config, args)
@@ -74,6 +76,7 @@ def _cmd_evo(args: argparse.Namespace) -> int:
     from mergecore.search.evo.run import load_evo_config, run_evo
 
     config, root = load_evo_config(args.config)
+    _quiet_transformers()  # stderr keeps to our lines (an error is one line)
     if args.max_evals:
         config.max_evals = args.max_evals
     _backend_overrides(config, args)
@@ -138,6 +141,7 @@ def _cmd_dam(args: argparse.Namespace) -> int:
     from mergecore.search.dam.run import load_dam_config, run_dam
 
     config, root = load_dam_config(args.config)
+    _quiet_transformers()  # stderr keeps to our lines (an error is one line)
     if args.steps is not None:
         if args.steps < 1:
             raise MergeError("--steps must be at least 1")

@@ -135,6 +135,15 @@ class RMMConfig(BackendSpec):
         return [Operator(o.name or o.method, o.method, dict(o.parameters)) for o in self.operators]
 
 
+def _identity(config: RMMConfig, base: str, refs: list[str], tasks: str) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: everything that shapes the agent or its
+    rewards (`episodes` may grow: resuming with more episodes continues the run)."""
+    return {"base": base, "models": refs, "operators": [o.model_dump() for o in config.operators], "tasks": tasks,
+            "data_ratio": config.data_ratio, "max_steps": config.max_steps, "update_every": config.update_every,
+            "dar": config.dar, "dar_lambda": config.dar_lambda, "back_penalty": config.back_penalty,
+            "seed": config.seed, "reward_scale": config.reward_scale, "ppo": config.ppo.model_dump()}
+
+
 def run_rmm(config: RMMConfig, root: Path, out_dir: str | Path, *, on_event: Optional[EventCallback] = None,
             cancel: Optional[CancelToken] = None, resume: bool = True) -> dict[str, Any]:
     """Run (or resume) the search and write recipe.yml and result.json into `out_dir`."""
@@ -177,7 +186,8 @@ def run_rmm(config: RMMConfig, root: Path, out_dir: str | Path, *, on_event: Opt
                              reward_scale=config.reward_scale)
         pool = make_backend(config, WorkerFactory(RMMWorker, (spec,)))
     search = RMMSearch(base, models, config.operator_list(), _Scorer(), config.settings(), out_dir=out,
-                       on_event=on_event, cancel=cancel, model_names=refs, pool=pool)
+                       on_event=on_event, cancel=cancel, model_names=refs, pool=pool,
+                       identity=_identity(config, base_ref, refs, tasks))
     if resume:
         search.try_resume()
     t0 = time.time()

@@ -123,8 +123,11 @@ class RMMSearch:
     def __init__(self, base: nn.Module, models: list[nn.Module], operators: list[Operator], scorer: Scorer,
                  settings: RMMSettings, out_dir: Optional[Path] = None,
                  on_event: Optional[EventCallback] = None, cancel: Optional[CancelToken] = None,
-                 model_names: Optional[list[str]] = None, pool: Optional[Any] = None):
+                 model_names: Optional[list[str]] = None, pool: Optional[Any] = None,
+                 identity: Optional[dict[str, Any]] = None):
         self.settings = settings
+        # what a checkpoint must agree on to be resumed (models, operators, data, seeds); plain JSON
+        self.identity = json.loads(json.dumps(identity or {}, default=str))
         # pool: a backend (mergecore.search.backend) whose workers score (emitted, subset) items;
         # with it, the episodes up to each PPO update are sampled first, scored in parallel and
         # recorded in episode order (the same results as one at a time: the policy only changes
@@ -162,6 +165,7 @@ class RMMSearch:
             return
         tensors: dict[str, torch.Tensor] = {}
         state = {
+            "identity": self.identity,
             "episode": self.episode,
             "evaluations": self.evaluations,
             "agent": pack_tree(self.agent.state_dict(), "agent", tensors),
@@ -179,6 +183,13 @@ class RMMSearch:
         if not self._ckpt or not resume_file(self._ckpt, self.out_dir / LEGACY_CHECKPOINT):
             return False
         tensors, state = load_checkpoint(self._ckpt, kind="rmm")
+        theirs = state.get("identity", {})
+        if not isinstance(theirs, dict):
+            theirs = {}
+        diff = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
+        if diff:
+            raise MergeError(f"{self._ckpt} belongs to a different RMM search (differs in: {', '.join(diff)}); "
+                             f"use another output folder or --restart")
         with restoring(self._ckpt):
             episode = need(state, "episode", int)
             evaluations = need(state, "evaluations", int)
