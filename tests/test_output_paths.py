@@ -411,9 +411,13 @@ def test_a_signal_during_the_final_renames_waits_for_them(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sigterm_mid_merge_leaves_nothing(llama_family, tmp_path):
-    """A real `python -m mergecore.cli merge` process, slowed down per tensor (sitecustomize), is
-    sent SIGTERM once its temporary folder exists: it exits 143 and leaves nothing behind."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGINT", "SIGKILL"])
+def test_a_signal_mid_merge_leaves_nothing(llama_family, tmp_path, capsys, signame):
+    """A real `python -m mergecore.cli merge` process, slowed down per tensor (sitecustomize), gets
+    a signal once its temporary folder holds data. SIGTERM/SIGHUP/SIGINT: it removes the folder
+    itself (exit 128+n; SIGINT is a cancel, exit 2). SIGKILL: the folder stays, owned by a dead
+    pid, and the next merge in that folder removes it with a warning."""
+    signum = getattr(signal, signame)
     slow = tmp_path / "slow"
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(
@@ -445,11 +449,23 @@ def test_sigterm_mid_merge_leaves_nothing(llama_family, tmp_path):
         assert owner["pid"] == proc.pid
         time.sleep(0.5)  # a few tensors in
         assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr.decode()
+    if signame == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+        assert [p.name for p in work.glob(".merged.tmp-*")] == [temps[0].name]
+        rc, err, _ = _merge(capsys, r, work / "merged")
+        assert rc == 0, err
+        assert err == [f"warning: removed stale temporary folder {temps[0]} (its run, pid {proc.pid}, died)"]
+        assert sorted(p.name for p in work.iterdir()) == ["merged", "r.yml"]
+        return
+    if signame == "SIGINT":
+        assert proc.returncode == 2, stderr.decode()
+        assert stderr.decode().strip().splitlines() == ["error: merge cancelled; nothing was written"]
+    else:
+        assert proc.returncode == 128 + signum, stderr.decode()
     assert sorted(p.name for p in work.iterdir()) == ["r.yml"]
