@@ -1,3 +1,17 @@
-"""mergecore: a model-merging engine (recipes -> streaming executor -> checkpoints)."""
+"""mergecore: a model-merging engine (recipes -> streaming executor -> checkpoints).
+
+`mergecore.merge(recipe, out_dir, ...)` is the one call that writes a merged checkpoint; it is
+imported on first use, so `import mergecore` stays light (no torch).
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "merge":
+        from mergecore.merging import merge
+
+        return merge
+    raise AttributeError(f"module 'mergecore' has no attribute {name!r}")

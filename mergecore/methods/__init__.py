@@ -7,6 +7,7 @@ import pkgutil
 
 from mergecore.methods.base import (
     REQUIRED,
+    Ends,
     MergeMethod,
     ParamSpec,
     PerModel,
@@ -20,7 +21,12 @@ for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base" and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
+# the method a new recipe starts on (the app's form, the demo)
+DEFAULT_METHOD = "ties"
+
 __all__ = [
+    "DEFAULT_METHOD",
+    "Ends",
     "REQUIRED",
     "MergeMethod",
     "ParamSpec",

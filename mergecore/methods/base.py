@@ -80,6 +80,28 @@ class Range:
 
 
 @dataclass(frozen=True)
+class Ends:
+    """What the two ends of a parameter's scale mean, for the app's curve editor:
+    `Annotated[float, Range(0, 1), Ends("0 = {base} (base)", "1 = {other}")]`. Placeholders:
+    `{base}` (the base model's name), `{model}` (the model a per-model value belongs to),
+    `{other}` (the first model that is not the base)."""
+
+    low: str
+    high: str
+
+
+# Labels for parameter names shared by many methods; a method's own `Ends` wins.
+COMMON_ENDS: dict[str, Ends] = {
+    "weight": Ends("0 = ignore {model}", "1 = full weight for {model}"),
+    "density": Ends("0 = keep none of {model}'s changes", "1 = keep all of them"),
+    "lambda": Ends("0 = {base} only", "1 = task vectors at full scale"),
+    "gamma": Ends("0 = drop no outliers", "1 = drop everything"),
+    "select_topk": Ends("0 = keep no entries", "1 = keep all entries"),
+    "scale": Ends("0 = zero the tensors", "1 = unchanged"),
+}
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     """One recipe parameter of a method."""
 
@@ -91,6 +113,12 @@ class ParamSpec:
     range: Range | None = None
     choices: tuple | None = None
     help: str = ""
+    ends: Ends | None = None  # what the scale's ends mean (falls back to COMMON_ENDS by name)
+
+    @property
+    def end_labels(self) -> Ends | None:
+        """The labels of this parameter's scale ends (its own, else the common ones for its name)."""
+        return self.ends or COMMON_ENDS.get(self.name)
 
     @property
     def required(self) -> bool:
@@ -184,6 +212,18 @@ class MergeMethod:
     max_models: int | None = None
     context: tuple[str, ...] = ()
     tags: tuple[str, ...] = field(default=())
+    # what the app and the searches need to know, kept on the method (no method name elsewhere):
+    formula: str = ""  # one line of math shown beside the form (falls back to `summary`)
+    operator: bool = True  # usable as an RMM layer operator and as an evolutionary template
+    starting: tuple[tuple[str, Any], ...] = ()  # parameter values a new operator/template starts from
+
+    @property
+    def formula_text(self) -> str:
+        return self.formula or self.summary
+
+    def accepts(self, n_models: int) -> bool:
+        """Whether the method takes `n_models` inputs (the base not counted when it takes one)."""
+        return self.min_models <= n_models and (self.max_models is None or n_models <= self.max_models)
 
     @property
     def global_params(self) -> tuple[ParamSpec, ...]:
@@ -253,6 +293,7 @@ _REGISTRY: dict[str, MergeMethod] = {}
 
 def _param_from_signature(p: inspect.Parameter, hint: Any) -> ParamSpec:
     rng: Range | None = None
+    ends: Ends | None = None
     help_text = ""
     choices: tuple | None = None
     if typing.get_origin(hint) is typing.Annotated:
@@ -260,6 +301,8 @@ def _param_from_signature(p: inspect.Parameter, hint: Any) -> ParamSpec:
         for m in meta:
             if isinstance(m, Range):
                 rng = m
+            elif isinstance(m, Ends):
+                ends = m
             elif isinstance(m, str):
                 help_text = m
     per_model = False
@@ -282,6 +325,7 @@ def _param_from_signature(p: inspect.Parameter, hint: Any) -> ParamSpec:
         range=rng,
         choices=choices,
         help=help_text,
+        ends=ends,
     )
 
 
@@ -294,12 +338,18 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     tags: Sequence[str] = (),
+    formula: str = "",
+    operator: bool = True,
+    starting: dict[str, Any] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register `func` as merge method `name`; its keyword-only parameters are its schema.
 
     `min_models`/`max_models` count the entries of `tensors` (the base excluded when the method
     takes a base). `summary` is the one line shown by `mergecore methods`; the function's
-    docstring (equation and paper) is the long description.
+    docstring (equation and paper) is the long description. `formula` is one line of math for
+    the app; `operator=False` keeps the method out of RMM operators and evolutionary templates;
+    `starting` gives the values a new operator or template starts from (required parameters
+    without one start at 0.5 / their first choice).
     """
 
     def decorate(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -328,6 +378,9 @@ def merge_method(
             max_models=max_models,
             context=tuple(context),
             tags=tuple(tags),
+            formula=formula,
+            operator=operator,
+            starting=tuple((starting or {}).items()),
         )
         return func
 
