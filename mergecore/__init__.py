@@ -6,7 +6,9 @@ imported on first use, so `import mergecore` stays light (no torch).
 
 from typing import Any
 
-__version__ = "0.1.0"
+from mergecore.version import __version__
+
+__all__ = ["__version__", "merge"]
 
 
 def __getattr__(name: str) -> Any:

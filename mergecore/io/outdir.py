@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from mergecore.errors import MergeError
+from mergecore.version import __version__
 
 MARKER = ".mergecore-output.json"
 OWNER = ".mergecore-owner.json"
@@ -67,8 +68,6 @@ def _read_record(path: Path) -> Optional[dict[str, Any]]:
 
 def write_marker(folder: str | Path, kind: str) -> None:
     """Mark `folder` as written by a mergecore run of `kind` ("merge", "rmm", "dam", "evo" ...)."""
-    from mergecore import __version__
-
     record = {"kind": kind, "created": _now(), "mergecore": __version__}
     (Path(folder) / MARKER).write_text(json.dumps(record) + "\n")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from mergecore.errors import MergeError
 from mergecore.methods.base import (
     REQUIRED,
     Ends,
@@ -12,9 +13,8 @@ from mergecore.methods.base import (
     ParamSpec,
     PerModel,
     Range,
-    all_methods,
-    get_method,
     merge_method,
+    registered,
 )
 
 for _mod in pkgutil.iter_modules(__path__):
@@ -23,6 +23,21 @@ for _mod in pkgutil.iter_modules(__path__):
 
 # the method a new recipe starts on (the app's form, the demo)
 DEFAULT_METHOD = "ties"
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look a method up by name; unknown names raise a MergeError listing the valid ones."""
+    methods = registered()
+    try:
+        return methods[name]
+    except KeyError:
+        raise MergeError(f"unknown merge method '{name}'; valid methods: {', '.join(methods)}") from None
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    """Every registered method, by name (sorted)."""
+    return registered()
+
 
 __all__ = [
     "DEFAULT_METHOD",

@@ -25,7 +25,8 @@ even if the recipe lists it under `models`; for `base="ignored"` every listed mo
 `tensors` and `base` is None.
 
 Adding a method takes one new module in this package and nothing else: `mergecore.methods`
-imports every module here at start-up.
+imports every module here at start-up, and its `get_method` / `all_methods` are the lookups
+(this module never imports the package, so the registry has no import cycle).
 """
 
 from __future__ import annotations
@@ -387,19 +388,6 @@ def merge_method(
     return decorate
 
 
-def get_method(name: str) -> MergeMethod:
-    """Look a method up by name; unknown names raise a MergeError listing the valid ones."""
-    from mergecore import methods  # noqa: F401  (imports every method module)
-
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise MergeError(
-            f"unknown merge method '{name}'; valid methods: {', '.join(sorted(_REGISTRY))}"
-        ) from None
-
-
-def all_methods() -> dict[str, MergeMethod]:
-    from mergecore import methods  # noqa: F401
-
+def registered() -> dict[str, MergeMethod]:
+    """The methods registered so far, by name (`mergecore.methods` imports every module first)."""
     return dict(sorted(_REGISTRY.items()))
