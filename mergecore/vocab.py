@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from mergecore.arch import GENERIC
 from mergecore.errors import MergeError
 from mergecore.io.source import read_json_file
 
@@ -38,8 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # files that hold a vocabulary (tokenizer_config.json alone does not)
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt")
-_NOT_VOCAB_HINTS = ("position", "wpe", "token_type")
-_VECTOR_HINTS = ("lm_head", "embed", "wte", "bias")  # 1-D token-indexed tensors (output biases)
 _ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id")
 
 
@@ -147,14 +146,14 @@ class VocabPlan:
 
     def is_vocab_tensor(self, name: str, infos: dict[str, Optional["TensorInfo"]]) -> bool:
         """True if `name` is indexed by token in every model that feeds it (`infos`: model -> info)."""
-        if any(h in name for h in _NOT_VOCAB_HINTS) or not infos:
+        if any(h in name for h in GENERIC.not_vocab) or not infos:
             return False
         for model, info in infos.items():
             if info is None or not info.shape or not info.dtype.is_floating_point or model not in self.rows:
                 return False
             if info.shape[0] != self.rows[model]:
                 return False
-            if len(info.shape) < 2 and not any(h in name for h in _VECTOR_HINTS):
+            if len(info.shape) < 2 and not any(h in name for h in GENERIC.vocab_vectors):
                 return False  # a 1-D tensor (a norm) whose size happens to be the vocabulary size
         for tid, ov in self.overrides.items():
             if ov.model is not None and ov.model not in infos:

@@ -30,6 +30,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from mergecore.arch import is_norm
 from mergecore.errors import MergeError
 from mergecore.io.source import ModelSource
 from mergecore.methods.dam import combine, inverse_activate
@@ -53,13 +54,6 @@ class Slot:
         for s in self.coef_shape:
             n *= s
         return n
-
-
-def _is_norm(module: nn.Module) -> bool:
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
-        return True
-    w = getattr(module, "weight", None)
-    return "norm" in type(module).__name__.lower() and isinstance(w, nn.Parameter) and w.ndim == 1
 
 
 def _conv1d_class():
@@ -103,7 +97,7 @@ def find_slots(model: nn.Module, *, granularity: str = "column", merge_embedding
             if not merge_embeddings:
                 continue
             kind = "conv"
-        elif _is_norm(module):
+        elif is_norm(mname, module):
             if not merge_norms:
                 continue
             kind = "norm"
