@@ -7,7 +7,6 @@ and the executor is the only thing that turns it into files.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -184,14 +183,6 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe_from_dict(load_yaml_file(path, "recipe file"), str(Path(path).expanduser()))
 
 
-def _unused_warning(key: str, places: list[str], names: list[str], valid: set[str]) -> str:
-    where = places[0] if len(places) == 1 else f"{places[0]} and {len(places) - 1} more"
-    close = difflib.get_close_matches(key, sorted(valid), n=1) if len(key) <= 64 else []
-    hint = f"; did you mean '{close[0]}'?" if close else f" (its parameters: {', '.join(sorted(valid)) or 'none'})"
-    return (f"{where}: parameter {short(key, 60)} is not used by method '{'/'.join(names)}' and is "
-            f"ignored{hint}")
-
-
 def validate_parameters(recipe: Recipe) -> list[str]:
     """Check the recipe's parameter blocks against the methods' schemas and return warnings.
 
@@ -200,6 +191,7 @@ def validate_parameters(recipe: Recipe) -> list[str]:
     `slerp`). Values are checked per tensor by the executor, where filters are resolved.
     """
     from mergecore.methods import get_method
+    from mergecore.methods.base import unused_warning
 
     get_method(recipe.merge_method)
     unused: dict[tuple[str, tuple[str, ...]], list[str]] = {}
@@ -218,5 +210,5 @@ def validate_parameters(recipe: Recipe) -> list[str]:
                             f"{where}: parameter '{key}': each filter entry needs 'value' and "
                             f"optionally 'filter', got {short(entry)}"
                         )
-    return [_unused_warning(key, places, list(methods), valid_for[methods])
+    return [unused_warning(key, places, list(methods), valid_for[methods])
             for (key, methods), places in unused.items()]

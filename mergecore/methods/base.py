@@ -31,11 +31,12 @@ imports every module here at start-up, and its `get_method` / `all_methods` are 
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Literal, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Literal, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -195,6 +196,15 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
+def unused_warning(key: str, places: list[str], names: list[str], valid: set[str]) -> str:
+    """The warning for a parameter no method of `names` reads (mergekit ignores such keys too)."""
+    where = places[0] if len(places) == 1 else f"{places[0]} and {len(places) - 1} more"
+    close = difflib.get_close_matches(key, sorted(valid), n=1) if len(key) <= 64 else []
+    hint = f"; did you mean '{close[0]}'?" if close else f" (its parameters: {', '.join(sorted(valid)) or 'none'})"
+    return (f"{where}: parameter {short(key, 60)} is not used by method '{'/'.join(names)}' and is "
+            f"ignored{hint}")
+
+
 BaseRule = Literal["required", "optional", "ignored"]
 
 
@@ -243,6 +253,37 @@ class MergeMethod:
             if p.name == name:
                 return p
         return None
+
+    def missing_param(self, spec: ParamSpec, given: Iterable[Any], *, model: str = "", at: str = "",
+                      fix: str = "set it in the parameters") -> MergeError:
+        """The error for a required parameter without a value; names a likely typo among `given` keys."""
+        who = f" for model '{model}'" if spec.per_model and model else ""
+        known = {p.name for p in self.params}
+        unknown = [k for k in given if isinstance(k, str) and k not in known and len(k) <= 64]
+        typo = difflib.get_close_matches(spec.name, unknown, n=1)
+        hint = f" ('{typo[0]}' in the recipe is not a parameter of '{self.name}': a typo?)" if typo else ""
+        return MergeError(f"method '{self.name}' needs parameter '{spec.name}'{who}{f' ({at})' if at else ''}"
+                          f"{hint}; {fix}")
+
+    def resolve_params(self, raw: Mapping[str, Any], n_models: int, where: str = "") -> tuple[dict[str, Any], list[str]]:
+        """Plain recipe-named values (one per parameter; a list for a per-model parameter gives one
+        value per model, a single value is shared) -> the values a call takes, coerced and range
+        checked as the executor does per tensor, defaults filled in; plus a warning per name the
+        method does not read (ignored, as recipes ignore them). Raises a one-line MergeError."""
+        known = {p.name for p in self.params}
+        warnings = [unused_warning(str(k), [where or "parameters"], [self.name], known) for k in raw if k not in known]
+        out: dict[str, Any] = {}
+        for spec in self.params:
+            value = raw.get(spec.name)
+            values = value if spec.per_model and isinstance(value, list) else [value] * (n_models if spec.per_model else 1)
+            if len(values) != (n_models if spec.per_model else 1):
+                raise MergeError(f"{where}: '{spec.name}' needs {n_models} values, one per model, got {len(values)}")
+            for v in values:
+                if v is None and spec.required:
+                    raise self.missing_param(spec, raw, at=where)
+            coerced = [spec.coerce(v, where) for v in values]
+            out[spec.name] = coerced if spec.per_model else coerced[0]
+        return out, warnings
 
     def __call__(
         self,
