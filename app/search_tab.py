@@ -555,7 +555,8 @@ def _replay(jc, recipe: Path, out_dir: Path, tasks: Optional[str], base: Optiona
     """Merge a search's recipe (the same plan_merge / execute_plan as the Merge tab), then score
     the checkpoint (and the base, for reference) on the tasks."""
     from app.compare import evaluate_models
-    from mergecore.executor import execute_plan, plan_merge
+    from mergecore.executor import execute_plan
+    from mergecore.plan import plan_merge
     from mergecore.io.writer import prepare_output_dir
     from mergecore.recipe import load_recipe
 

@@ -478,7 +478,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 
         def on_plan(state, form):
             try:
-                from mergecore.executor import plan_merge
+                from mergecore.plan import plan_merge
 
                 plan = plan_merge(forms.build_recipe(form, state))
                 return gr.Textbox(value=plan.describe(), visible=True)
@@ -1071,7 +1071,8 @@ def _run_merge(jc, recipe, out_dir: Path, dtype: str, nthreads: int):
     """The merge job: the same plan_merge + execute_plan the CLI runs."""
     import torch
 
-    from mergecore.executor import execute_plan, plan_merge
+    from mergecore.executor import execute_plan
+    from mergecore.plan import plan_merge
     from mergecore.io.writer import prepare_output_dir
 
     prepare_output_dir(out_dir)

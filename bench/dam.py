@@ -171,9 +171,8 @@ def run(family_name: str, *, quick: bool = False, steps: int = 120, batch_size: 
     """Returns (main table, ablation table or None, notes)."""
     import pandas as pd
 
-    from mergecore.executor import merge
+    from mergecore.merging import merge
     from mergecore.families import build_family
-    from mergecore.recipe import load_recipe
 
     quality = _quality()
     fam = build_family(family_name, root=root, quick=quick)
@@ -205,7 +204,7 @@ def run(family_name: str, *, quick: bool = False, steps: int = 120, batch_size: 
             merged = wd / f"merged-{slug}"
             if merged.exists():
                 shutil.rmtree(merged)
-            merge(load_recipe(out / "recipe.yml"), merged, search_dirs=(out.resolve(),), threads=threads)
+            merge(out / "recipe.yml", merged, threads=threads)
             stats[label] = {"train_s": round(result["train_seconds"], 1),
                             "search_s": round(result["process_seconds"], 1),
                             "replay_s": round(time.time() - t, 2),

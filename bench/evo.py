@@ -35,9 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mergecore.executor import merge  # noqa: E402
+from mergecore.merging import merge  # noqa: E402
 from mergecore.families import get_family  # noqa: E402
-from mergecore.recipe import load_recipe  # noqa: E402
 from mergecore.search.evo.run import EvoConfig, run_evo  # noqa: E402
 
 
@@ -99,7 +98,7 @@ def quality_rows(fam, args) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             res = run_evo(config, ROOT, Path(tmp) / "search")
             t0 = time.time()
-            out = merge(load_recipe(Path(tmp) / "search" / "recipe.yml"), Path(tmp) / "model").out_dir
+            out = merge(Path(tmp) / "search" / "recipe.yml", Path(tmp) / "model").out_dir
             merge_s = time.time() - t0
             t0 = time.time()
             r = test.evaluate(out)

@@ -10,7 +10,7 @@ its own expert's classifier head on the evaluated body, as in the RMM paper):
   (for a family without heads, e.g. `smollm2-domains`, simply the base model);
 - **individual**: each fine-tuned expert on its own task(s) only (the upper reference; an expert's
   tasks are `experts.<name>.tasks` in family.json, by default the task named like the expert);
-- the data-free merges of the experts, run by `mergecore.executor.merge` with the
+- the data-free merges of the experts, run by `mergecore.merge` with the
   hyper-parameters mergekit users reach for by default:
 
   | row              | method          | parameters                                               |
@@ -113,7 +113,7 @@ def run(family_name: str, *, quick: bool = False, split: str = "test", subset=No
     """Build/load the family, score every row; returns (DataFrame, notes)."""
     import pandas as pd
 
-    from mergecore.executor import merge
+    from mergecore.merging import merge
     from mergecore.families import build_family
     from mergecore.methods import all_methods
 

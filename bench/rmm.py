@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergecore.eval import Evaluator, load_model  # noqa: E402
-from mergecore.executor import merge  # noqa: E402
+from mergecore.merging import merge  # noqa: E402
 from mergecore.families import get_family  # noqa: E402
 from mergecore.search.rmm.layers import LayerBank, Operator, layer_stack  # noqa: E402
 from mergecore.search.rmm.ppo import PPOConfig  # noqa: E402

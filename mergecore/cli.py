@@ -15,67 +15,46 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mergecore.errors import Cancelled, MergeError, clip
+from mergecore.errors import MergeError, clip
 from mergecore.threads import check_threads
 
 EXIT_BAD_INPUT = 2
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from mergecore.events import CancelToken, MergeProgress
-    from mergecore.executor import execute_plan, plan_merge, plan_to_json
-    from mergecore.io.outdir import existing_dirs, remove_stale_temp_dirs, stale_warning
-    from mergecore.io.writer import parse_size, prepare_output_dir
+    from mergecore.events import MergeProgress, TerminalBar, interruptible
+    from mergecore.io.writer import parse_size
+    from mergecore.merging import merge
+    from mergecore.plan import Plan, plan_merge, plan_to_json
     from mergecore.recipe import load_recipe
 
     args.threads = check_threads(args.threads)
-    recipe = load_recipe(args.recipe)
-    shard_size = parse_size(args.shard_size)
+    parse_size(args.shard_size)  # a bad size fails before anything is read
     budget = parse_size(args.memory_budget) if args.memory_budget else None
-    search_dirs = (Path(args.recipe).resolve().parent,)
-    if not args.dry_run:  # before models are fetched or read; Hub sources are checked again once planned
-        local = existing_dirs(p for ref in recipe.referenced_models() for p in (ref, *(d / ref for d in search_dirs)))
-        prepare_output_dir(args.out_dir, overwrite=args.overwrite, sources=local, protect=search_dirs)
     if args.threads:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-    plan = plan_merge(recipe, out_dtype=args.dtype, search_dirs=search_dirs, allow_nonfinite=args.allow_nonfinite)
-    if args.dry_run:
+    if args.dry_run:  # the plan only: no output-path check, nothing written
+        plan = plan_merge(load_recipe(args.recipe), out_dtype=args.dtype, search_dirs=(Path(args.recipe).resolve().parent,),
+                          allow_nonfinite=args.allow_nonfinite)
         print(plan_to_json(plan) if args.json else plan.describe(budget))
         return 0
-    sources = [src.path for src in plan.sources.values()]
-    out = prepare_output_dir(args.out_dir, overwrite=args.overwrite, sources=sources, protect=search_dirs)
-    for w in plan.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    for stale in remove_stale_temp_dirs(out.parent):
-        print(f"warning: {stale_warning(stale)}", file=sys.stderr)
 
-    bar = None
-    progress: Optional[Callable[[MergeProgress], None]] = None
-    if not args.quiet:
-        from tqdm import tqdm
+    def warn(plan: Plan) -> None:
+        for w in plan.warnings:
+            print(f"warning: {w}", file=sys.stderr)
 
-        # leave=False: a failure's one `error:` line is not preceded by a half-filled bar
-        bar = tqdm(total=0, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True, leave=False)
+    # leave=False: a failure's one `error:` line is not preceded by a half-filled bar
+    with interruptible("merge cancelled; nothing was written") as cancel, \
+            TerminalBar("merging", quiet=args.quiet, unit="B", unit_scale=True, leave=False) as bar:
 
         def progress(p: MergeProgress) -> None:
-            bar.total = p.bytes_total
-            bar.n = p.bytes_done
-            bar.set_postfix_str(f"{p.tensors_done}/{p.tensors_total} tensors", refresh=False)
-            bar.refresh()
+            bar.show(p.bytes_done, p.bytes_total, postfix=f"{p.tensors_done}/{p.tensors_total} tensors")
 
-    cancel = CancelToken()
-    try:
-        result = execute_plan(plan, args.out_dir, shard_size=shard_size, threads=args.threads,
-                              device=args.device, memory_budget=budget, progress=progress, cancel=cancel,
-                              overwrite=args.overwrite, protect=search_dirs)
-    except KeyboardInterrupt:
-        cancel.cancel()
-        raise Cancelled("merge cancelled; nothing was written") from None
-    finally:
-        if bar is not None:
-            bar.close()
+        result = merge(args.recipe, args.out_dir, progress=progress, cancel=cancel, out_dtype=args.dtype,
+                       shard_size=args.shard_size, threads=args.threads, device=args.device, memory_budget=budget,
+                       overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, on_plan=warn)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(result.summary())

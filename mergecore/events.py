@@ -1,15 +1,17 @@
 """Progress events and the cancel token shared by the executor, the searches, the CLI and the app.
 
 Long work takes an optional `progress` callback and an optional `CancelToken`. The CLI turns
-the events into a progress bar; the app's job manager stores them for its polling plots.
+the events into a progress bar (`TerminalBar`, `interruptible`); the app's job manager stores
+them for its polling plots.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from mergecore.errors import Cancelled
 
@@ -77,3 +79,50 @@ class MergeProgress:
 
 ProgressCallback = Callable[[MergeProgress], None]
 EventCallback = Callable[[Event], None]
+
+
+@contextmanager
+def interruptible(message: str) -> Iterator[CancelToken]:
+    """A CancelToken for a command run from a terminal: Ctrl-C sets it (so worker threads stop
+    too) and ends in one `Cancelled(message)` line instead of a traceback."""
+    cancel = CancelToken()
+    try:
+        yield cancel
+    except KeyboardInterrupt:
+        cancel.cancel()
+        raise Cancelled(message) from None
+
+
+class TerminalBar:
+    """A tqdm progress bar on stderr for a CLI command, drawn from the first `show` on (so lines
+    printed before the work starts stay above it); does nothing when `quiet`. Closing it on the
+    way out of a `with` block keeps a failure's one error line clean (`leave=False` removes it)."""
+
+    def __init__(self, desc: str, *, quiet: bool = False, **options: Any) -> None:
+        self.desc, self.quiet, self.options = desc, quiet, options
+        self._bar: Any = None
+
+    def show(self, done: float, total: float, *, postfix: str = "", desc: Optional[str] = None) -> None:
+        if self.quiet:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=self.desc, dynamic_ncols=True, **self.options)
+        self._bar.total = total
+        self._bar.n = done
+        if postfix:
+            self._bar.set_postfix_str(postfix, refresh=False)
+        if desc is not None:
+            self._bar.set_description_str(desc, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "TerminalBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

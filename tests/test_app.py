@@ -164,7 +164,7 @@ def test_values_parse_and_validate(demo_state):
 
 def test_split_curves_reach_attention_and_mlp_tensors(demo_state):
     from app import forms
-    from mergecore.executor import plan_merge
+    from mergecore.plan import plan_merge
 
     form = forms.new_form("ties", demo_state)
     form = forms.set_split(form, demo_state, "weight@variant_a", True)
@@ -930,7 +930,7 @@ def test_client_evo_search_plots_candidates_and_its_recipe_replays(fmnist_server
     assert result["evaluations"] == 8 and result["best"]["score"] == best["y"][-1]
 
     # the recipe replays through the engine to the score the search reported
-    from mergecore.executor import merge
+    from mergecore.merging import merge
     from mergecore.recipe import load_recipe
     from mergecore.search.evo.worker import EvoWorker
 

@@ -1,4 +1,4 @@
-"""End-to-end merges through `executor.merge` and the CLI on tiny checkpoints of six architectures.
+"""End-to-end merges through `mergecore.merge` and the CLI on tiny checkpoints of six architectures.
 
 Every merged tensor is compared with the same arithmetic done by hand on the input files, and
 the output is reloaded with transformers and run.
@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 from mergecore.cli import main
 from mergecore.errors import Cancelled
 from mergecore.events import CancelToken, MergeProgress
-from mergecore.executor import merge, plan_merge
+from mergecore.merging import merge
 from mergecore.io.source import ModelSource
 from mergecore.methods import all_methods, get_method
+from mergecore.plan import plan_merge
 from mergecore.recipe import recipe_from_dict
 
 ARCHS = ("llama", "mistral", "qwen2", "gpt2", "bert", "vit")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergecore.executor import merge
+from mergecore.merging import merge
 from mergecore.io.source import ModelSource
 from mergecore.recipe import parse_recipe
 

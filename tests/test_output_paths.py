@@ -365,7 +365,7 @@ def test_stale_temp_folders_of_dead_runs_are_removed_with_a_warning(llama_family
 def test_api_merges_report_removed_stale_folders_in_their_warnings(llama_family, tmp_path):
     """The app and the searches call the engine, not the CLI: the writer removes the stale
     folder and the result carries the warning."""
-    from mergecore.executor import merge
+    from mergecore.merging import merge
     from mergecore.recipe import parse_recipe
 
     dead = _dead_pid()

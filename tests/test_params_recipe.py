@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mergecore.errors import MergeError
-from mergecore.executor import plan_merge
+from mergecore.plan import plan_merge
 from mergecore.params import (
     UNSET,
     filter_matches,

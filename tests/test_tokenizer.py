@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from mergecore.errors import MergeError
-from mergecore.executor import merge, plan_merge
 from mergecore.io.source import ModelSource
+from mergecore.merging import merge
+from mergecore.plan import plan_merge
 from mergecore.recipe import parse_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -457,7 +457,8 @@ def test_cast_overflow_names_the_dtype(tmp_path, capsys, llama_family):
 
 
 def test_merge_in_memory_applies_the_check(llama_family):
-    from mergecore.executor import merge_in_memory, plan_merge
+    from mergecore.executor import merge_in_memory
+    from mergecore.plan import plan_merge
     from mergecore.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(_task_arithmetic(llama_family["base"], llama_family["a"], -1e308))

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mergecore.errors import Cancelled, MergeError
+from mergecore.errors import MergeError
 from mergecore.threads import set_torch_threads
 
 
@@ -18,7 +18,8 @@ def _is_recipe(path: Path) -> bool:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mergecore.eval.evaluator import EvalProgress, Evaluator, parse_subset
-    from mergecore.events import CancelToken
+    from mergecore.events import TerminalBar, interruptible
+    from mergecore.merging import merge
 
     target = Path(args.target).expanduser()
     if not target.exists():
@@ -31,43 +32,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     ev = Evaluator(args.tasks, subset=parse_subset(args.subset), seed=args.seed, batch_size=args.batch_size,
                    device=args.device)
     _quiet_transformers()
-    cancel = CancelToken()
     quiet = args.quiet or args.json
-    bar = None
-    progress = None
-    if not quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=0, desc="evaluating", dynamic_ncols=True, file=sys.stderr)
+    tmp = None
+    with interruptible("evaluation cancelled") as cancel, TerminalBar("evaluating", quiet=quiet) as bar:
 
         def progress(p: EvalProgress) -> None:
-            bar.total = p.examples_total
-            bar.n = p.examples_done
-            bar.set_description_str(f"[{p.task_index + 1}/{p.tasks_total}] {p.task}", refresh=False)
-            bar.refresh()
+            bar.show(p.examples_done, p.examples_total, desc=f"[{p.task_index + 1}/{p.tasks_total}] {p.task}")
 
-    tmp = None
-    try:
-        model_dir = target
-        if _is_recipe(target):
-            from mergecore.executor import merge
-            from mergecore.recipe import load_recipe
-
-            recipe = load_recipe(target)
-            tmp = tempfile.TemporaryDirectory(prefix="mergecore-eval-")
-            model_dir = Path(tmp.name) / "merged"
-            if not quiet:
-                print(f"merging {target} ...", file=sys.stderr)
-            merge(recipe, model_dir, search_dirs=(target.resolve().parent,), cancel=cancel, device=args.device)
-        result = ev.evaluate(model_dir, progress=progress, cancel=cancel, subset_index=args.subset_index)
-    except KeyboardInterrupt:
-        cancel.cancel()
-        raise Cancelled("evaluation cancelled") from None
-    finally:
-        if bar is not None:
-            bar.close()
-        if tmp is not None:
-            tmp.cleanup()
+        try:
+            model_dir = target
+            if _is_recipe(target):
+                tmp = tempfile.TemporaryDirectory(prefix="mergecore-eval-")
+                model_dir = Path(tmp.name) / "merged"
+                if not quiet:
+                    print(f"merging {target} ...", file=sys.stderr)
+                merge(target, model_dir, cancel=cancel, device=args.device)
+            result = ev.evaluate(model_dir, progress=progress, cancel=cancel, subset_index=args.subset_index)
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
     result.model = str(target)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))

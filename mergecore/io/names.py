@@ -4,7 +4,8 @@ transformers 5 renames some architectures' weights on load (e.g. ViT's
 `vit.encoder.layer.0.attention.attention.query.weight` is `vit.layers.0.attention.q_proj.weight`
 in memory) and back on save. Code that works on loaded modules but must agree with the engine,
 which works on checkpoint names (seeds of randomised methods, coefficient files), maps names
-with this: one place for RMM's bank and DAM's coefficient files.
+with this: one place for RMM's bank, DAM's coefficient files and in-memory merges
+(`checkpoint_tensors`).
 
 transformers' own save-time reversal names each tensor exactly (matched by storage, no reading).
 Only tensors it cannot name one-to-one (fused or split conversions, no transformers) are matched
@@ -12,6 +13,8 @@ by value, within the same layer and shape; tied weights take their twin's name.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -21,29 +24,51 @@ from mergecore.errors import MergeError
 from mergecore.io.source import ModelSource
 
 
-def reverted_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, str]:
-    """{state_dict key: checkpoint name} from transformers' save-time reversal, for the tensors it
-    renames one-to-one; {} without transformers or for a plain module."""
+def _reverted(model: nn.Module, state: dict[str, torch.Tensor]) -> Optional[list[tuple[str, list[str]]]]:
+    """Per tensor that transformers' save-time reversal names: (checkpoint name, the `state` keys
+    sharing its storage). None without transformers or for a plain module (nothing renamed)."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # pragma: no cover - older transformers: no renaming on load
-        return {}
+        return None
     by_storage: dict[tuple, list[str]] = {}
     for key, value in state.items():
         by_storage.setdefault((value.data_ptr(), tuple(value.shape)), []).append(key)
     try:
         reverted = revert_weight_conversion(model, dict(state))
     except Exception:  # noqa: BLE001 - not a transformers model: nothing is renamed
-        return {}
+        return None
+    return [(ck, by_storage.get((value.data_ptr(), tuple(value.shape)), []))
+            for ck, value in reverted.items() if isinstance(value, torch.Tensor)]
+
+
+def reverted_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{state_dict key: checkpoint name} from transformers' save-time reversal, for the tensors it
+    renames one-to-one; {} without transformers or for a plain module."""
     out: dict[str, str] = {}
-    for ck, value in reverted.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        keys = by_storage.get((value.data_ptr(), tuple(value.shape)), [])
+    for ck, keys in _reverted(model, state) or []:
         if ck in keys:  # tied tensors share storage: a key that is its own name wins
             out[ck] = ck
         elif len(keys) == 1:
             out[keys[0]] = ck
+    return out
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers under their *checkpoint* names (no copies).
+
+    Only one-to-one renames map to a tensor of the model; fused or split weights are left out
+    (such tensors need a merge to a folder). Without a conversion (a plain module, or no
+    transformers) the module names are the names. Computed once per model and kept on it.
+    """
+    cached = model.__dict__.get("_mergecore_checkpoint_tensors")
+    if cached is not None:
+        return cached
+    own = model.state_dict(keep_vars=True)
+    pairs = _reverted(model, {k: v.detach() for k, v in own.items()})
+    names = {k: k for k in own} if pairs is None else {ck: keys[-1] for ck, keys in pairs if keys}
+    out = {ck: own[mk].data if isinstance(own[mk], nn.Parameter) else own[mk] for ck, mk in names.items()}
+    model.__dict__["_mergecore_checkpoint_tensors"] = out
     return out
 
 

@@ -53,7 +53,7 @@ def _cmd_rmm(args: argparse.Namespace) -> int:
     print(f"best reward {best['reward']:.3f} ({best['scored_on']}), {len(best['emitted'])} layers; "
           f"recipe: {args.out_dir}/recipe.yml")
     if args.merge:
-        from mergecore.executor import merge
+        from mergecore.merging import merge
         from mergecore.recipe import load_recipe
 
         # the search owns OUT_DIR: a model it merged there before is replaced
@@ -92,7 +92,7 @@ def _cmd_evo(args: argparse.Namespace) -> int:
     print(f"best score {best['score']:.4f} after {summary['evaluations']} evaluations ({summary['stop']}){final}; "
           f"recipe: {args.out_dir}/recipe.yml")
     if args.merge:
-        from mergecore.executor import merge
+        from mergecore.merging import merge
         from mergecore.recipe import load_recipe
 
         # the search owns OUT_DIR: a model it merged there before is replaced
@@ -160,7 +160,7 @@ def _cmd_dam(args: argparse.Namespace) -> int:
     if args.merge:
         from pathlib import Path
 
-        from mergecore.executor import merge
+        from mergecore.merging import merge
         from mergecore.recipe import load_recipe
 
         out = Path(args.out_dir)

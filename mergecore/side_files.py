@@ -1,18 +1,18 @@
-"""Files written beside the weights: config, generation config, tokenizer, chat template, card."""
+"""Files written beside the weights: config, generation config, tokenizer, chat template, model
+card and the recipe. They follow the plan (its reference model, tokenizer donor, vocabulary),
+so this module sits above `plan`, while `io/` stays below it."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from mergecore.errors import MergeError
 from mergecore.io.source import read_json_file, read_json_object
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mergecore.executor import Plan
-    from mergecore.io.writer import ShardedWriter
+from mergecore.io.writer import ShardedWriter
+from mergecore.plan import Plan
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -46,7 +46,7 @@ CHAT_TEMPLATES = {
 }
 
 
-def _tokenizer_donor(plan: "Plan") -> Optional[str]:
+def _tokenizer_donor(plan: Plan) -> Optional[str]:
     src = plan.tokenizer_source
     if src in (None, "base"):
         return plan.base or plan.reference
@@ -55,7 +55,7 @@ def _tokenizer_donor(plan: "Plan") -> Optional[str]:
     return src
 
 
-def _chat_template(plan: "Plan") -> Optional[str]:
+def _chat_template(plan: Plan) -> Optional[str]:
     spec = plan.recipe.chat_template
     if not spec:
         return None
@@ -81,7 +81,7 @@ def _chat_template(plan: "Plan") -> Optional[str]:
     return spec
 
 
-def model_card(plan: "Plan") -> str:
+def model_card(plan: Plan) -> str:
     models = list(plan.sources)
     front = ["---", "library_name: transformers", "tags:", "- mergecore", "- merge"]
     hub = [m for m in models if not Path(m).exists()]
@@ -106,7 +106,7 @@ def model_card(plan: "Plan") -> str:
     return "\n".join(lines)
 
 
-def write_side_files(writer: "ShardedWriter", plan: "Plan") -> None:
+def write_side_files(writer: ShardedWriter, plan: Plan) -> None:
     """config.json, generation_config.json, tokenizer/processor files, chat template, README."""
     ref = plan.sources[plan.reference]
     if plan.config:
