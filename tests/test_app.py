@@ -145,31 +145,31 @@ def test_every_method_gets_a_form_from_its_schema(demo_state):
 
 
 def test_values_parse_and_validate(demo_state):
-    from app import forms
+    from app import forms, values
 
     form = forms.new_form("ties", demo_state)
     f = forms.field_by_key(form, demo_state, "density@variant_a")
-    assert forms.text_to_value(f, "0.4") == 0.4
-    assert forms.text_to_value(f, "[0.2, 0.8]") == [0.2, 0.8]
-    assert forms.text_to_value(f, "{attn: [0, 1], mlp: 0.5}") == {"attn": [0, 1], "mlp": 0.5}
+    assert values.text_to_value(f, "0.4") == 0.4
+    assert values.text_to_value(f, "[0.2, 0.8]") == [0.2, 0.8]
+    assert values.text_to_value(f, "{attn: [0, 1], mlp: 0.5}") == {"attn": [0, 1], "mlp": 0.5}
     with pytest.raises(MergeError, match="out of range"):
-        forms.text_to_value(f, "1.5")
+        values.text_to_value(f, "1.5")
     with pytest.raises(MergeError, match="attn, mlp and other"):
-        forms.text_to_value(f, "{foo: 1}")
+        values.text_to_value(f, "{foo: 1}")
     with pytest.raises(MergeError):
-        forms.text_to_value(f, "[0.2, banana]")
-    text = forms.value_to_text({"attn": [0.0, 1.0], "mlp": [1.0, 0.0], "other": 0.5})
-    assert forms.text_to_value(f, text) == {"attn": [0.0, 1.0], "mlp": [1.0, 0.0], "other": 0.5}
+        values.text_to_value(f, "[0.2, banana]")
+    text = values.value_to_text({"attn": [0.0, 1.0], "mlp": [1.0, 0.0], "other": 0.5})
+    assert values.text_to_value(f, text) == {"attn": [0.0, 1.0], "mlp": [1.0, 0.0], "other": 0.5}
 
 
 def test_split_curves_reach_attention_and_mlp_tensors(demo_state):
-    from app import forms
+    from app import curves, forms
     from mergecore.plan import plan_merge
 
     form = forms.new_form("ties", demo_state)
-    form = forms.set_split(form, demo_state, "weight@variant_a", True)
-    form = forms.set_curve(form, demo_state, "weight@variant_a", [0.0, 1.0], group="attn")
-    form = forms.set_curve(form, demo_state, "weight@variant_a", [1.0, 0.0], group="mlp")
+    form = curves.set_split(form, demo_state, "weight@variant_a", True)
+    form = curves.set_curve(form, demo_state, "weight@variant_a", [0.0, 1.0], group="attn")
+    form = curves.set_curve(form, demo_state, "weight@variant_a", [1.0, 0.0], group="mlp")
     d = forms.build_recipe_dict(form, demo_state)
     w = d["models"][0]["parameters"]["weight"]
     assert w == [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": [1.0, 0.0]},
@@ -183,11 +183,11 @@ def test_split_curves_reach_attention_and_mlp_tensors(demo_state):
     # a preset through the curve editor's path, then back to one curve for all tensors
     from mergecore.params import preset_curve
 
-    form = forms.set_curve(form, demo_state, "density@variant_b", preset_curve("bell", 0.2, 0.9, 5))
-    assert forms.get_curve(form, "density@variant_b") == preset_curve("bell", 0.2, 0.9, 5)
-    form = forms.set_split(form, demo_state, "weight@variant_a", False)
+    form = curves.set_curve(form, demo_state, "density@variant_b", preset_curve("bell", 0.2, 0.9, 5))
+    assert curves.get_curve(form, "density@variant_b") == preset_curve("bell", 0.2, 0.9, 5)
+    form = curves.set_split(form, demo_state, "weight@variant_a", False)
     assert form["values"]["weight@variant_a"] == [0.0, 1.0]
-    md = forms.formula_markdown(form, demo_state)
+    md = curves.formula_markdown(form, demo_state)
     assert "θ₀ = **base**" in md and "| density · variant_b |" in md
 
 
@@ -225,9 +225,9 @@ dtype: float32
 
 
 def test_mergekit_recipes_import_into_the_form(demo_family):  # noqa: F811
-    from app import forms
+    from app import forms, values
     from app import state as st
-    from app.ui import _import_yaml
+    from app.forms import import_recipe as _import_yaml
     from mergecore.recipe import parse_recipe
 
     m = {k: str(v) for k, v in demo_family.models.items()}
@@ -248,13 +248,13 @@ def test_mergekit_recipes_import_into_the_form(demo_family):  # noqa: F811
     again = parse_recipe(forms.recipe_yaml(form, state))
     assert again.parameters == parse_recipe(text).parameters and again.slices == parse_recipe(text).slices
     llama = ("self_attn", ("mlp",))
-    assert forms.value_from_recipe([{"filter": "self_attn", "value": 1}, {"value": 0}], llama) == {"attn": 1, "other": 0}
+    assert values.value_from_recipe([{"filter": "self_attn", "value": 1}, {"value": 0}], llama) == {"attn": 1, "other": 0}
     for kept in ([{"filter": "attention", "value": 1}],  # matches no Llama tensor: keep it as it is
                  [{"filter": "mlp", "value": 1}, {"filter": "self_attn", "value": 0}],  # order matters
                  [{"filter": "self_attn", "value": "x"}]):
-        assert forms.value_from_recipe(kept, llama) == {"raw": kept}
+        assert values.value_from_recipe(kept, llama) == {"raw": kept}
     vit = ("attention", ("intermediate", "output.dense"))
-    assert forms.value_from_recipe([{"filter": "intermediate", "value": 1}], vit) == {"raw": [{"filter": "intermediate", "value": 1}]}
+    assert values.value_from_recipe([{"filter": "intermediate", "value": 1}], vit) == {"raw": [{"filter": "intermediate", "value": 1}]}
     with pytest.raises(MergeError, match="line"):
         _import_yaml("merge_method: ties\nmodels: [", st.new_session(), roots)
     with pytest.raises(MergeError, match="unknown merge method"):
@@ -564,10 +564,14 @@ def test_search_registry_operators_and_merging_map():
     methods = srch.operator_methods(4)
     assert "ties" in methods and "slerp" not in methods and "passthrough" not in methods  # slerp: exactly 1
     assert "slerp" in srch.operator_methods(1)
+    from mergecore.methods import get_method
+
     text = srch.add_operator(srch.get_search("rmm").field("operators").default, "dare_ties", 4)
     ops = srch.parse_operators(text, 4)
-    assert [o["method"] for o in ops] == ["ties", "task_arithmetic", "dare_ties"]
-    assert ops[2]["parameters"] == {"weight": 1.0, "density": 0.5}
+    defaults = [e["method"] for e in srch.default_operators()]  # the engine's default method, and its first
+    assert [o["method"] for o in ops] == defaults + ["dare_ties"] and len(set(defaults)) == 2  # with starting values
+    required = {p.name for p in get_method("dare_ties").params if p.required}
+    assert required <= set(ops[2]["parameters"]) and ops[2]["parameters"] == get_method("dare_ties").starting_params()
     assert [o["name"] for o in srch.parse_operators("[ties, ties]", 2)] == ["ties", "ties_2"]
     for bad, msg in (("- {method: nope}", "unknown merge method"), ("- {method: ties, parameters: {densty: 1}}",
                      "unknown parameter"), ("- {method: slerp, parameters: {t: 0.5}}", "at most 1"),
@@ -591,9 +595,10 @@ def test_rmm_form_makes_a_config(fmnist_demo):  # noqa: F811
     assert values["tasks"] == str(fmnist_demo.val_tasks)  # searches score on validation data
     cfg = spec.make_config(values, session)
     assert cfg.base_model == str(fmnist_demo.models["base"]) and len(cfg.models) == 4 and cfg.dar
-    assert [o.method for o in cfg.operators] == ["ties", "task_arithmetic"]
+    defaults = [e["method"] for e in srch.default_operators()]
+    assert [o.method for o in cfg.operators] == defaults
     meta = spec.meta(cfg, session)
-    assert meta["action_names"] == values["models"] + ["ties", "task_arithmetic"] and meta["layers"] == 2
+    assert meta["action_names"] == values["models"] + defaults and meta["layers"] == 2
     assert spec.load_config(json.loads(json.dumps(spec.dump_config(cfg)))) == cfg
     for change, msg in (({"models": []}, "at least one model"), ({"data_ratio": 0}, "data_ratio"),
                         ({"tasks": "/nope.yml"}, "not found"), ({"episodes": 0}, "episodes")):
@@ -630,7 +635,7 @@ def _figure(plot) -> dict:
 
 
 def test_client_compare_on_the_fmnist_demo(fmnist_server, fmnist_demo):  # noqa: F811
-    from app.ui import TASK_HEAD
+    from app.tabs.compare import TASK_HEAD
 
     url, _ = fmnist_server
     c = _client(url)
@@ -673,8 +678,10 @@ def test_client_rmm_search_streams_events_and_its_recipe_merges(fmnist_server, f
     assert timing["data"][0]["type"] == "bar" and len(timing["data"][0]["x"]) == 6
     assert {t["name"] for t in metrics["data"]} == {"fmnist_tops", "fmnist_footwear", "fmnist_other", "digits"}
     hm = heatmap["data"][0]
-    assert hm["type"] == "heatmap" and hm["y"] == ["fmnist_tops", "fmnist_footwear", "fmnist_other", "digits",
-                                                    "ties", "task_arithmetic"] and len(hm["x"]) == 2
+    from app.searches import default_operators
+
+    assert hm["type"] == "heatmap" and len(hm["x"]) == 2 and hm["y"] == [
+        "fmnist_tops", "fmnist_footwear", "fmnist_other", "digits", *[e["method"] for e in default_operators()]]
     assert "Best merge" in out[-5] and "merge_method: passthrough" in out[-4]["value"]
     job = ctx.jobs.find(f"browser-{KEY_A}", data["id"])
     assert (Path(job.meta["out"]) / "result.json").is_file()
@@ -782,7 +789,7 @@ def test_dam_and_evo_forms_make_configs(fmnist_demo):  # noqa: F811
     evo = srch.get_search("evo")
     values = {f.key: srch.field_default(f, session) for f in evo.fields}
     cfg = evo.make_config(values, session)
-    assert cfg.method == "task_arithmetic" and cfg.backend == "local" and cfg.popsize is None
+    assert cfg.method == srch.starting_method() and cfg.backend == "local" and cfg.popsize is None
     assert cfg.parameters["weight"].init == 0.3 and len(cfg.models) == 4
     meta = evo.meta(cfg, session)
     assert meta["genes"] == 4 and meta["popsize"] == 8 and meta["expected_evals"] == 24

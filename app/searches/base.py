@@ -1,0 +1,365 @@
+"""What every search of the Search tab is made of: its form (`Field`s), its `SearchSpec` and the
+registry, plus the helpers the searches share (form checks, operators, event series).
+
+A search registers a `SearchSpec`:
+
+- `fields`: the form, as `Field`s. Kinds: 'float', 'int', 'bool', 'choice', 'text', 'yaml'
+  (a YAML code box), and session-aware ones the tab fills in: 'models' (the session's models
+  but the base; ticked boxes), 'base' (the session's base model), 'tasks' (a tasks YAML;
+  defaults to the demo family's validation tasks) and 'operators' (a YAML list of merge
+  methods with fixed parameters, with an "add" dropdown fed by the method registry).
+  `advanced=True` puts a field in a closed accordion. The form follows the fields' order:
+  the session's models, the scalars listed before the first YAML / tasks field, those wide
+  fields, then the other scalars in rows of four.
+- `make_config(values, session) -> config`: the form's values (field key -> value) and the
+  session (`SearchSession`: model name -> folder, base, tasks) -> the search's own config
+  (a pydantic model, `config_class`), or a `MergeError` with a one-line message.
+- `run(config, out_dir, emit, cancel, resume) -> summary dict`: runs the search, writing into
+  `out_dir`; `emit(Event)` for each event, `cancel` checked by the engine, `resume=True`
+  continues from the checkpoint in `out_dir`. It must leave `recipe.yml` in `out_dir` when
+  it finishes.
+- `plots`: `PlotSpec(title, figure)` where `figure(events, meta) -> plotly Figure`; `events`
+  are `Event.as_dict()`s of the job, `meta` what `meta(config, session)` returned at start
+  (e.g. the action names of a merging-map heatmap).
+- `progress(events, meta) -> (fraction or None, text)` and `summary_md(result, meta) -> markdown`;
+  `log_line(event)`: the search log's line for an event, or None.
+- `dump_config` / `load_config`: the config as JSON data and back (saved as
+  `app_search.json` in the out dir, so Resume works after the page or the app restarted).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import yaml
+
+from mergecore.errors import MergeError, short
+from mergecore.events import CancelToken, Event
+from mergecore.yamlio import load_yaml
+
+FIELD_KINDS = ("float", "int", "bool", "choice", "text", "yaml", "models", "base", "tasks", "operators")
+
+
+@dataclass
+class Field:
+    key: str
+    label: str
+    kind: str
+    default: Any = None
+    info: str = ""
+    choices: Optional[list[Any]] = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    advanced: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in FIELD_KINDS:
+            raise ValueError(f"field '{self.key}': unknown kind '{self.kind}' (one of {', '.join(FIELD_KINDS)})")
+
+
+def session_fields(models_info: str, base_info: str) -> list[Field]:
+    """The models and base fields every search starts with (filled from the session)."""
+    return [Field("models", "Models to merge", "models", info=models_info),
+            Field("base", "Base model", "base", info=base_info)]
+
+
+def tasks_field(label: str, info: str = "validation tasks keep the test split for the final comparison") -> Field:
+    return Field("tasks", label, "tasks", info=info)
+
+
+SEED = Field("seed", "Seed", "int", 0, minimum=0)
+
+
+@dataclass
+class PlotSpec:
+    title: str
+    figure: Callable[[list[dict[str, Any]], dict[str, Any]], Any]
+
+
+@dataclass
+class SearchSession:
+    """What a search form sees of the browser session."""
+
+    models: dict[str, str]  # name -> folder, in the session's order
+    base: Optional[str]
+    tasks: Optional[str] = None  # the family's test tasks (for final evaluations)
+    val_tasks: Optional[str] = None  # the family's validation tasks (what searches score on)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "SearchSession":
+        fam = (state or {}).get("family") or {}
+        return cls({m["name"]: m["path"] for m in (state or {}).get("models", [])}, (state or {}).get("base"),
+                   fam.get("tasks"), fam.get("val_tasks") or fam.get("tasks"))
+
+    def path(self, name: str) -> str:
+        if name not in self.models:
+            raise MergeError(f"no model named '{name}' in this session")
+        return self.models[name]
+
+    def names(self, paths: Sequence[str]) -> list[str]:
+        """The session's names of model folders (the folder's name for one not in the session)."""
+        by_path = {p: n for n, p in self.models.items()}
+        return [by_path.get(p, Path(p).name) for p in paths]
+
+
+SearchFn = Callable[[Any, Path, Callable[[Event], None], CancelToken, bool], dict[str, Any]]
+
+
+@dataclass
+class SearchSpec:
+    name: str
+    title: str
+    summary: str  # one paragraph, shown above the form
+    fields: list[Field]
+    make_config: Callable[[dict[str, Any], SearchSession], Any]
+    run: SearchFn
+    plots: list[PlotSpec]
+    progress: Callable[[list[dict[str, Any]], dict[str, Any]], tuple[Optional[float], str]]
+    summary_md: Callable[[dict[str, Any], dict[str, Any]], str]
+    config_class: str  # "module:Class" of the search's pydantic config (imported on first use)
+    meta: Callable[[Any, SearchSession], dict[str, Any]] = lambda config, session: {}
+    log_line: Callable[[Event], Optional[str]] = lambda event: None  # a log line for an event, or None
+    recipe_file: str = "recipe.yml"
+    stops_after: str = "the current evaluation"  # what Stop waits for (the engine checks its cancel token there)
+
+    def field(self, key: str) -> Field:
+        for f in self.fields:
+            if f.key == key:
+                return f
+        raise KeyError(key)
+
+    def dump_config(self, config: Any) -> dict[str, Any]:
+        return config.model_dump(mode="json")
+
+    def load_config(self, data: dict[str, Any]) -> Any:
+        module, _, cls = self.config_class.partition(":")
+        return getattr(importlib.import_module(module), cls).model_validate(data)
+
+
+SEARCHES: dict[str, SearchSpec] = {}
+
+
+def register_search(spec: SearchSpec) -> SearchSpec:
+    SEARCHES[spec.name] = spec
+    return spec
+
+
+def get_search(name: str) -> SearchSpec:
+    if name not in SEARCHES:
+        raise MergeError(f"unknown search '{name}'; known: {', '.join(SEARCHES)}")
+    return SEARCHES[name]
+
+
+def search_names() -> list[str]:
+    return list(SEARCHES)
+
+
+def field_default(f: Field, session: SearchSession) -> Any:
+    """The starting value of a field, the session-aware ones from the session."""
+    if f.kind == "models":
+        return [n for n in session.models if n != session.base]
+    if f.kind == "base":
+        return session.base
+    if f.kind == "tasks":
+        return session.val_tasks or session.tasks or ""
+    return f.default
+
+
+# ---------------------------------------------------------------------------------------------
+# checking a form
+
+
+def checked_inputs(values: dict[str, Any], session: SearchSession) -> tuple[str, list[str], str]:
+    """(base name, names of the models to merge, tasks file) of a form, checked (one-line errors)."""
+    base = values.get("base") or session.base
+    if not base:
+        raise MergeError("choose the base model")
+    names = [n for n in (values.get("models") or []) if n != base]
+    if not names:
+        raise MergeError("tick at least one model to merge (besides the base)")
+    tasks = str(values.get("tasks") or "").strip()
+    if not tasks:
+        raise MergeError("give a tasks YAML to score candidates on (the demo family has one)")
+    if not Path(tasks).is_file():
+        raise MergeError(f"tasks file not found: {short(tasks)}")
+    return base, names, tasks
+
+
+def validated(cls, data: dict[str, Any]):
+    """`cls.model_validate(data)` with the first validation error as a one-line MergeError."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"])
+        raise MergeError(f"{loc}: {e['msg'].removeprefix('Value error, ')}") from None
+
+
+def number(values: dict[str, Any], key: str, kind=float, default: Any = 0):
+    """A form number (None / empty: `default`); a clear error for anything else."""
+    v = values.get(key)
+    if v is None or v == "":
+        return default
+    try:
+        return kind(v)
+    except (TypeError, ValueError):
+        raise MergeError(f"{key}: {short(v)} is not a number") from None
+
+
+def yaml_mapping(text: str, where: str) -> dict[str, Any]:
+    """A YAML mapping typed into the form ({} when empty)."""
+    data = load_yaml(text or "", where)  # size and alias limits: the text comes from the browser
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MergeError(f"{where}: write a YAML mapping, e.g. weight: {{min: 0.0, max: 1.0}}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# merge methods as operators and templates (what the method registry says they are)
+
+
+def operator_methods(n_models: int = 2) -> list[str]:
+    """Merge methods usable as per-layer operators over `n_models` models (registry order)."""
+    from mergecore.methods import all_methods
+
+    return [name for name, m in all_methods().items() if m.operator and m.accepts(n_models)]
+
+
+def starting_method() -> str:
+    """The method a new evolutionary template starts on: the first operator method with starting values."""
+    from mergecore.methods import DEFAULT_METHOD, all_methods
+
+    return next((n for n, m in all_methods().items() if m.operator and m.starting), DEFAULT_METHOD)
+
+
+def operator_entry(method_name: str, n_models: int) -> dict[str, Any]:
+    """One operator for the YAML list: the method with the parameters it starts from."""
+    from mergecore.methods import get_method
+
+    params = get_method(method_name).starting_params()
+    return {"method": method_name, "parameters": params} if params else {"method": method_name}
+
+
+def default_operators() -> list[dict[str, Any]]:
+    """The operators a new RMM form starts with: the default method and the evolutionary template's."""
+    from mergecore.methods import DEFAULT_METHOD
+
+    names = dict.fromkeys([DEFAULT_METHOD, starting_method()])
+    return [operator_entry(n, 2) for n in names]
+
+
+def operators_yaml(entries: Sequence[dict[str, Any]]) -> str:
+    return "".join("- " + yaml.safe_dump(e, default_flow_style=True, sort_keys=False).strip() + "\n" for e in entries)
+
+
+def add_operator(text: str, method_name: str, n_models: int) -> str:
+    text = (text or "").rstrip()
+    return (text + "\n" if text else "") + operators_yaml([operator_entry(method_name, n_models)])
+
+
+def parse_operators(text: str, n_models: int) -> list[dict[str, Any]]:
+    """The operators YAML as [{name, method, parameters}], checked against the method registry."""
+    from mergecore.search.rmm.layers import Operator
+
+    data = load_yaml(text or "", "operators") or []  # size and alias limits: the text comes from the browser
+    if not isinstance(data, list):
+        raise MergeError("operators: write a YAML list of {method: NAME, parameters: {...}} entries")
+    out, names = [], set()
+    for i, item in enumerate(data):
+        if isinstance(item, str):  # a bare method name: its starting parameters
+            item = operator_entry(item, n_models)
+        if not isinstance(item, dict) or "method" not in item:
+            raise MergeError(f"operators: entry {i + 1} needs a 'method'")
+        extra = set(item) - {"name", "method", "parameters"}
+        if extra:
+            raise MergeError(f"operators: entry {i + 1} has unknown key(s) {short(sorted(map(str, extra)))}")
+        name = str(item.get("name") or item["method"])
+        base_name, k = name, 2
+        while name in names:
+            name, k = f"{base_name}_{k}", k + 1
+        names.add(name)
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise MergeError(f"operators: entry {i + 1}: parameters must be a mapping")
+        method, _ = Operator(name, str(item["method"]), dict(params)).resolved(n_models)  # unknown, out of range
+        if not method.accepts(n_models):
+            most = "" if method.max_models is None else f" and at most {method.max_models}"
+            raise MergeError(f"operators: {method.name} takes at least {method.min_models}{most} model(s); "
+                             f"the search merges {n_models}")
+        out.append({"name": name, "method": method.name, "parameters": dict(params)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# events: a resumed run's history, the latest data per step, series for the plots
+
+
+def replayed(path: Path, kind_of: Callable[[dict[str, Any]], Optional[str]]) -> Iterable[Event]:
+    """Events (marked `replayed`) for the rows of a run's JSON-lines log, of the kind `kind_of(row)`
+    names (None: not shown): a resumed run shows the steps before its checkpoint from its own log."""
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        kind = kind_of(row) if isinstance(row, dict) else None
+        if kind:
+            yield Event(kind, dict(row, replayed=True))
+
+
+def with_history(emit: Callable[[Event], None], resumed: str,
+                 history: Callable[[Event], Iterable[Event]]) -> Callable[[Event], None]:
+    """An event callback that sends `history(event)` before the run's `resumed` event."""
+
+    def on_event(ev: Event) -> None:
+        if ev.kind == resumed:
+            for old in history(ev):
+                emit(old)
+        emit(ev)
+
+    return on_event
+
+
+def latest(events: Sequence[dict[str, Any]], kind: str, *keys: str) -> list[dict[str, Any]]:
+    """The latest data of each step of `kind` (a step is told by `keys`), in step order (a resumed
+    run repeats the steps after its checkpoint)."""
+    by_key: dict[tuple, dict[str, Any]] = {}
+    for e in events:
+        if e.get("kind") == kind:
+            d = e["data"]
+            by_key[tuple(int(d.get(k) or 0) for k in keys)] = d
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def has_event(events: Sequence[dict[str, Any]], kind: str) -> bool:
+    return any(e.get("kind") == kind for e in events)
+
+
+def task_series(rows: Sequence[dict[str, Any]], x: Callable[[dict[str, Any]], Any], scores: str,
+                size: int = 5) -> list[dict[str, Any]]:
+    """One line per task of the `scores` mapping of each row (tasks as the last row names them)."""
+    tasks = list(rows[-1][scores]) if rows else []
+    return [{"name": t, "x": [x(d) for d in rows if t in d[scores]], "y": [d[scores][t] for d in rows if t in d[scores]],
+             "mode": "lines+markers", "width": 1.5, "size": size} for t in tasks]
+
+
+def mean_series(name: str, x: list[Any], y: list[Any]) -> dict[str, Any]:
+    return {"name": name, "x": x, "y": y, "mode": "lines+markers", "color": "#111827", "width": 3, "dash": "dash"}
+
+
+def fraction(n: int, total: Optional[int]) -> Optional[float]:
+    return min(1.0, n / total) if total else None
+
+
+def scores_text(scores: Optional[dict[str, float]]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in (scores or {}).items())
