@@ -96,11 +96,6 @@ def load_model(path: str | Path, trust_remote_code: bool = False):
     return model
 
 
-def clear_cache() -> None:
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
 # ---------------------------------------------------------------------------------------------
 # language models
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mergecore.events import CancelToken, Event
+from mergecore.methods import DEFAULT_METHOD
 
 ProgressFn = Callable[[Event], None]
 
@@ -86,7 +87,7 @@ def _synthetic_llama(root: Path, progress: Optional[ProgressFn] = None, cancel: 
         synthetic=True,
         examples=["1 2 3 4 5 6 7 8", "10 20 30 40", "hello world"],
         recipe={
-            "merge_method": "ties",
+            "merge_method": DEFAULT_METHOD,
             "base_model": "base",
             "models": [
                 {"model": "variant_a", "parameters": {"weight": 0.5, "density": [0.3, 0.7]}},
@@ -155,7 +156,7 @@ def _fmnist_vit_mini(root: Path, progress: Optional[ProgressFn] = None, cancel: 
         val_tasks=fam.val_tasks_file,
         examples=examples,
         recipe={
-            "merge_method": "ties",
+            "merge_method": DEFAULT_METHOD,
             "base_model": "base",
             "models": recipe_models,
             "parameters": {"normalize": True},
@@ -227,10 +228,6 @@ PROVIDERS: dict[str, Callable[..., DemoFamily]] = {
     "synthetic-llama": _synthetic_llama,
 }
 DEFAULT_PROVIDER = "fmnist-vit-mini"
-
-
-def provider_names() -> list[str]:
-    return list(PROVIDERS)
 
 
 def build_demo_family(name: Optional[str] = None, root: Optional[Path] = None,

@@ -14,7 +14,6 @@ asks each tab for the values of its components (`outputs` / `views`), in tab ord
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import gradio as gr
@@ -29,9 +28,6 @@ from app.tabs.merge import MergeTab
 from app.tabs.models import ModelsTab, family_text
 from app.tabs.recipe import RecipeTab
 from app.tabs.search import SearchTab
-
-log = logging.getLogger("mergecore.app")
-
 
 def build_app(ctx: AppContext) -> gr.Blocks:
     models, recipe, merge, search, compare, export = (ModelsTab(ctx), RecipeTab(ctx), MergeTab(ctx), SearchTab(ctx),
