@@ -68,6 +68,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     if args.name:
         m = get_method(args.name)
         print(f"{m.name}: {m.summary}")
+        print(f"formula: {m.formula_text}")
         print(f"base model: {m.base}")
         for p in m.params:
             print(f"  {p.describe()}" + (f" -- {p.help}" if p.help else ""))

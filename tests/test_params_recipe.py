@@ -7,7 +7,6 @@ import math
 import pytest
 
 from mergecore.errors import MergeError
-from mergecore.plan import plan_merge
 from mergecore.params import (
     UNSET,
     filter_matches,
@@ -17,6 +16,7 @@ from mergecore.params import (
     resolve,
     sample_curve,
 )
+from mergecore.plan import plan_merge
 from mergecore.recipe import Recipe, parse_recipe, recipe_from_dict, validate_parameters
 
 ATTN = "model.layers.2.self_attn.q_proj.weight"

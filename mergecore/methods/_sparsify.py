@@ -146,6 +146,23 @@ def _scratch(delta: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
     return scratch
 
 
+def _magnitudes(delta: torch.Tensor, scratch: torch.Tensor | None,
+                rescale: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """|delta| in the scratch buffer, and its L1 norm when the result will be rescaled."""
+    a = _scratch(delta, scratch)
+    torch.abs(delta, out=a)
+    return a, (a.sum() if rescale else None)
+
+
+def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, before: torch.Tensor | None) -> float:
+    """delta *= mask (in place); returns the L1 rescale factor when `before` (||delta||_1 before
+    sparsifying) is given, else 1.0. The mask buffer is reused for the norm."""
+    delta.mul_(mask)
+    if before is None:
+        return 1.0
+    return _l1_factor(before, torch.abs(delta, out=mask).sum())
+
+
 # --------------------------------------------------------------------------- sparsifiers
 
 
@@ -166,15 +183,10 @@ def magnitude_(
     if density <= 0 or delta.numel() == 0:
         delta.zero_()
         return 1.0
-    a = _scratch(delta, scratch)
-    torch.abs(delta, out=a)
-    before = a.sum() if rescale else None
+    a, before = _magnitudes(delta, scratch, rescale)
     k = max(1, int(density * delta.numel()))
     rank_window_mask_(a, 0, k)
-    delta.mul_(a)
-    if not rescale:
-        return 1.0
-    return _l1_factor(before, torch.abs(delta, out=a).sum())
+    return _apply_mask(delta, a, before)
 
 
 def bernoulli_(
@@ -197,10 +209,7 @@ def bernoulli_(
     before = torch.abs(delta, out=a).sum() if rescale else None
     torch.rand(delta.shape, generator=generator, out=a)
     a.lt_(density)
-    delta.mul_(a)
-    if not rescale:
-        return 1.0
-    return _l1_factor(before, torch.abs(delta, out=a).sum())
+    return _apply_mask(delta, a, before)
 
 
 def magnitude_outliers_(
@@ -222,15 +231,10 @@ def magnitude_outliers_(
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    a = _scratch(delta, scratch)
-    torch.abs(delta, out=a)
-    before = a.sum() if rescale else None
+    a, before = _magnitudes(delta, scratch, rescale)
     # Ascending positions [n_bot, n_bot + target) are descending positions below.
     rank_window_mask_(a, n - n_bot - target, n - n_bot)
-    delta.mul_(a)
-    if not rescale:
-        return 1.0
-    return _l1_factor(before, torch.abs(delta, out=a).sum())
+    return _apply_mask(delta, a, before)
 
 
 def della_probabilities_(ranks: torch.Tensor, length: int, density: float, epsilon: float):
@@ -286,10 +290,7 @@ def della_magprune_(
     draw = torch.rand(rows.shape, generator=generator, device=a.device)
     torch.lt(draw, ranks, out=ranks)
     del draw
-    delta.mul_(a)
-    if not rescale:
-        return 1.0
-    return _l1_factor(before, torch.abs(delta, out=a).sum())
+    return _apply_mask(delta, a, before)
 
 
 def sparsify_(

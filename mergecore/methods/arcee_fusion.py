@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergecore.errors import MergeError
-from mergecore.methods.base import merge_method
+from mergecore.methods.base import BaseTensor, Tensors, merge_method, need_base, need_count
 
 # Quantiles are estimated from at most this many entries (sampled with replacement), as in mergekit.
 QUANTILE_SAMPLE_SIZE = 1_000_000
@@ -40,21 +39,11 @@ def _threshold(
     return median + 1.5 * (q3 - q1)
 
 
-@merge_method(
-    "arcee_fusion",
-    base="required",
-    min_models=1,
-    max_models=1,
-    summary="apply only the other model's changes whose importance exceeds median + 1.5·IQR",
-    paper="Arcee AI, Arcee Fusion (mergekit docs)",
-    tags=("selective",),
-)
-def arcee_fusion(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+@merge_method(base="required", max_models=1, tags=("selective",),
+              summary="apply only the other model's changes whose importance exceeds median + 1.5·IQR",
+              formula="θ = θ₀ + (θ₁ − θ₀)⊙[s ≥ median(s) + 1.5·IQR(s)],  s = |θ₁ − θ₀|·KL(softmax θ₁ ‖ softmax θ₀)",
+              paper="Arcee AI, Arcee Fusion (mergekit docs)")
+def arcee_fusion(tensors: Tensors, base: BaseTensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """θ = θ0 + (θ1 − θ0) ⊙ [s ≥ Q2(s) + 1.5 (Q3(s) − Q1(s))], s = |θ1 − θ0| · KL(p1 ‖ p0).
 
     Arcee Fusion (Arcee AI; mergekit docs): the importance s of each entry is its absolute
@@ -64,12 +53,8 @@ def arcee_fusion(
     scores at index ⌊q(n−1)⌋; above 10⁶ entries they are estimated from 10⁶ entries sampled with
     replacement (seeded by the per-tensor generator), as mergekit samples them.
     """
-    if base is None:
-        raise MergeError("arcee_fusion needs a base_model")
-    if len(tensors) != 1:
-        raise MergeError(
-            f"arcee_fusion takes the base_model and exactly one other model, got {len(tensors)}"
-        )
+    base = need_base("arcee_fusion", base)
+    need_count("arcee_fusion", tensors, 1, 1, "the base_model and exactly one other model")
     other = tensors[0]
     importance = _importance(other, base)
     threshold = _threshold(importance, generator)

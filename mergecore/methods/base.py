@@ -36,7 +36,7 @@ import inspect
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterable, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Literal, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
@@ -57,6 +57,24 @@ class _Required:
 REQUIRED: Any = _Required()
 
 CONTEXT_ARGS = ("generator", "tensor_name", "artifacts")
+
+# The two positional arguments of every method, as annotations: `def m(tensors: Tensors, base: BaseTensor, *, ...)`.
+Tensors = list[torch.Tensor]  # the inputs: float tensors of one shape, in recipe order
+BaseTensor = Optional[torch.Tensor]  # the base model's tensor; None when the method takes none
+
+
+def need_base(method: str, base: BaseTensor) -> torch.Tensor:
+    """`base`, or the one-line error of a call without one (recipes are checked when planned)."""
+    if base is None:
+        raise MergeError(f"{method} needs a base_model")
+    return base
+
+
+def need_count(method: str, tensors: Sequence[torch.Tensor], lo: int, hi: int | None, what: str) -> None:
+    """Refuse a call with fewer than `lo` or more than `hi` inputs; `what` says what it takes."""
+    n = len(tensors)
+    if n < lo or (hi is not None and n > hi):
+        raise MergeError(f"{method} takes {what}, got {n}")
 
 
 @dataclass(frozen=True)
@@ -232,6 +250,18 @@ class MergeMethod:
     def formula_text(self) -> str:
         return self.formula or self.summary
 
+    def starting_params(self) -> dict[str, Any]:
+        """The parameters a new RMM operator or evolutionary template starts from: `starting`,
+        and every other required parameter at 0.5 (a float), its first choice, or 1."""
+        start = dict(self.starting)
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if p.name in start:
+                out[p.name] = start[p.name]
+            elif p.required:
+                out[p.name] = 0.5 if p.type is float else (p.choices[0] if p.choices else 1)
+        return out
+
     def accepts(self, n_models: int) -> bool:
         """Whether the method takes `n_models` inputs (the base not counted when it takes one)."""
         return self.min_models <= n_models and (self.max_models is None or n_models <= self.max_models)
@@ -372,7 +402,7 @@ def _param_from_signature(p: inspect.Parameter, hint: Any) -> ParamSpec:
 
 
 def merge_method(
-    name: str,
+    name: str | None = None,
     *,
     base: BaseRule = "ignored",
     summary: str,
@@ -384,7 +414,8 @@ def merge_method(
     operator: bool = True,
     starting: dict[str, Any] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register `func` as merge method `name`; its keyword-only parameters are its schema.
+    """Register `func` as merge method `name` (default: the function's name); its keyword-only
+    parameters are its schema.
 
     `min_models`/`max_models` count the entries of `tensors` (the base excluded when the method
     takes a base). `summary` is the one line shown by `mergecore methods`; the function's
@@ -395,8 +426,9 @@ def merge_method(
     """
 
     def decorate(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        if name in _REGISTRY:
-            raise ValueError(f"merge method {name!r} registered twice")
+        key = name or func.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"merge method {key!r} registered twice")
         sig = inspect.signature(func)
         hints = typing.get_type_hints(func, include_extras=True)
         params: list[ParamSpec] = []
@@ -408,8 +440,8 @@ def merge_method(
                 context.append(p.name)
                 continue
             params.append(_param_from_signature(p, hints.get(p.name, float)))
-        _REGISTRY[name] = MergeMethod(
-            name=name,
+        _REGISTRY[key] = MergeMethod(
+            name=key,
             func=func,
             params=tuple(params),
             base=base,

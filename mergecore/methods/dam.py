@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal, Optional, Sequence
 import torch
 
 from mergecore.errors import MergeError
-from mergecore.methods.base import merge_method
+from mergecore.methods.base import BaseTensor, Tensors, merge_method
 
 FORMAT = "mergecore-dam"
 TRANSFORMS = ("none", "tanh")
@@ -124,13 +124,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise MergeError(f"{path}: the DAM metadata is not valid JSON") from None
 
 
-def load_coefficients(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    meta = read_meta(path)
-    return load_file(str(path)), meta
-
-
 class _Reader:
     """Open coefficient files once per process (keys and metadata cached; tensors read on demand)."""
 
@@ -164,16 +157,15 @@ class _Reader:
 _READER = _Reader()
 
 
-@merge_method(
-    "dam",
-    base="required",
-    summary="trained per-column (DAM) or per-layer (AdaMerging) coefficients from a DAM search",
-    paper="Gauthier-Caron et al. 2024, Merging in a Bottle: Differentiable Adaptive Merging (arXiv:2410.08371); "
-          "Yang et al. 2024, AdaMerging (arXiv:2310.02575)",
-)
+# not an operator: its values are trained per tensor by a DAM search, not chosen per layer
+@merge_method(base="required", operator=False,
+              summary="trained per-column (DAM) or per-layer (AdaMerging) coefficients from a DAM search",
+              formula="θ = Σᵢ act(cᵢ)⊙θᵢ  (or θ₀ + Σᵢ act(cᵢ)⊙τᵢ),  cᵢ trained per input column or per layer",
+              paper="Gauthier-Caron et al. 2024, Merging in a Bottle: Differentiable Adaptive Merging "
+                    "(arXiv:2410.08371); Yang et al. 2024, AdaMerging (arXiv:2310.02575)")
 def dam(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
+    tensors: Tensors,
+    base: BaseTensor,
     *,
     transform: Annotated[Literal["none", "tanh"], "coefficient transform act(c) used in training"] = "none",
     form: Annotated[Literal["sum", "task_vectors"],

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import torch
 
-from mergecore.methods.base import Range, merge_method
+from mergecore.methods.base import BaseTensor, Range, Tensors, merge_method
 
 
 def karcher_mean(
@@ -76,21 +76,12 @@ def karcher_mean(
     return mean.mul_(scale)
 
 
-@merge_method(
-    "karcher",
-    base="ignored",
-    min_models=1,
-    summary="Riemannian (Karcher) mean of the models' directions, rescaled by their mean norm",
-    paper="Karcher 1977, Riemannian center of mass and mollifier smoothing (CPAM)",
-    tags=("geometric",),
-)
-def karcher(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    max_iter: Annotated[int, Range(0, None), "maximum number of iterations"] = 10,
-    tol: Annotated[float, Range(0.0, None), "convergence tolerance"] = 1e-5,
-) -> torch.Tensor:
+@merge_method(summary="Riemannian (Karcher) mean of the models' directions, rescaled by their mean norm",
+              formula="θ = Karcher mean of θᵢ/|θᵢ| · mean |θᵢ|", tags=("geometric",),
+              paper="Karcher 1977, Riemannian center of mass and mollifier smoothing (CPAM)")
+def karcher(tensors: Tensors, base: BaseTensor, *,
+            max_iter: Annotated[int, Range(0, None), "maximum number of iterations"] = 10,
+            tol: Annotated[float, Range(0.0, None), "convergence tolerance"] = 1e-5) -> torch.Tensor:
     """θ = (1/N Σ‖θi‖) · m, m = argmin_{‖m‖=1} Σ d(m, θi/‖θi‖)², d the great-circle angle.
 
     The Karcher (Riemannian centre of mass) mean of Karcher (1977) on the unit sphere, as in

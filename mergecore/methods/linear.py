@@ -6,22 +6,13 @@ from typing import Annotated
 
 import torch
 
-from mergecore.methods.base import PerModel, merge_method
+from mergecore.methods.base import BaseTensor, PerModel, Tensors, merge_method
 
 
-@merge_method(
-    "linear",
-    base="ignored",
-    summary="weighted average of the models (model soup)",
-    paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-)
-def linear(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    weight: Annotated[PerModel[float], "weight of each model"],
-    normalize: Annotated[bool, "divide by the sum of the weights"] = True,
-) -> torch.Tensor:
+@merge_method(summary="weighted average of the models (model soup)", formula="θ = Σᵢ wᵢ·θᵢ / Σᵢ wᵢ",
+              paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)", starting={"weight": 1.0})
+def linear(tensors: Tensors, base: BaseTensor, *, weight: Annotated[PerModel[float], "weight of each model"],
+           normalize: Annotated[bool, "divide by the sum of the weights"] = True) -> torch.Tensor:
     """Weighted average θ = Σ_i w_i θ_i / Σ_i w_i (without normalize: θ = Σ_i w_i θ_i).
 
     Model soups (Wortsman et al., ICML 2022) average fine-tuned models that share an

@@ -6,27 +6,15 @@ from typing import Annotated
 
 import torch
 
-from mergecore.errors import MergeError
-from mergecore.methods.base import merge_method
+from mergecore.methods.base import BaseTensor, Tensors, merge_method, need_base, need_count
 
 
-@merge_method(
-    "model_stock",
-    base="required",
-    min_models=2,
-    summary="move from the base towards the fine-tuned average by a ratio set by their angle",
-    paper="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models "
-    "(arXiv:2403.19522)",
-    tags=("geometric",),
-)
-def model_stock(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    filter_wise: Annotated[
-        bool, "one ratio per row (last dimension) instead of one per tensor"
-    ] = False,
-) -> torch.Tensor:
+@merge_method(base="required", min_models=2, tags=("geometric",),
+              summary="move from the base towards the fine-tuned average by a ratio set by their angle",
+              formula="θ = r·mean(θᵢ) + (1 − r)·θ₀,  r from the angle between the fine-tunes",
+              paper="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models (arXiv:2403.19522)")
+def model_stock(tensors: Tensors, base: BaseTensor, *, filter_wise: Annotated[
+        bool, "one ratio per row (last dimension) instead of one per tensor"] = False) -> torch.Tensor:
     """θ = t·θ̄ + (1−t)·θ0 with θ̄ = 1/N Σ θi and t = N cos φ / (1 + (N−1) cos φ).
 
     Model Stock (Jang et al., ECCV 2024, arXiv:2403.19522): cos φ is the mean, over all pairs
@@ -35,13 +23,8 @@ def model_stock(
     over the flattened tensor, or with filter_wise per vector along the last dimension (a 1-D
     tensor is then one vector). Where |1 + (N−1) cos φ| < 1e-6 the ratio is 0 (base kept).
     """
-    if base is None:
-        raise MergeError("model_stock needs a base_model")
-    if len(tensors) < 2:
-        raise MergeError(
-            f"model_stock needs at least two fine-tuned models besides the base_model, "
-            f"got {len(tensors)}"
-        )
+    base = need_base("model_stock", base)
+    need_count("model_stock", tensors, 2, None, "at least two fine-tuned models besides the base_model")
     shape = base.shape
     if filter_wise:
         # A vector (or scalar) is a single filter.

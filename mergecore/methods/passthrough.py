@@ -6,25 +6,15 @@ from typing import Annotated
 
 import torch
 
-from mergecore.errors import MergeError
-from mergecore.methods.base import PerModel, merge_method
+from mergecore.methods.base import BaseTensor, PerModel, Tensors, merge_method, need_count
 
 
-@merge_method(
-    "passthrough",
-    base="ignored",
-    min_models=1,
-    max_models=1,
-    summary="copy one model's tensors unchanged (optionally scaled); used for frankenmerges",
-    paper="mergekit docs (passthrough / slices)",
-    tags=("structural",),
-)
-def passthrough(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    scale: Annotated[PerModel[float], "multiply the tensor by this factor"] = 1.0,
-) -> torch.Tensor:
+# not an operator: a layer copied from one model is already an RMM model action
+@merge_method(max_models=1, summary="copy one model's tensors unchanged (optionally scaled); used for frankenmerges",
+              formula="θ = sᵢ·θᵢ (copy)", paper="mergekit docs (passthrough / slices)", tags=("structural",),
+              operator=False)
+def passthrough(tensors: Tensors, base: BaseTensor, *,
+                scale: Annotated[PerModel[float], "multiply the tensor by this factor"] = 1.0) -> torch.Tensor:
     """θ = s · θ1 (θ = θ1 when s = 1).
 
     mergekit's passthrough: exactly one input model per tensor, copied as is, which is how
@@ -32,8 +22,7 @@ def passthrough(
     multiplies the tensor (mergekit's default, no scale, equals s = 1). With s = 1 the input
     tensor itself is returned, not a copy.
     """
-    if len(tensors) != 1:
-        raise MergeError(f"passthrough takes exactly one model per tensor, got {len(tensors)}")
+    need_count("passthrough", tensors, 1, 1, "exactly one model per tensor")
     s = scale[0] if isinstance(scale, (list, tuple)) else scale
     if s is None or s == 1.0:
         return tensors[0]

@@ -7,7 +7,7 @@ from typing import Annotated
 import torch
 
 from mergecore.methods._sparsify import rank_window_mask_
-from mergecore.methods.base import Range, merge_method
+from mergecore.methods.base import BaseTensor, Range, Tensors, merge_method
 
 
 def _variance_mask(tensors: list[torch.Tensor], base: torch.Tensor, select_topk: float):
@@ -33,21 +33,11 @@ def _variance_mask(tensors: list[torch.Tensor], base: torch.Tensor, select_topk:
     return rank_window_mask_(var, 0, k)
 
 
-@merge_method(
-    "sce",
-    base="required",
-    summary="SCE: keep high-variance entries, weight task vectors by energy, elect signs, merge",
-    paper="Wan et al. 2024, FuseChat (arXiv:2408.07990)",
-)
-def sce(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    select_topk: Annotated[
-        float, Range(0.0, 1.0), "fraction of entries kept, by variance across models"
-    ] = 1.0,
-    int8_mask: Annotated[bool, "memory hint in mergekit; accepted, no effect"] = False,
-) -> torch.Tensor:
+@merge_method(base="required", summary="SCE: keep high-variance entries, weight task vectors by energy, elect signs, merge",
+              formula="θ = θ₀ + Σᵢ eᵢ·mᵢ⊙select(τᵢ, topk)", paper="Wan et al. 2024, FuseChat (arXiv:2408.07990)")
+def sce(tensors: Tensors, base: BaseTensor, *,
+        select_topk: Annotated[float, Range(0.0, 1.0), "fraction of entries kept, by variance across models"] = 1.0,
+        int8_mask: Annotated[bool, "memory hint in mergekit; accepted, no effect"] = False) -> torch.Tensor:
     """SCE merging: with task vectors τ_i = θ_i − θ0, *select* the top `select_topk` fraction
     of entries (of those with non-zero variance) by Var_i(τ_i), zeroing the rest in every τ_i;
     *calculate* weights w_i = mean(τ_i²) / Σ_j mean(τ_j²) (uniform when Σ_j < 1e-6); *erase*

@@ -7,7 +7,7 @@ from typing import Annotated
 import torch
 
 from mergecore.errors import MergeError
-from mergecore.methods.base import PerModel, Range, merge_method
+from mergecore.methods.base import BaseTensor, Ends, PerModel, Range, Tensors, merge_method, need_base, need_count
 
 # |cos θ| above this counts as parallel and falls back to linear interpolation (mergekit's value).
 DOT_THRESHOLD = 0.9995
@@ -15,18 +15,6 @@ DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
 # Elements per chunk of full-precision scratch, so scratch memory does not grow with the tensor.
 _CHUNK = 1024 * 1024
-
-
-def _need_base(method: str, base: torch.Tensor | None) -> torch.Tensor:
-    if base is None:
-        raise MergeError(f"{method} needs a base_model")
-    return base
-
-
-def _need_count(method: str, tensors: list, lo: int, hi: int | None, what: str) -> None:
-    n = len(tensors)
-    if n < lo or (hi is not None and n > hi):
-        raise MergeError(f"{method} takes {what}, got {n}")
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -90,24 +78,14 @@ def slerp_tensors(
     return out.reshape(v0.shape)
 
 
-@merge_method(
-    "slerp",
-    base="required",
-    min_models=1,
-    max_models=1,
-    summary="spherical interpolation between the base and one other model",
-    paper="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); used for model "
-    "merging by mergekit",
-    tags=("geometric",),
-)
-def slerp(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    t: Annotated[
-        float, Range(0.0, 1.0), "interpolation factor: 0 gives the base, 1 the other model"
-    ],
-) -> torch.Tensor:
+@merge_method(base="required", max_models=1, tags=("geometric",),
+              summary="spherical interpolation between the base and one other model",
+              formula="θ = sin((1−t)Ω)/sin Ω · θ₀ + sin(tΩ)/sin Ω · θ₁,  cos Ω = θ̂₀·θ̂₁",
+              paper="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); used for model "
+                    "merging by mergekit")
+def slerp(tensors: Tensors, base: BaseTensor, *,
+          t: Annotated[float, Range(0.0, 1.0), Ends("0 = {base} (base)", "1 = {other}"),
+                       "interpolation factor: 0 gives the base, 1 the other model"]) -> torch.Tensor:
     """θ = sin((1−t)Ω)/sin Ω · θ0 + sin(tΩ)/sin Ω · θ1 with cos Ω = ⟨θ0/‖θ0‖, θ1/‖θ1‖⟩.
 
     Spherical linear interpolation (Shoemake, SIGGRAPH 1985), applied to model weights as in
@@ -117,8 +95,8 @@ def slerp(
     nearly parallel or antiparallel (|cos Ω| > 0.9995, mergekit's DOT_THRESHOLD) it falls back to
     linear interpolation (1−t)·θ0 + t·θ1.
     """
-    base = _need_base("slerp", base)
-    _need_count("slerp", tensors, 1, 1, "the base_model and exactly one other model")
+    base = need_base("slerp", base)
+    need_count("slerp", tensors, 1, 1, "the base_model and exactly one other model")
     return slerp_tensors(t, base, tensors[0])
 
 
@@ -171,25 +149,15 @@ def nuslerp_tensors(
     return out.reshape(shape)
 
 
-@merge_method(
-    "nuslerp",
-    base="optional",
-    min_models=2,
-    max_models=2,
-    summary="SLERP of two models (or of their task vectors when a base is given) with weights",
-    paper="Shoemake 1985 (SLERP); NuSLERP as defined by mergekit",
-    tags=("geometric",),
-)
-def nuslerp(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    weight: Annotated[PerModel[float], "relative weight of each of the two models"],
-    nuslerp_flatten: Annotated[bool, "treat each tensor as one flat vector"] = True,
-    nuslerp_row_wise: Annotated[
-        bool, "without flattening, interpolate vectors along dim 0 instead of the last dim"
-    ] = False,
-) -> torch.Tensor:
+@merge_method(base="optional", min_models=2, max_models=2, tags=("geometric",), starting={"weight": 1.0},
+              summary="SLERP of two models (or of their task vectors when a base is given) with weights",
+              formula="θ = slerp(θ₁, θ₂; w₂ / (w₁ + w₂))", paper="Shoemake 1985 (SLERP); NuSLERP as defined by mergekit")
+def nuslerp(tensors: Tensors, base: BaseTensor, *,
+            weight: Annotated[PerModel[float], "relative weight of each of the two models"],
+            nuslerp_flatten: Annotated[bool, "treat each tensor as one flat vector"] = True,
+            nuslerp_row_wise: Annotated[
+                bool, "without flattening, interpolate vectors along dim 0 instead of the last dim"] = False,
+            ) -> torch.Tensor:
     """θ = sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1 with t = w1/(w0 + w1).
 
     mergekit's NuSLERP: spherical interpolation (Shoemake 1985) of two models v0, v1 with the
@@ -199,7 +167,7 @@ def nuslerp(
     or with nuslerp_row_wise each column (first dimension), is interpolated separately. Nearly
     colinear vectors (1 − cos²Ω ≤ 1e-16) are interpolated linearly.
     """
-    _need_count("nuslerp", tensors, 2, 2, "exactly two models besides the base_model")
+    need_count("nuslerp", tensors, 2, 2, "exactly two models besides the base_model")
     total = sum(weight)
     t = 0.5 if abs(total) < 1e-6 else weight[1] / total
     if base is None:
@@ -216,22 +184,14 @@ def nuslerp(
     return out.add_(base)
 
 
-@merge_method(
-    "multislerp",
-    base="optional",
-    min_models=1,
-    summary="weighted spherical barycentre of any number of models (or task vectors)",
-    paper="Goddard 2025, Multi-SLERP (goddard.blog); implemented in mergekit",
-    tags=("geometric",),
-)
-def multislerp(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    weight: Annotated[PerModel[float], "weight of each model"],
-    normalize_weights: Annotated[bool, "divide the weights by their sum"] = True,
-    eps: Annotated[float, Range(0.0, None), "small constant for numerical stability"] = 1e-8,
-) -> torch.Tensor:
+@merge_method(base="optional", tags=("geometric",), starting={"weight": 1.0},
+              summary="weighted spherical barycentre of any number of models (or task vectors)",
+              formula="θ = spherical barycentre of θᵢ with weights wᵢ",
+              paper="Goddard 2025, Multi-SLERP (goddard.blog); implemented in mergekit")
+def multislerp(tensors: Tensors, base: BaseTensor, *, weight: Annotated[PerModel[float], "weight of each model"],
+               normalize_weights: Annotated[bool, "divide the weights by their sum"] = True,
+               eps: Annotated[float, Range(0.0, None), "small constant for numerical stability"] = 1e-8,
+               ) -> torch.Tensor:
     """θ = (Σ wi‖vi‖) · Exp_m(Σ wi (ui − ⟨ui, m⟩ m)) with ui = vi/(‖vi‖+ε), m = Σ wi ui/‖Σ wi ui‖.
 
     mergekit's Multi-SLERP, a barycentric interpolation on the hypersphere (generalising SLERP,
@@ -242,7 +202,7 @@ def multislerp(
     back. A single model is returned unchanged. If the weighted mean of the unit vectors
     vanishes, two models fall back to w0·v0 + w1·v1 and more models are an error.
     """
-    _need_count("multislerp", tensors, 1, None, "at least one model besides the base_model")
+    need_count("multislerp", tensors, 1, None, "at least one model besides the base_model")
     if len(tensors) == 1:
         return tensors[0]
     shape = tensors[0].shape
