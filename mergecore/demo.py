@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mergecore.recipe import Recipe, recipe_from_dict
-
 
 def cache_root() -> Path:
     root = os.environ.get("MERGECORE_CACHE") or os.path.join(
@@ -40,16 +38,3 @@ def build_synthetic_llamas(root: Path | None = None) -> dict[str, Path]:
                     p.add_(torch.randn(p.shape, generator=g) * 0.02)
         model.save_pretrained(out[name])
     return out
-
-
-def demo_recipe(models: dict[str, Path]) -> Recipe:
-    return recipe_from_dict({
-        "merge_method": "ties",
-        "base_model": str(models["base"]),
-        "models": [
-            {"model": str(models["variant_a"]), "parameters": {"weight": 0.5, "density": [0.3, 0.7]}},
-            {"model": str(models["variant_b"]), "parameters": {"weight": 0.5, "density": 0.5}},
-        ],
-        "parameters": {"normalize": True},
-        "dtype": "float32",
-    })

@@ -429,10 +429,6 @@ class ModelSource:
         return f"ModelSource({self.ref!r}, {len(self.tensors)} tensors)"
 
 
-def open_sources(refs: list[str], search_dirs: tuple[Path, ...] = ()) -> dict[str, ModelSource]:
-    return {r: ModelSource(r, search_dirs=search_dirs) for r in refs}
-
-
 def dtype_from_name(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
