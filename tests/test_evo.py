@@ -109,9 +109,12 @@ def _write(tmp_path: Path, cfg: dict, name: str = "search.yml") -> Path:
 
 
 def test_in_memory_merge_equals_the_written_checkpoint(tiny_fmnist_family, tmp_path):
-    from mergecore.eval.evaluator import load_model
-    from mergecore.executor import checkpoint_tensors, merge, merge_in_memory, plan_merge
+    from mergecore.executor import merge_in_memory
+    from mergecore.io.names import checkpoint_tensors
     from mergecore.io.source import ModelSource
+    from mergecore.merging import merge
+    from mergecore.models import load_model
+    from mergecore.plan import plan_merge
 
     fam = tiny_fmnist_family
     g = Genome(method="dare_ties", models=tuple(str(p) for p in fam.experts.values()), base_model=str(fam.base),
@@ -132,7 +135,7 @@ def test_in_memory_merge_equals_the_written_checkpoint(tiny_fmnist_family, tmp_p
 
 
 def test_search_events_cancel_resume_and_replay(tiny_fmnist_family, tmp_path):
-    from mergecore.executor import merge
+    from mergecore.merging import merge
     from mergecore.recipe import load_recipe
     from mergecore.search.evo.run import load_evo_config, run_evo
     from mergecore.search.evo.worker import EvoWorker
@@ -187,7 +190,7 @@ def test_search_events_cancel_resume_and_replay(tiny_fmnist_family, tmp_path):
 
     # a changed template does not resume from another template's checkpoint
     other, _ = load_evo_config(_write(tmp_path, _config(fam, max_evals=12, layer_groups=1, filters=[]), "o.yml"))
-    with pytest.raises(MergeError, match="different search config"):
+    with pytest.raises(MergeError, match=r"different evo search \(differs in: genome\)"):
         run_evo(other, root, tmp_path / "full")
     # a larger budget continues the finished run
     more, _ = load_evo_config(_write(tmp_path, _config(fam, max_evals=16), "more.yml"))

@@ -144,7 +144,7 @@ def _ops():
 def test_bank_reuses_modules_and_replayed_recipe_matches(lm_family, tmp_path):
     import transformers as tf
 
-    from mergecore.executor import merge
+    from mergecore.merging import merge
     from mergecore.search.rmm.layers import Assembler, LayerBank, PrefixCache
     from mergecore.search.rmm.search import trajectory_recipe
 
@@ -208,7 +208,7 @@ def test_bank_replay_with_tied_embeddings(model_factory, tmp_path):
     replayed recipe reproduces the candidate."""
     import transformers as tf
 
-    from mergecore.executor import merge
+    from mergecore.merging import merge
     from mergecore.io.names import checkpoint_names
     from mergecore.io.source import ModelSource
     from mergecore.search.rmm.layers import Assembler, LayerBank

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from mergecore.errors import MergeError
-from mergecore.eval.prep import ImagePrep, load_tokenizer
-from mergecore.eval.tasks import Resources, Task, load_tasks
+from mergecore.eval.kind import Resources, Task
+from mergecore.eval.tasks import load_tasks
 from mergecore.events import CancelToken, Event
+from mergecore.models import ImagePrep, ModelPool
 
 ModelOrPath = Union[torch.nn.Module, str, Path]
 
@@ -121,13 +122,15 @@ class Evaluator:
     `batch_size` wins). `processor_from`: a checkpoint folder whose tokenizer and image
     preprocessing are used for in-memory models (a checkpoint folder being evaluated supplies
     its own). `tokenizer` / `image_prep` override both. `device`: where checkpoints loaded from
-    folders are put (in-memory models stay where they are).
+    folders are put (in-memory models stay where they are). `pool`: where models, tokenizers,
+    image preprocessing and heads come from (shared with a search or the app); by default the
+    evaluator keeps its own, which holds no model.
     """
 
     def __init__(self, tasks: Union[Sequence[Task], str, Path], *, subset: Union[None, int, float] = None,
                  seed: int = 0, batch_size: int = 64, device: str = "cpu",
                  processor_from: Union[None, str, Path] = None, tokenizer: Any = None,
-                 image_prep: Optional[ImagePrep] = None):
+                 image_prep: Optional[ImagePrep] = None, pool: Optional[ModelPool] = None):
         self.tasks: list[Task] = load_tasks(tasks) if isinstance(tasks, (str, Path)) else list(tasks)
         if not self.tasks:
             raise MergeError("an evaluator needs at least one task")
@@ -143,9 +146,7 @@ class Evaluator:
         self.processor_from = Path(processor_from) if processor_from is not None else None
         self.tokenizer = tokenizer
         self.image_prep = image_prep
-        self._tokenizers: dict[Path, Any] = {}
-        self._preps: dict[Path, ImagePrep] = {}
-        self._heads: dict[tuple[Path, str], dict[str, torch.Tensor]] = {}
+        self.pool = pool if pool is not None else ModelPool(keep_models=False)
         self._perms: dict[str, np.ndarray] = {}
 
     # -- subsets -------------------------------------------------------------------------------
@@ -196,45 +197,20 @@ class Evaluator:
             if tokenizer is not None:
                 return tokenizer
             if override is not None:
-                return self._load_tokenizer(override)
+                return self.pool.tokenizer(override)
             if self.tokenizer is not None:
                 return self.tokenizer
             if source is None:
                 raise MergeError("this task needs a tokenizer: evaluate a checkpoint folder, or give the evaluator "
                                  "processor_from=FOLDER or tokenizer=...")
-            return self._load_tokenizer(source)
+            return self.pool.tokenizer(source)
 
         def get_prep() -> ImagePrep:
             if self.image_prep is not None:
                 return self.image_prep
-            if source is not None:
-                if source not in self._preps:
-                    self._preps[source] = ImagePrep.from_folder(source)
-                return self._preps[source]
-            return ImagePrep.from_model(model)
+            return self.pool.image_prep(source) if source is not None else ImagePrep.from_model(model)
 
-        return Resources(get_tokenizer, get_prep, self._head)
-
-    def _load_tokenizer(self, path: Path):
-        path = Path(path).resolve()
-        if path not in self._tokenizers:
-            self._tokenizers[path] = load_tokenizer(path)
-        return self._tokenizers[path]
-
-    def _head(self, path: Path, prefix: str) -> dict[str, torch.Tensor]:
-        key = (Path(path).resolve(), prefix)
-        if key not in self._heads:
-            from mergecore.io.source import ModelSource
-
-            src = ModelSource(str(key[0]), path=key[0])
-            try:
-                names = [n for n in src.tensors if n.startswith(prefix)]
-                if not names:
-                    raise MergeError(f"checkpoint {path} has no tensors under '{prefix}' (head_prefix)")
-                self._heads[key] = {n: src.read(n).clone() for n in names}
-            finally:
-                src.close()
-        return self._heads[key]
+        return Resources(get_tokenizer, get_prep, self.pool.head)
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -252,7 +228,7 @@ class Evaluator:
         if isinstance(model_or_path, torch.nn.Module):
             return model_or_path, None
         path = Path(model_or_path).expanduser()
-        return load_model(path, self.device), path
+        return self.pool.model(path, device=self.device), path
 
     def evaluate(self, model_or_path: ModelOrPath, *, progress: Optional[EvalProgressCallback] = None,
                  cancel: Optional[CancelToken] = None, subset_index: int = 0, tokenizer: Any = None,
@@ -336,31 +312,3 @@ def _model_folder(model: torch.nn.Module) -> Optional[Path]:
     if v and Path(str(v)).is_dir():
         return Path(str(v))
     return None
-
-
-def load_model(path: Union[str, Path], device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A checkpoint folder as a transformers model (class from config.json's `architectures`)."""
-    import json
-
-    import transformers
-
-    p = Path(path).expanduser()
-    cfg_file = p / "config.json"
-    if not p.is_dir():
-        raise MergeError(f"model folder not found: {p}")
-    if not cfg_file.is_file():
-        raise MergeError(f"{p} has no config.json; it is not a transformers checkpoint")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise MergeError(f"{cfg_file} is not valid JSON ({err})") from None
-    archs = cfg.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        raise MergeError(f"{p}: config.json names no architecture transformers knows ({archs or 'none'})")
-    try:
-        model = cls.from_pretrained(str(p), dtype=dtype, local_files_only=True)
-    except Exception as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise MergeError(f"cannot load {p} as {archs[0]}: {msg}") from None
-    return model.to(device).eval()

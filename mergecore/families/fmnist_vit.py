@@ -31,11 +31,11 @@ import yaml
 
 from mergecore.errors import MergeError
 from mergecore.eval.data import read_idx
-from mergecore.eval.prep import ImagePrep
 from mergecore.events import CancelToken
 from mergecore.families.base import (FamilyBuilder, FamilyProgress, FamilyProgressCallback, override_dataclass,
                                      register_family)
 from mergecore.families import training
+from mergecore.models import ImagePrep
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -336,7 +336,8 @@ class FmnistVitBuilder(FamilyBuilder):
 
     def _evaluate(self, out: Path, cfg: FmnistVitConfig, info: dict[str, Any], tensors, prep: ImagePrep, report,
                   cancel: CancelToken) -> None:
-        from mergecore.eval.evaluator import Evaluator, load_model
+        from mergecore.eval.evaluator import Evaluator
+        from mergecore.models import load_model
         from mergecore.eval.tasks import load_tasks
 
         tasks = load_tasks(out / "tasks.yml")

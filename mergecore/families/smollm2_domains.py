@@ -41,11 +41,13 @@ import torch
 import yaml
 
 from mergecore.errors import MergeError
+from mergecore.eval.prep import pad_id_of
 from mergecore.events import CancelToken
 from mergecore.families import llama_base, text_domains, training
 from mergecore.families.base import (FamilyBuilder, FamilyProgress, FamilyProgressCallback, override_dataclass,
                                      register_family)
 from mergecore.families.lora import add_lora, fold_lora
+from mergecore.models import load_model
 
 FAMILY = "smollm2-domains"
 
@@ -178,7 +180,7 @@ class Smollm2DomainsBuilder(FamilyBuilder):
             if len(ids) <= cfg.seq_len:
                 raise MergeError(f"{FAMILY}: the training text of domain '{d}' has {len(ids)} tokens; "
                                  f"seq_len {cfg.seq_len} needs more (raise train_chars or max_files)")
-            model = _load_lm(out / "base")
+            model = load_model(out / "base")
             seed = cfg.seed * 1000 + i + 1
             if cfg.finetune == "lora":
                 params = add_lora(model, cfg.target_list(), cfg.lora_rank, cfg.lora_alpha, seed=seed)
@@ -285,7 +287,7 @@ class Smollm2DomainsBuilder(FamilyBuilder):
 
     @staticmethod
     def _token_stream(tok, docs: list[text_domains.Doc]) -> torch.Tensor:
-        eos = tok.eos_token_id if tok.eos_token_id is not None else _pad_id(tok)
+        eos = tok.eos_token_id if tok.eos_token_id is not None else pad_id_of(tok)
         ids: list[int] = []
         for d in docs:
             ids += tok(d.text, add_special_tokens=False)["input_ids"]
@@ -361,19 +363,6 @@ class _Dumper(yaml.SafeDumper):
 
 _Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s,
                                                              style='"' if "\n" in s else None))
-
-
-def _pad_id(tok) -> int:
-    from mergecore.eval.prep import pad_id_of
-
-    return pad_id_of(tok)
-
-
-def _load_lm(path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
-    return model
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

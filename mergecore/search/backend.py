@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from mergecore.errors import MergeError
 from mergecore.events import CancelToken
+from mergecore.search.config import Positive
 
 
 class BackendSpec(BaseModel):
@@ -37,16 +38,9 @@ class BackendSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     backend: Literal["local", "ray"] = "local"
-    workers: int = 2  # Ray actors (ignored by the local backend)
+    workers: Positive = 2  # Ray actors (ignored by the local backend)
     ray_address: Optional[str] = None  # connect to this cluster; without it a local Ray instance starts
     cpus_per_worker: float = 1.0  # CPUs each actor reserves (and torch threads it uses)
-
-    @field_validator("workers")
-    @classmethod
-    def _workers(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("workers must be at least 1")
-        return v
 
     @field_validator("cpus_per_worker")
     @classmethod
@@ -137,14 +131,6 @@ class _ActorBody:
         if self.error is not None:
             raise self.error
         return os.getpid()
-
-
-def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _import_ray():

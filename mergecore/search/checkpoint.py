@@ -26,11 +26,11 @@ import stat
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from mergecore.errors import MergeError, short
+from mergecore.errors import MergeError, clip, short
 
 FORMAT = "mergecore.search-checkpoint"
 VERSION = 1
@@ -311,3 +311,51 @@ def unpack_tree(tree: Tree, tensors: dict[str, torch.Tensor]) -> Tree:
     if isinstance(tree, list):
         return [unpack_tree(v, tensors) for v in tree]
     return tree
+
+
+# -- a search's checkpoint in its output folder -------------------------------------------------
+
+
+def plain(value: Any) -> Any:
+    """`value` as it comes back from JSON (tuples as lists), so a loaded identity compares equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+class SearchCheckpoint:
+    """The checkpoint of a `kind` search in `out_dir` (none without a folder): where it is,
+    whether there is one to resume from, and the check that it belongs to this search.
+
+    `identity` is what a checkpoint must agree on to be resumed (models, data, seeds, ...); it is
+    stored under `key` and compared entry by entry, so the refusal names what differs."""
+
+    def __init__(self, out_dir: Optional[Path], kind: str, identity: dict[str, Any], *, legacy: str,
+                 key: str = "identity"):
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.kind = kind
+        self.identity = plain(identity)
+        self.legacy = legacy
+        self.key = key
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self.out_dir / f"{self.kind}_checkpoint.safetensors" if self.out_dir is not None else None
+
+    def exists(self) -> bool:
+        """Whether there is a checkpoint to resume from (an old pickle one is refused, never read)."""
+        return self.path is not None and resume_file(self.path, self.out_dir / self.legacy)
+
+    def save(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        if self.path is not None:
+            save_checkpoint(self.path, tensors, {self.key: self.identity, **state}, kind=self.kind)
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, state) of the checkpoint, refused in one line when it belongs to another search."""
+        tensors, state = load_checkpoint(self.path, kind=self.kind)
+        with restoring(self.path):
+            theirs = need(state, self.key, dict)
+        diff = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
+        if diff:
+            label = {"rmm": "RMM", "dam": "DAM"}.get(self.kind, self.kind)
+            raise MergeError(f"{self.path} belongs to a different {label} search (differs in: "
+                             f"{', '.join(clip(k, 40) for k in diff[:8])}); use another output folder or --restart")
+        return tensors, state

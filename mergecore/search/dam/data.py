@@ -2,12 +2,9 @@
 
 Inputs come from the evaluation tasks' own preparation (the evaluator's image preprocessing
 and tokeniser), so what the merge trains on is exactly what the task scores; labels are never
-used. Per task kind:
-
-* classification: the images (or tokenised texts); a task's `classes` restricts the logits,
-  and its `head_from` head is used for both the merged model and the teacher;
-* lm: the token chunks of the texts (each chunk one example; every non-pad position is a row);
-* multiple_choice: context + correct option; generation: the prompt (both as LM rows).
+used. Each task kind says what its inputs are (`Task.training_inputs`): e.g. a classification
+task's images with its `classes` and its `head_from` head (used for both the merged model and
+the teacher), an LM task's token chunks, a multiple-choice task's context + correct option.
 
 Rows: the logits the losses compare, [M, V]: one row per example for classification, one per
 non-pad token for LM data.
@@ -23,8 +20,8 @@ import torch
 from torch import nn
 
 from mergecore.errors import MergeError
+from mergecore.eval.kind import Resources, Task
 from mergecore.eval.prep import pad_batch
-from mergecore.eval.tasks import ClassificationTask, GenerationTask, LMTask, MultipleChoiceTask, Resources, Task, _head_for
 
 
 @dataclass
@@ -102,35 +99,11 @@ class TaskData:
 
 def task_data(task: Task, res: Resources, model: nn.Module, *, max_examples: Optional[int], seed: int,
               index: int, max_length: Optional[int]) -> TaskData:
-    """D_i from an evaluation task: inputs only (labels unused), at most `max_examples` of them
-    (the first of a seeded permutation)."""
-    prepared = task.prepare(res)
-    head = None
-    classes = None
-    if isinstance(task, ClassificationTask):
-        hp = task.head_path()
-        if hp is not None:
-            head = _head_for(model, res.head(hp, task.spec.head_prefix), hp, task.where())
-        if task.classes is not None:
-            classes = torch.as_tensor(task.classes)
-        if "pixel_values" in prepared.data:
-            kind, items, pad = "image", prepared.data["pixel_values"], 0
-        else:
-            kind, items, pad = "text_cls", list(prepared.data["input_ids"]), prepared.data["pad_id"]
-    elif isinstance(task, LMTask):
-        kind, pad = "lm", prepared.data["pad_id"]
-        items = [c for chunks in prepared.data["chunks"] for c in chunks if len(c) >= 2]
-    elif isinstance(task, MultipleChoiceTask):
-        kind, pad = "lm", prepared.data["pad_id"]
-        items = [opts[ans][0] for opts, ans in prepared.data["examples"]]
-    elif isinstance(task, GenerationTask):
-        kind, pad = "lm", 0
-        items = [p for p in prepared.data["prompts"] if len(p) >= 1]
-        from mergecore.eval.prep import pad_id_of
-
-        pad = pad_id_of(prepared.data["tokenizer"])
-    else:  # pragma: no cover - every task kind is handled above
-        raise MergeError(f"{task.where()}: DAM cannot train on '{task.kind}' tasks")
+    """D_i from an evaluation task (`Task.training_inputs`: labels unused), at most `max_examples`
+    of them (the first of a seeded permutation)."""
+    got = task.training_inputs(res, model)
+    items = got.items
+    kind = "image" if got.pixels else ("lm" if got.rows == "token" else "text_cls")
     n = len(items)
     if n == 0:
         raise MergeError(f"{task.where()}: no training example (texts need at least 2 tokens)")
@@ -144,7 +117,7 @@ def task_data(task: Task, res: Resources, model: nn.Module, *, max_examples: Opt
         if kind == "lm" and any(len(x) < 1 for x in items):
             items = [x for x in items if x]
     rows = len(items) if kind != "lm" else sum(len(x) for x in items)
-    return TaskData(task.name, kind, items, pad, classes, head, rows_total=rows)
+    return TaskData(task.name, kind, items, got.pad_id, got.classes, got.head, rows_total=rows)
 
 
 def run_model(module: nn.Module, params: Optional[dict[str, torch.Tensor]], kwargs: dict[str, Any]) -> torch.Tensor:

@@ -24,21 +24,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from mergecore.errors import Cancelled, MergeError, short
+from mergecore.errors import Cancelled, MergeError
 from mergecore.events import CancelToken, Event, EventCallback
-from mergecore.search.checkpoint import (load_checkpoint, need, pack_tree, restoring, resume_file, save_checkpoint,
-                                         unpack_tree)
+from mergecore.search.checkpoint import SearchCheckpoint, need, pack_tree, restoring, unpack_tree
 from mergecore.search.dam import losses
 from mergecore.search.dam.data import TaskData, run_model
 from mergecore.search.dam.merger import Merger
 
-CHECKPOINT = "dam_checkpoint.safetensors"
 LEGACY_CHECKPOINT = "dam_checkpoint.pt"  # the old pickle format: refused, never loaded
-
-
-def _plain(value: Any) -> Any:
-    """`value` as it comes back from JSON (tuples as lists), so a loaded identity compares equal."""
-    return json.loads(json.dumps(value, default=str))
 
 
 @dataclass
@@ -94,7 +87,7 @@ class DAMSearch:
                  teacher_params: Optional[list[dict[str, torch.Tensor]]] = None,
                  out_dir: Optional[Path] = None, on_event: Optional[EventCallback] = None,
                  cancel: Optional[CancelToken] = None, identity: Optional[dict[str, Any]] = None,
-                 on_checkpoint: Optional[Callable[["DAMSearch"], None]] = None):
+                 on_checkpoint: Optional[Callable[["DAMSearch"], None]] = None, replay_history: bool = False):
         self.module = module.eval().requires_grad_(False)
         self.merger = merger
         self.data = data
@@ -109,8 +102,9 @@ class DAMSearch:
         self.out_dir = Path(out_dir) if out_dir else None
         self.on_event = on_event
         self.cancel = cancel or CancelToken()
-        self.identity = identity or {}
+        self.checkpoint = SearchCheckpoint(out_dir, "dam", identity or {}, legacy=LEGACY_CHECKPOINT)
         self.on_checkpoint = on_checkpoint
+        self.replay_history = replay_history
         s = settings
         self.optimizer = torch.optim.AdamW(merger.parameters(), lr=s.lr, betas=tuple(s.betas), eps=s.eps,
                                            weight_decay=s.weight_decay)
@@ -141,10 +135,6 @@ class DAMSearch:
 
     # -- persistence -------------------------------------------------------------------------
 
-    @property
-    def _ckpt(self) -> Optional[Path]:
-        return self.out_dir / CHECKPOINT if self.out_dir else None
-
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, plain JSON state) of everything a resumed run needs to continue exactly."""
         tensors = {f"coef.{k}": v for k, v in self.merger.raw_state().items()}
@@ -158,31 +148,21 @@ class DAMSearch:
             "eval_seconds": self.eval_seconds,
             "history": self.history,
             "evals": self.evals,
-            "identity": _plain(self.identity),
         }
         return tensors, state
 
     def save(self) -> None:
-        if self._ckpt is not None:
-            tensors, state = self.checkpoint_state()
-            save_checkpoint(self._ckpt, tensors, state, kind="dam")
+        self.checkpoint.save(*self.checkpoint_state())
         if self.on_checkpoint:
             self.on_checkpoint(self)
         self._emit("dam.checkpoint", {"step": self.step})
 
     def try_resume(self) -> bool:
         """Continue from the checkpoint in `out_dir`, if there is one; a bad one is one line."""
-        if self._ckpt is None or not resume_file(self._ckpt, self.out_dir / LEGACY_CHECKPOINT):
+        if not self.checkpoint.exists():
             return False
-        tensors, state = load_checkpoint(self._ckpt, kind="dam")
-        with restoring(self._ckpt):
-            theirs = need(state, "identity", dict)
-            mine = _plain(self.identity)
-            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
-            if diff:
-                raise MergeError(f"{self._ckpt} belongs to a different DAM configuration (differs in: "
-                                 f"{', '.join(short(k, 40) for k in diff[:8])}); use another output folder or "
-                                 f"--restart")
+        tensors, state = self.checkpoint.load()
+        with restoring(self.checkpoint.path):
             step = need(state, "step", int)
             counters = {k: need(state, k, int) for k in ("examples_seen", "tokens_seen")}
             seconds = {k: need(state, k, float) for k in ("train_seconds", "eval_seconds")}
@@ -197,8 +177,15 @@ class DAMSearch:
         self.examples_seen, self.tokens_seen = counters["examples_seen"], counters["tokens_seen"]
         self.train_seconds, self.eval_seconds = seconds["train_seconds"], seconds["eval_seconds"]
         self.history, self.evals = history, evals
+        if self.replay_history:  # the steps and evaluations before the checkpoint, so a plot starts at the first
+            for row in self._rows():
+                self._emit("dam.eval" if "mean" in row else "dam.step", dict(row, replayed=True))
         self._emit("dam.resumed", {"step": self.step})
         return True
+
+    def _rows(self) -> list[dict[str, Any]]:
+        """Steps and evaluations in the order they happened (an evaluation after its step)."""
+        return sorted(self.history + self.evals, key=lambda r: (r["step"], "mean" in r))
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -327,7 +314,7 @@ class DAMSearch:
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             log = open(self.out_dir / "dam_log.jsonl", "w")  # mirrors the checkpointed history
-            for row in sorted(self.history + self.evals, key=lambda r: (r["step"], "mean" in r)):
+            for row in self._rows():
                 log.write(json.dumps({"event": "eval" if "mean" in row else "step", **row}) + "\n")
         try:
             if self.step == 0 and s.eval_at_start and not any(e["step"] == 0 for e in self.evals):

@@ -1,4 +1,4 @@
-"""Run an evolutionary (CMA-ES) merge search from a YAML config.
+"""The evolutionary (CMA-ES) merge search as a search of the one program (`mergecore.search.base`).
 
 Search YAML (paths relative to the YAML file; `~` is expanded)::
 
@@ -12,7 +12,7 @@ Search YAML (paths relative to the YAML file; `~` is expanded)::
       density: {min: 0.1, max: 1.0, init: 0.5}
     fixed: {normalize: true, lambda: 1.0}
     tasks: families/fmnist-vit/tasks-val.yml
-    final_tasks: families/fmnist-vit/tasks.yml   # optional: the best is scored once on these
+    final_tasks: families/fmnist-vit/tasks.yml   # optional: the replayed best is scored once on these
     data_ratio: 0.1                 # each candidate is scored on this (fixed) fraction of each task
     sigma0: 0.1667                  # CMA-ES initial step on the [0, 1] gene cube
     popsize: null                   # null: CMA-ES's default 4 + 3 ln(genes)
@@ -23,27 +23,28 @@ Search YAML (paths relative to the YAML file; `~` is expanded)::
     ray_address: null               # an existing Ray cluster; null starts a local instance
 
 Outputs in OUT_DIR: `recipe.yml` (the best candidate as a plain recipe that `mergecore merge`
-replays), `result.json` (best score and per-task scores, the genes, timings, the final-task
-scores), `evo_log.jsonl` (one line per generation) and `evo_checkpoint.safetensors` (resume state:
-plain JSON in a safetensors file, no pickle).
+replays), `result.json` (best score and per-task scores, the genes, timings; with a replay, the
+scores of OUT_DIR/model), `events.jsonl`, `evo_log.jsonl` (one line per generation) and
+`evo_checkpoint.safetensors` (resume state: plain JSON in a safetensors file, no pickle).
 """
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergecore.errors import MergeError
-from mergecore.events import CancelToken, Event, EventCallback
+from mergecore.events import CancelToken, EventCallback
 from mergecore.search.backend import BackendSpec, WorkerFactory, make_backend
+from mergecore.search.base import EvalSpec, Found, SearchRun, run_search
+from mergecore.search.config import ModelList, Positive, config_file, load_config, model_ref
 from mergecore.search.evo.genome import Bounds, Genome
-from mergecore.search.evo.search import CHECKPOINT, EvoSearch, EvoSettings
-from mergecore.search.evo.worker import EvalSpec, EvoWorker
+from mergecore.search.evo.search import EvoSearch, EvoSettings
+from mergecore.search.evo.worker import EvoWorker
 
 
 class BoundsSpec(BaseModel):
@@ -59,10 +60,10 @@ class EvoConfig(BackendSpec):
     model_config = ConfigDict(extra="forbid")
     method: str
     base_model: Optional[str] = None
-    models: list[str]
+    models: ModelList
     parameters: dict[str, BoundsSpec]
     fixed: dict[str, Any] = Field(default_factory=dict)
-    layer_groups: int = 1
+    layer_groups: Positive = 1
     filters: list[str] = Field(default_factory=list)
     dtype: Optional[str] = "float32"
     recipe_seed: Optional[int] = None  # seed written into the recipe (randomised methods); default: seed
@@ -70,19 +71,12 @@ class EvoConfig(BackendSpec):
     final_tasks: Optional[str] = None
     data_ratio: Union[float, int] = 0.1  # ratio in (0, 1] or an example count per task
     subset_index: int = 0
-    batch_size: int = 128
+    batch_size: Positive = 128
     sigma0: float = 1 / 6
     popsize: Optional[int] = None
-    max_evals: int = 100
+    max_evals: Positive = 100
     seed: int = 0
     cma_options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("models")
-    @classmethod
-    def _models(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("models must list at least one model")
-        return v
 
     @field_validator("parameters")
     @classmethod
@@ -96,13 +90,6 @@ class EvoConfig(BackendSpec):
     def _ratio(cls, v: Union[float, int]) -> Union[float, int]:
         if isinstance(v, bool) or v <= 0 or (isinstance(v, float) and v > 1):
             raise ValueError("data_ratio must be a ratio in (0, 1] or an example count >= 1")
-        return v
-
-    @field_validator("layer_groups", "batch_size", "max_evals")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
         return v
 
     @field_validator("sigma0")
@@ -126,121 +113,117 @@ class EvoConfig(BackendSpec):
     def genome(self, root: Path) -> Genome:
         return Genome(
             method=self.method,
-            models=tuple(_model_path(m, root) for m in self.models),
-            base_model=_model_path(self.base_model, root) if self.base_model else None,
+            models=tuple(model_ref(m, root) for m in self.models),
+            base_model=model_ref(self.base_model, root) if self.base_model else None,
             parameters=tuple((n, Bounds(b.min, b.max, b.init)) for n, b in self.parameters.items()),
             layer_groups=self.layer_groups, filters=tuple(self.filters), fixed=tuple(self.fixed.items()),
             dtype=self.dtype, seed=self.seed if self.recipe_seed is None else self.recipe_seed,
         )
 
     def eval_spec(self, root: Path, genome: Genome) -> EvalSpec:
-        from mergecore.search.evo.worker import processor_folder
+        """How candidates are scored (the tasks file checked; MergeError if it is missing)."""
+        from mergecore.io.source import resolve_model_path
 
-        return EvalSpec(tasks=_path(self.tasks, root), subset=self.data_ratio, subset_index=self.subset_index,
-                        seed=self.seed, batch_size=self.batch_size,
-                        processor_from=processor_folder(genome.reference))
-
-
-def _path(ref: str, root: Path) -> str:
-    """A path relative to the config's folder (or ~-expanded / absolute) if it exists, else as given."""
-    p = Path(ref).expanduser()
-    for cand in ([p] if p.is_absolute() else [root / p, p]):
-        if cand.exists():
-            return str(cand.resolve())
-    return ref
-
-
-def _model_path(ref: str, root: Path) -> str:
-    return _path(ref, root)
+        return EvalSpec(tasks=str(config_file(self.tasks, root)), subset=self.data_ratio,
+                        subset_index=self.subset_index, seed=self.seed, batch_size=self.batch_size,
+                        processor_from=str(resolve_model_path(genome.reference)))
 
 
 def load_evo_config(path: Union[str, Path]) -> tuple[EvoConfig, Path]:
-    from mergecore.search.config import load_config
-
-    cfg, root = load_config(path, EvoConfig)
-    return cfg, root  # type: ignore[return-value]
+    return load_config(path, EvoConfig)
 
 
 def check_config(config: EvoConfig, root: Path) -> Genome:
     """Build the genome and plan its starting recipe against the models (header reads only):
     every error in the template shows before any model is loaded."""
-    from mergecore.executor import plan_merge
-
     from mergecore.arch import main_stack
     from mergecore.io.source import ModelSource, resolve_model_path
+    from mergecore.plan import plan_merge
 
     genome = config.genome(root)
     sources = {r: ModelSource(r, path=resolve_model_path(r)) for r in genome.refs}
-    plan_merge(genome.recipe(genome.x0()), sources=sources)
-    found = main_stack(sources[genome.reference].tensors)
+    try:
+        plan_merge(genome.recipe(genome.x0()), sources=sources)
+        found = main_stack(sources[genome.reference].tensors)
+    finally:
+        for s in sources.values():
+            s.close()
     layers = found[1] if found else 0
     if genome.layer_groups > max(layers, 1):
         raise MergeError(f"layer_groups ({genome.layer_groups}) exceeds the {layers} layers of the models")
-    tasks = Path(_path(config.tasks, root))
-    if not tasks.is_file():
-        raise MergeError(f"tasks file not found: {config.tasks}")
-    if config.final_tasks and not Path(_path(config.final_tasks, root)).is_file():
-        raise MergeError(f"final_tasks file not found: {config.final_tasks}")
-    for s in sources.values():
-        s.close()
+    config_file(config.tasks, root)
+    if config.final_tasks:
+        config_file(config.final_tasks, root, "final_tasks file")
     return genome
 
 
-def run_evo(config: EvoConfig, root: Path, out_dir: Union[str, Path], *, on_event: Optional[EventCallback] = None,
-            cancel: Optional[CancelToken] = None, resume: bool = True) -> dict[str, Any]:
-    """Run (or resume) the search; write recipe.yml and result.json into `out_dir`."""
-    out = Path(out_dir)
-    emit = on_event or (lambda e: None)
-    genome = check_config(config, root)
-    spec = config.eval_spec(root, genome)
-    # a new or empty folder, or one an evo search marked (resumed); never a foreign or model folder
-    from mergecore.io.outdir import claim_output_dir, existing_dirs
+class Evo:
+    """An evolutionary search from its config: the template checked against the models' headers."""
 
-    claim_output_dir(out, kind="evo", sources=existing_dirs(genome.refs))
-    emit(Event("evo.loading", {"models": list(genome.refs), "genes": genome.dim, "backend": config.backend,
-                               "workers": config.workers if config.backend == "ray" else 1}))
-    t_start = time.time()
-    backend = make_backend(config, WorkerFactory(EvoWorker, (genome, spec)))
-    start_s = time.time() - t_start
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # cma: "could not import matplotlib"
-            search = EvoSearch(genome, backend, config.settings(), out_dir=out, on_event=on_event, cancel=cancel,
-                               fingerprint={"tasks": spec.tasks, "subset": spec.subset,
-                                            "subset_index": spec.subset_index})
-        if not resume and (out / CHECKPOINT).is_file():
-            (out / CHECKPOINT).unlink()
-        if resume:
-            search.try_resume()
-        t0 = time.time()
-        result = search.run()
-        seconds = time.time() - t0
-    finally:
-        backend.close()
-    best = result.best
-    recipe = genome.recipe(best.genome)
-    recipe.save(out / "recipe.yml")
-    summary: dict[str, Any] = {
-        "best": {"score": best.score, "scores": best.scores, "evaluation": best.evaluation,
-                 "generation": best.generation, "scored_on": f"{config.tasks} (subset {spec.subset}, "
-                                                              f"index {spec.subset_index})",
-                 "genes": dict(zip(genome.labels(), genome.values(best.genome))), "genome": best.genome},
-        "generations": result.generations,
-        "evaluations": result.evaluations,
-        "stop": result.stop,
-        "popsize": search.popsize,
-        "genes": genome.dim,
-        "eval_seconds": search.eval_seconds,
-        "seconds": seconds,
-        "backend": {"kind": config.backend, "workers": getattr(backend, "workers", 1),
-                    "start_seconds": round(start_s, 2)},
-        "config": config.model_dump(),
-    }
-    if config.final_tasks:
-        worker = EvoWorker(genome, EvalSpec(tasks=_path(config.final_tasks, root), subset=None, seed=config.seed,
-                                            batch_size=config.batch_size, processor_from=spec.processor_from))
-        res = worker.evaluate(best.genome, cancel=cancel)
-        summary["final"] = {"tasks": str(config.final_tasks), "mean": res["score"], "scores": res["scores"]}
-    (out / "result.json").write_text(json.dumps(summary, indent=2, default=str))
-    emit(Event("evo.done", {"best_score": best.score, "recipe": str(out / "recipe.yml")}))
-    return summary
+    kind: ClassVar[str] = "evo"
+    config_class: ClassVar[type[EvoConfig]] = EvoConfig
+
+    def __init__(self, config: EvoConfig, root: Path):
+        self.config = config
+        self.genome = check_config(config, root)
+        self.spec = config.eval_spec(root, self.genome)
+        self.final = None if not config.final_tasks else EvalSpec(
+            str(config_file(config.final_tasks, root, "final_tasks file")), seed=config.seed,
+            batch_size=config.batch_size, label=str(config.final_tasks))
+
+    def sources(self) -> list[str]:
+        return list(self.genome.refs)
+
+    def run(self, run: SearchRun) -> Found:
+        config, genome, spec = self.config, self.genome, self.spec
+        run.event("evo.loading", {"models": list(genome.refs), "genes": genome.dim, "backend": config.backend,
+                                  "workers": config.workers if config.backend == "ray" else 1})
+        t_start = time.time()
+        backend = make_backend(config, WorkerFactory(EvoWorker, (genome, spec)))
+        start_s = time.time() - t_start
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # cma: "could not import matplotlib"
+                search = EvoSearch(genome, backend, config.settings(), out_dir=run.out, on_event=run.emit,
+                                   cancel=run.cancel, replay_history=run.replay_history,
+                                   fingerprint={"tasks": spec.tasks, "subset": spec.subset,
+                                                "subset_index": spec.subset_index})
+            if run.resume:
+                search.try_resume()
+            elif search.checkpoint.path.is_file():
+                search.checkpoint.path.unlink()
+            t0 = time.time()
+            result = search.run()
+            seconds = time.time() - t0
+        finally:
+            backend.close()
+        best = result.best
+        summary: dict[str, Any] = {
+            "best": {"score": best.score, "scores": best.scores, "evaluation": best.evaluation,
+                     "generation": best.generation,
+                     "scored_on": f"{config.tasks} (subset {spec.subset}, index {spec.subset_index})",
+                     "genes": dict(zip(genome.labels(), genome.values(best.genome))), "genome": best.genome},
+            "generations": result.generations,
+            "evaluations": result.evaluations,
+            "stop": result.stop,
+            "popsize": search.popsize,
+            "genes": genome.dim,
+            "eval_seconds": search.eval_seconds,
+            "seconds": seconds,
+            "backend": {"kind": config.backend, "workers": getattr(backend, "workers", 1),
+                        "start_seconds": round(start_s, 2)},
+            "config": config.model_dump(),
+        }
+        return Found(genome.recipe(best.genome), summary,
+                     {"best_score": best.score, "recipe": str(run.out / "recipe.yml")}, spec, best.score)
+
+
+SEARCH = Evo
+
+
+def run_evo(config: EvoConfig, root: Path, out_dir: Union[str, Path], *, on_event: Optional[EventCallback] = None,
+            cancel: Optional[CancelToken] = None, resume: bool = True, replay: bool = False,
+            replay_history: bool = False) -> dict[str, Any]:
+    """Run (or resume) the search into `out_dir` (`mergecore.search.base.run_search`)."""
+    return run_search(Evo(config, root), out_dir, on_event=on_event, cancel=cancel, resume=resume, replay=replay,
+                      replay_history=replay_history)

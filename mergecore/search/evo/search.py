@@ -26,7 +26,7 @@ import numpy as np
 from mergecore.errors import MergeError
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.search.backend import Backend
-from mergecore.search.checkpoint import load_checkpoint, need, restoring, resume_file, save_checkpoint
+from mergecore.search.checkpoint import SearchCheckpoint, load_checkpoint, need, restoring, resume_file
 from mergecore.search.evo.genome import Genome
 
 CHECKPOINT = "evo_checkpoint.safetensors"
@@ -38,11 +38,6 @@ def _randn(*shape: int) -> np.ndarray:
     (cma's default, the bound method `np.random.randn`, holds on to the global generator object,
     not to whatever state is swapped into it.)"""
     return np.random.randn(*shape)
-
-
-def _plain(value: Any) -> Any:
-    """`value` as it comes back from JSON, so a loaded fingerprint compares equal to a fresh one."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def _candidate(d: Any) -> "Candidate":
@@ -98,7 +93,7 @@ class EvoSearch:
 
     def __init__(self, genome: Genome, backend: Backend, settings: EvoSettings, out_dir: Optional[Path] = None,
                  on_event: Optional[EventCallback] = None, cancel: Optional[CancelToken] = None,
-                 fingerprint: Optional[dict[str, Any]] = None):
+                 fingerprint: Optional[dict[str, Any]] = None, replay_history: bool = False):
         if settings.sigma0 <= 0:
             raise MergeError("sigma0 must be positive")
         if settings.max_evals < 1:
@@ -111,8 +106,12 @@ class EvoSearch:
         self.out_dir = Path(out_dir) if out_dir else None
         self.on_event = on_event
         self.cancel = cancel or CancelToken()
-        self.fingerprint = {"genome": genome.fingerprint(), "sigma0": settings.sigma0, "popsize": settings.popsize,
-                            "seed": settings.seed, "cma_options": settings.cma_options, **(fingerprint or {})}
+        # what a checkpoint must agree on to be resumed (the template, CMA-ES's settings, the data)
+        self.checkpoint = SearchCheckpoint(out_dir, "evo", {
+            "genome": genome.fingerprint(), "sigma0": settings.sigma0, "popsize": settings.popsize,
+            "seed": settings.seed, "cma_options": settings.cma_options, **(fingerprint or {})},
+            legacy=LEGACY_CHECKPOINT, key="fingerprint")
+        self.replay_history = replay_history
         self.es = self._new_es()
         self.rng_state = np.random.RandomState(settings.seed).get_state()
         self.generation = 0
@@ -162,37 +161,25 @@ class EvoSearch:
 
     # -- persistence ---------------------------------------------------------------------------
 
-    @property
-    def _ckpt(self) -> Optional[Path]:
-        return self.out_dir / CHECKPOINT if self.out_dir else None
-
     def save(self) -> None:
         """Write the resume state: plain JSON, CMA-ES as the record of its generations (no pickle)."""
-        if not self._ckpt:
-            return
-        state = {
-            "fingerprint": _plain(self.fingerprint),
+        self.checkpoint.save({}, {
             "generation": self.generation,
             "evaluations": self.evaluations,
             "eval_seconds": self.eval_seconds,
             "best": asdict(self.best) if self.best is not None else None,
             "history": self.history,
             "generations": self.generations,
-        }
-        save_checkpoint(self._ckpt, {}, state, kind="evo")
+        })
 
     def try_resume(self) -> bool:
         """Continue from the checkpoint in `out_dir`, if there is one. CMA-ES is rebuilt by replaying
         the recorded generations (the same asks under the same RNG, told the recorded fitness), which
         gives back its state and the RNG's exactly; a bad checkpoint is one line."""
-        if not self._ckpt or not resume_file(self._ckpt, self.out_dir / LEGACY_CHECKPOINT):
+        if not self.checkpoint.exists():
             return False
-        _, state = load_checkpoint(self._ckpt, kind="evo")
-        with restoring(self._ckpt):
-            if json.dumps(need(state, "fingerprint", dict), sort_keys=True) != json.dumps(
-                    _plain(self.fingerprint), sort_keys=True):
-                raise MergeError(f"the checkpoint in {self.out_dir} was made by a different search config; "
-                                 f"use another OUT_DIR or start over with --restart")
+        _, state = self.checkpoint.load()
+        with restoring(self.checkpoint.path):
             generation = need(state, "generation", int)
             evaluations = need(state, "evaluations", int)
             eval_seconds = need(state, "eval_seconds", float)
@@ -217,6 +204,11 @@ class EvoSearch:
                 self._with_rng(self.es.tell, xs, [float(f) for f in fitness])
         self.generation, self.evaluations, self.eval_seconds = generation, evaluations, eval_seconds
         self.best, self.history, self.generations = best, history, generations
+        if self.replay_history:  # the generations before the checkpoint and its best, so a plot starts at the first
+            for info in self.history:
+                self._emit("evo.generation", dict(info, replayed=True))
+            if self.best is not None:
+                self._emit("evo.best", dict(self._best_data(), replayed=True))
         self._emit("evo.resumed", {"generation": self.generation, "evaluations": self.evaluations})
         return True
 
@@ -225,6 +217,11 @@ class EvoSearch:
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.on_event:
             self.on_event(Event(kind, data))
+
+    def _best_data(self) -> dict[str, Any]:
+        b = self.best
+        return {"generation": b.generation, "evaluation": b.evaluation, "score": b.score, "scores": b.scores,
+                "values": dict(zip(self.genome.labels(), self.genome.values(b.genome)))}
 
     def _budget_allows(self) -> bool:
         if self.generation == 0:
@@ -280,9 +277,7 @@ class EvoSearch:
         self.history.append(info)
         self.generation += 1
         if improved:
-            self._emit("evo.best", {"generation": gen, "evaluation": self.best.evaluation, "score": self.best.score,
-                                    "scores": self.best.scores,
-                                    "values": dict(zip(self.genome.labels(), self.genome.values(self.best.genome)))})
+            self._emit("evo.best", self._best_data())
         self._emit("evo.generation", info)
         return info
 

@@ -10,12 +10,12 @@ run the evaluator. No checkpoint is written per candidate.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
 from mergecore.io.source import ModelSource, resolve_model_path
+from mergecore.search.base import EvalSpec
 from mergecore.search.evo.genome import Genome
 
 
@@ -41,29 +41,11 @@ class ResidentSource:
         return t.clone()
 
 
-@dataclass(frozen=True)
-class EvalSpec:
-    """How candidates are scored (picklable; every worker builds the same evaluator)."""
-
-    tasks: str
-    subset: Union[None, int, float] = None
-    subset_index: int = 0
-    seed: int = 0
-    batch_size: int = 128
-    processor_from: Optional[str] = None
-
-    def evaluator(self):
-        from mergecore.eval.evaluator import Evaluator
-
-        return Evaluator(self.tasks, subset=self.subset, seed=self.seed, batch_size=self.batch_size,
-                         processor_from=self.processor_from)
-
-
 class EvoWorker:
     """Scores genomes of one template: `evaluate(genome) -> {score, scores, seconds, merge_seconds}`."""
 
     def __init__(self, genome: Genome, evaluation: EvalSpec, resident_bytes: int = 4 << 30):
-        from mergecore.eval.evaluator import load_model
+        from mergecore.models import load_model
 
         self.genome = genome
         self.evaluation = evaluation
@@ -77,7 +59,8 @@ class EvoWorker:
 
     def merge(self, x: list[float]) -> torch.nn.Module:
         """The resident model holding candidate `x`."""
-        from mergecore.executor import merge_in_memory, plan_merge
+        from mergecore.executor import merge_in_memory
+        from mergecore.plan import plan_merge
 
         plan = plan_merge(self.genome.recipe(x), sources=self.sources)
         return merge_in_memory(plan, self.model)
@@ -89,9 +72,5 @@ class EvoWorker:
         res = self.evaluator.evaluate(model, subset_index=self.evaluation.subset_index, cancel=cancel)
         t2 = time.time()
         return {"score": res.mean, "scores": res.scores, "seconds": t2 - t0, "merge_seconds": t1 - t0}
-
-
-def processor_folder(ref: str) -> str:
-    return str(resolve_model_path(ref))
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
+
+from mergecore.search.base import EvalSpec
 
 
 @dataclass(frozen=True)
@@ -21,10 +23,8 @@ class RMMWorkerSpec:
     base: str
     models: tuple[str, ...]
     operators: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...]  # (name, method, parameters)
-    tasks: str
-    subset: Union[None, int, float]
-    seed: int = 0
-    batch_size: int = 128
+    scoring: EvalSpec  # the driver's (the same tasks, subsets and seed)
+    seed: int = 0  # of randomised operators (the driver's bank's)
     prefix_cache: bool = True
     cache_bytes: int = 1 << 30
     reward_scale: float = 100.0
@@ -34,20 +34,18 @@ class RMMWorker:
     """`evaluate((emitted, subset)) -> (reward, metrics, seconds)`."""
 
     def __init__(self, spec: RMMWorkerSpec):
-        from mergecore.eval.evaluator import Evaluator, load_model
-        from mergecore.io.source import resolve_model_path
+        from mergecore.models import ModelPool
         from mergecore.search.rmm.layers import Assembler, LayerBank, Operator, PrefixCache
 
         self.spec = spec
-        base_path = resolve_model_path(spec.base)
-        base = load_model(base_path)
-        models = [load_model(resolve_model_path(r)) for r in spec.models]
+        pool = ModelPool()
+        base = pool.model(spec.base)
+        models = [pool.model(r) for r in spec.models]
         ops = [Operator(n, m, dict(p)) for n, m, p in spec.operators]
         self.bank = LayerBank(models, base, ops, seed=spec.seed)
         self.cache: Optional[PrefixCache] = PrefixCache(spec.cache_bytes) if spec.prefix_cache else None
         self.assembler = Assembler(base, self.bank, self.cache)
-        self.evaluator = Evaluator(spec.tasks, subset=spec.subset, seed=spec.seed, batch_size=spec.batch_size,
-                                   processor_from=base_path)
+        self.evaluator = spec.scoring.evaluator(pool)
         self.evaluator.prepare()
 
     def evaluate(self, item: tuple[list[tuple[int, int]], int]) -> tuple[float, dict[str, float], float]:

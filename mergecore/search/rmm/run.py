@@ -1,4 +1,4 @@
-"""Run an RMM search from a YAML config: load models, build the scorer, search, write results.
+"""RMM as a search of the one program (`mergecore.search.base`): config, models, scorer, result.
 
 Search YAML (paths relative to the YAML file)::
 
@@ -7,7 +7,8 @@ Search YAML (paths relative to the YAML file)::
     operators:                      # merge actions; each applies one method to layer k
       - {name: ties, method: ties, parameters: {density: 0.3, weight: 1.0}}
       - {name: dare_ties, method: dare_ties, parameters: {density: 0.66, weight: 1.0}}
-    tasks: families/fmnist-vit/tasks.yml
+    tasks: families/fmnist-vit/tasks-val.yml
+    final_tasks: families/fmnist-vit/tasks.yml   # optional: scored once on the replayed result
     data_ratio: 0.1                 # each episode scores this fraction of each task
     episodes: 700
     dar: true                       # Dynamic Average Reward (false: the ablation)
@@ -16,23 +17,24 @@ Search YAML (paths relative to the YAML file)::
     workers: 2                      # Ray actors (each loads the models once); ray_address: a cluster
 
 Outputs in OUT_DIR: `recipe.yml` (the best trajectory as a replayable recipe), `result.json`
-(best trajectory, its rewards and metrics, the kept top trajectories, timings),
-`rmm_log.jsonl` (one line per episode) and `rmm_checkpoint.safetensors` (resume state: tensors and
-JSON, no pickle; `mergecore.search.checkpoint`).
+(best trajectory, its rewards and metrics, the kept top trajectories, timings; with a replay,
+the scores of OUT_DIR/model), `events.jsonl`, `rmm_log.jsonl` (one line per episode) and
+`rmm_checkpoint.safetensors` (resume state: tensors and JSON, no pickle;
+`mergecore.search.checkpoint`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mergecore.events import CancelToken, Event, EventCallback
+from mergecore.events import CancelToken, EventCallback
 from mergecore.search.backend import BackendSpec
-from mergecore.search.config import resolve_path
+from mergecore.search.base import EvalSpec, Found, SearchRun, run_search
+from mergecore.search.config import ModelList, Positive, config_file, model_ref
 from mergecore.search.rmm.layers import Operator
 from mergecore.search.rmm.ppo import PPOConfig
 from mergecore.search.rmm.search import RMMSearch, RMMSettings, rerank_on_full, trajectory_recipe
@@ -55,27 +57,30 @@ class PPOSpec(BaseModel):
     epochs: int = 40
     entropy_coef: float = 0.0001
 
+    def settings(self) -> PPOConfig:
+        return PPOConfig(**{**self.model_dump(), "hidden": tuple(self.hidden)})
+
 
 class RMMConfig(BackendSpec):
     """An RMM search, as written in YAML."""
 
     model_config = ConfigDict(extra="forbid")
     base_model: str
-    models: list[str]
+    models: ModelList
     operators: list[OperatorSpec] = Field(default_factory=lambda: [
         OperatorSpec(name="ties", method="ties", parameters={"density": 0.3, "weight": 1.0}),
     ])
     tasks: str
     final_tasks: Optional[str] = None  # scored once on the result (e.g. the test split); never used to choose
     data_ratio: float = 0.1
-    episodes: int = 700
+    episodes: Positive = 700
     max_steps: Optional[int] = None
-    update_every: int = 4
+    update_every: Positive = 4
     dar: bool = True
     dar_lambda: float = 0.8
     back_penalty: float = -10.0
     seed: int = 0
-    batch_size: int = 128
+    batch_size: Positive = 128
     memoize: bool = True
     prefix_cache: bool = True
     prefix_cache_size: Union[str, int] = "1GiB"  # bound on cached layer outputs ('4GiB', '500MB', bytes)
@@ -102,28 +107,12 @@ class RMMConfig(BackendSpec):
             raise ValueError(str(err)) from None
         return v
 
-    @field_validator("models")
-    @classmethod
-    def _models(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("models must list at least one model")
-        return v
-
-    @field_validator("episodes", "update_every", "batch_size")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
-
     def settings(self) -> RMMSettings:
         return RMMSettings(
             episodes=self.episodes, max_steps=self.max_steps, update_every=self.update_every, dar=self.dar,
             dar_lambda=self.dar_lambda, back_penalty=self.back_penalty, seed=self.seed, memoize=self.memoize,
             prefix_cache=self.prefix_cache, cache_bytes=self.cache_bytes(), keep_top=max(self.rerank_top, 1),
-            ppo=PPOConfig(hidden=tuple(self.ppo.hidden), lr_actor=self.ppo.lr_actor, lr_critic=self.ppo.lr_critic,
-                          gamma=self.ppo.gamma, clip=self.ppo.clip, epochs=self.ppo.epochs,
-                          entropy_coef=self.ppo.entropy_coef),
+            ppo=self.ppo.settings(),
         )
 
     def cache_bytes(self) -> int:
@@ -135,98 +124,114 @@ class RMMConfig(BackendSpec):
         return [Operator(o.name or o.method, o.method, dict(o.parameters)) for o in self.operators]
 
 
-def _identity(config: RMMConfig, base: str, refs: list[str], tasks: str) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: everything that shapes the agent or its
-    rewards (`episodes` may grow: resuming with more episodes continues the run)."""
-    return {"base": base, "models": refs, "operators": [o.model_dump() for o in config.operators], "tasks": tasks,
-            "data_ratio": config.data_ratio, "max_steps": config.max_steps, "update_every": config.update_every,
-            "dar": config.dar, "dar_lambda": config.dar_lambda, "back_penalty": config.back_penalty,
-            "seed": config.seed, "reward_scale": config.reward_scale, "ppo": config.ppo.model_dump()}
+class RMM:
+    """An RMM search from its config: paths resolved against `root` and checked; nothing loaded."""
+
+    kind: ClassVar[str] = "rmm"
+    config_class: ClassVar[type[RMMConfig]] = RMMConfig
+
+    def __init__(self, config: RMMConfig, root: Path):
+        self.config = config
+        self.base = model_ref(config.base_model, root)
+        self.models = [model_ref(m, root) for m in config.models]
+        self.tasks = str(config_file(config.tasks, root))
+        self.final = None if config.final_tasks is None else EvalSpec(
+            str(config_file(config.final_tasks, root, "final_tasks file")), seed=config.seed,
+            batch_size=config.batch_size, label=str(config.final_tasks))
+
+    def sources(self) -> list[str]:
+        return [self.base, *self.models]
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed: everything that shapes the agent or its
+        rewards (`episodes` may grow: resuming with more episodes continues the run)."""
+        c = self.config
+        return {"base": self.base, "models": self.models, "operators": [o.model_dump() for o in c.operators],
+                "tasks": self.tasks, "data_ratio": c.data_ratio, "max_steps": c.max_steps,
+                "update_every": c.update_every, "dar": c.dar, "dar_lambda": c.dar_lambda,
+                "back_penalty": c.back_penalty, "seed": c.seed, "reward_scale": c.reward_scale,
+                "ppo": c.ppo.model_dump()}
+
+    def scoring(self, subset: Union[None, int, float], subset_index: int = 0) -> EvalSpec:
+        from mergecore.io.source import resolve_model_path
+
+        return EvalSpec(self.tasks, subset=subset, subset_index=subset_index, seed=self.config.seed,
+                        batch_size=self.config.batch_size, processor_from=str(resolve_model_path(self.base)))
+
+    def run(self, run: SearchRun) -> Found:
+        from mergecore.io.source import resolve_model_path
+
+        config = self.config
+        run.event("rmm.loading", {"models": self.models})
+        base = run.pool.model(resolve_model_path(self.base))
+        models = [run.pool.model(resolve_model_path(r)) for r in self.models]
+        sampled = self.scoring(config.data_ratio if config.data_ratio < 1 else None)
+        evaluator = sampled.evaluator(run.pool)
+        scale = config.reward_scale
+
+        class _Scorer:
+            n_subsets = evaluator.num_subsets()
+
+            def __call__(self, model, subset):
+                res = evaluator.evaluate(model, subset_index=subset, cancel=run.cancel)
+                return scale * res.mean, res.scores
+
+        backend = None
+        if config.backend == "ray":  # episodes of one PPO update are scored in parallel on Ray actors
+            from mergecore.search.backend import WorkerFactory, make_backend
+            from mergecore.search.rmm.remote import RMMWorker, RMMWorkerSpec
+
+            ops = tuple((o.name, o.method, tuple(o.parameters.items())) for o in config.operator_list())
+            spec = RMMWorkerSpec(str(resolve_model_path(self.base)), tuple(str(resolve_model_path(r)) for r in self.models),
+                                 ops, sampled, seed=config.seed, prefix_cache=config.prefix_cache,
+                                 cache_bytes=config.cache_bytes(),
+                                 reward_scale=scale)
+            backend = make_backend(config, WorkerFactory(RMMWorker, (spec,)))
+        search = RMMSearch(base, models, config.operator_list(), _Scorer(), config.settings(), out_dir=run.out,
+                           on_event=run.emit, cancel=run.cancel, model_names=self.models, pool=backend,
+                           identity=self.identity(), replay_history=run.replay_history)
+        if run.resume:
+            search.try_resume()
+        t0 = time.time()
+        try:
+            result = search.run()
+        finally:
+            if backend is not None:
+                backend.close()
+        best, scored = result.best, self.scoring(sampled.subset, result.best.episode % max(1, _Scorer.n_subsets))
+        if config.rerank_top > 0:
+            scored = self.scoring(None)
+            full = scored.evaluator(run.pool)
+
+            def full_scorer(model):
+                res = full.evaluate(model, cancel=run.cancel)
+                return scale * res.mean, res.scores
+
+            best = rerank_on_full(search, full_scorer)
+        summary = {
+            "best": {"emitted": [list(x) for x in best.emitted], "reward": best.reward, "metrics": best.metrics,
+                     "episode": best.episode,
+                     "scored_on": "all data" if config.rerank_top > 0 else f"subset (ratio {config.data_ratio})"},
+            "top": [{"emitted": [list(x) for x in t.emitted], "subset_reward": t.reward, "episode": t.episode}
+                    for t in result.top],
+            "episodes": result.episodes,
+            "evaluations": result.evaluations,
+            "eval_seconds": search.eval_seconds,
+            "seconds": time.time() - t0,
+            "cache": {"hits": search.cache.hits, "misses": search.cache.misses} if search.cache else None,
+            "config": config.model_dump(),
+        }
+        recipe = trajectory_recipe(best.emitted, self.base, self.models, config.operator_list(), seed=config.seed)
+        return Found(recipe, summary, {"best_reward": best.reward, "recipe": str(run.out / "recipe.yml")}, scored,
+                     best.reward / scale)
+
+
+SEARCH = RMM
 
 
 def run_rmm(config: RMMConfig, root: Path, out_dir: str | Path, *, on_event: Optional[EventCallback] = None,
-            cancel: Optional[CancelToken] = None, resume: bool = True) -> dict[str, Any]:
-    """Run (or resume) the search and write recipe.yml and result.json into `out_dir`."""
-    from mergecore.eval.evaluator import Evaluator, load_model
-    from mergecore.io.outdir import claim_output_dir, existing_dirs
-    from mergecore.io.source import resolve_model_path
-
-    out = Path(out_dir)
-    base_ref = resolve_path(config.base_model, root)
-    refs = [resolve_path(m, root) for m in config.models]
-    # a new or empty folder, or one an RMM search marked (resumed); never a foreign or model folder
-    claim_output_dir(out, kind="rmm", sources=existing_dirs([base_ref, *refs]))
-    tasks = resolve_path(config.tasks, root)
-    emit = on_event or (lambda e: None)
-    emit(Event("rmm.loading", {"models": refs}))
-    base = load_model(resolve_model_path(base_ref))
-    models = [load_model(resolve_model_path(r)) for r in refs]
-    evaluator = Evaluator(tasks, subset=config.data_ratio if config.data_ratio < 1 else None, seed=config.seed,
-                          batch_size=config.batch_size, processor_from=resolve_model_path(base_ref))
-    scale = config.reward_scale
-
-    class _Scorer:
-        n_subsets = evaluator.num_subsets()
-
-        def __call__(self, model, subset):
-            res = evaluator.evaluate(model, subset_index=subset, cancel=cancel)
-            return scale * res.mean, res.scores
-
-    pool = None
-    if config.backend == "ray":  # episodes of one PPO update are scored in parallel on Ray actors
-        from mergecore.search.backend import WorkerFactory, make_backend
-        from mergecore.search.rmm.remote import RMMWorker, RMMWorkerSpec
-
-        spec = RMMWorkerSpec(str(resolve_model_path(base_ref)), tuple(str(resolve_model_path(r)) for r in refs),
-                             tuple((o.name, o.method, tuple(o.parameters.items())) for o in config.operator_list()),
-                             str(Path(tasks).expanduser().resolve()),
-                             config.data_ratio if config.data_ratio < 1 else None, seed=config.seed,
-                             batch_size=config.batch_size, prefix_cache=config.prefix_cache,
-                             cache_bytes=config.cache_bytes(),
-                             reward_scale=config.reward_scale)
-        pool = make_backend(config, WorkerFactory(RMMWorker, (spec,)))
-    search = RMMSearch(base, models, config.operator_list(), _Scorer(), config.settings(), out_dir=out,
-                       on_event=on_event, cancel=cancel, model_names=refs, pool=pool,
-                       identity=_identity(config, base_ref, refs, tasks))
-    if resume:
-        search.try_resume()
-    t0 = time.time()
-    try:
-        result = search.run()
-    finally:
-        if pool is not None:
-            pool.close()
-    best = result.best
-    reranked = None
-    if config.rerank_top > 0:
-        full = Evaluator(tasks, subset=None, seed=config.seed, batch_size=config.batch_size,
-                         processor_from=resolve_model_path(base_ref))
-
-        def full_scorer(model):
-            res = full.evaluate(model, cancel=cancel)
-            return scale * res.mean, res.scores
-
-        reranked = rerank_on_full(search, full_scorer)
-        best = reranked
-    recipe = trajectory_recipe(best.emitted, base_ref, refs, config.operator_list(), seed=config.seed)
-    recipe.save(out / "recipe.yml")
-    summary = {
-        "best": {"emitted": [list(x) for x in best.emitted], "reward": best.reward, "metrics": best.metrics,
-                 "episode": best.episode, "scored_on": "all data" if reranked else f"subset (ratio {config.data_ratio})"},
-        "top": [{"emitted": [list(x) for x in t.emitted], "subset_reward": t.reward, "episode": t.episode}
-                for t in result.top],
-        "episodes": result.episodes,
-        "evaluations": result.evaluations,
-        "eval_seconds": search.eval_seconds,
-        "seconds": time.time() - t0,
-        "cache": {"hits": search.cache.hits, "misses": search.cache.misses} if search.cache else None,
-        "config": config.model_dump(),
-    }
-    if config.final_tasks:
-        final = Evaluator(resolve_path(config.final_tasks, root), subset=None, seed=config.seed,
-                          batch_size=config.batch_size, processor_from=resolve_model_path(base_ref))
-        res = final.evaluate(search.assembler.build(best.emitted), cancel=cancel)
-        summary["final"] = {"tasks": str(config.final_tasks), "mean": res.mean, "scores": res.scores}
-    (out / "result.json").write_text(json.dumps(summary, indent=2))
-    emit(Event("rmm.done", {"best_reward": best.reward, "recipe": str(out / "recipe.yml")}))
-    return summary
+            cancel: Optional[CancelToken] = None, resume: bool = True, replay: bool = False,
+            replay_history: bool = False) -> dict[str, Any]:
+    """Run (or resume) the search into `out_dir` (`mergecore.search.base.run_search`)."""
+    return run_search(RMM(config, root), out_dir, on_event=on_event, cancel=cancel, resume=resume, replay=replay,
+                      replay_history=replay_history)

@@ -20,15 +20,13 @@ from mergecore.errors import MergeError
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.methods import get_method
 from mergecore.recipe import Recipe, recipe_from_dict
-from mergecore.search.checkpoint import (load_checkpoint, need, pack_tree, restoring, resume_file, save_checkpoint,
-                                         unpack_tree)
+from mergecore.search.checkpoint import SearchCheckpoint, need, pack_tree, restoring, unpack_tree
 from mergecore.search.rmm.dar import DynamicAverageReward
 from mergecore.search.rmm.env import LayerWalk
 from mergecore.search.rmm.layers import Assembler, LayerBank, Operator, PrefixCache
 from mergecore.search.rmm.ppo import PPOAgent, PPOConfig
 
 
-CHECKPOINT = "rmm_checkpoint.safetensors"
 LEGACY_CHECKPOINT = "rmm_checkpoint.pt"  # the old pickle format: refused, never loaded
 
 
@@ -79,7 +77,6 @@ class RMMResult:
     episodes: int
     evaluations: int
     seconds: float
-    recipe: Optional[Recipe] = None
 
 
 def trajectory_recipe(emitted: list[tuple[int, int]], base: str, models: list[str], operators: list[Operator],
@@ -124,10 +121,11 @@ class RMMSearch:
                  settings: RMMSettings, out_dir: Optional[Path] = None,
                  on_event: Optional[EventCallback] = None, cancel: Optional[CancelToken] = None,
                  model_names: Optional[list[str]] = None, pool: Optional[Any] = None,
-                 identity: Optional[dict[str, Any]] = None):
+                 identity: Optional[dict[str, Any]] = None, replay_history: bool = False):
         self.settings = settings
-        # what a checkpoint must agree on to be resumed (models, operators, data, seeds); plain JSON
-        self.identity = json.loads(json.dumps(identity or {}, default=str))
+        # what a checkpoint must agree on to be resumed (models, operators, data, seeds)
+        self.checkpoint = SearchCheckpoint(out_dir, "rmm", identity or {}, legacy=LEGACY_CHECKPOINT)
+        self.replay_history = replay_history
         # pool: a backend (mergecore.search.backend) whose workers score (emitted, subset) items;
         # with it, the episodes up to each PPO update are sampled first, scored in parallel and
         # recorded in episode order (the same results as one at a time: the policy only changes
@@ -155,17 +153,10 @@ class RMMSearch:
 
     # -- persistence -------------------------------------------------------------------------
 
-    @property
-    def _ckpt(self) -> Optional[Path]:
-        return self.out_dir / CHECKPOINT if self.out_dir else None
-
     def save(self) -> None:
         """Write the resume state (safetensors + JSON, no pickle) at a PPO-update boundary."""
-        if not self._ckpt:
-            return
         tensors: dict[str, torch.Tensor] = {}
         state = {
-            "identity": self.identity,
             "episode": self.episode,
             "evaluations": self.evaluations,
             "agent": pack_tree(self.agent.state_dict(), "agent", tensors),
@@ -176,21 +167,14 @@ class RMMSearch:
             "memo": [[[list(x) for x in emitted], subset, reward, metrics]
                      for (emitted, subset), (reward, metrics) in self.memo.items()],
         }
-        save_checkpoint(self._ckpt, tensors, state, kind="rmm")
+        self.checkpoint.save(tensors, state)
 
     def try_resume(self) -> bool:
         """Continue from the checkpoint in `out_dir`, if there is one; a bad one is one line."""
-        if not self._ckpt or not resume_file(self._ckpt, self.out_dir / LEGACY_CHECKPOINT):
+        if not self.checkpoint.exists():
             return False
-        tensors, state = load_checkpoint(self._ckpt, kind="rmm")
-        theirs = state.get("identity", {})
-        if not isinstance(theirs, dict):
-            theirs = {}
-        diff = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
-        if diff:
-            raise MergeError(f"{self._ckpt} belongs to a different RMM search (differs in: {', '.join(diff)}); "
-                             f"use another output folder or --restart")
-        with restoring(self._ckpt):
+        tensors, state = self.checkpoint.load()
+        with restoring(self.checkpoint.path):
             episode = need(state, "episode", int)
             evaluations = need(state, "evaluations", int)
             last = need(need(state, "dar", dict), "last", float, type(None))
@@ -214,6 +198,9 @@ class RMMSearch:
         self.episode, self.evaluations = episode, evaluations
         self.dar.last = last
         self.top, self.history, self.memo = top, history, memo
+        if self.replay_history:  # the episodes before the checkpoint, so a plot starts at the first
+            for info in self.history:
+                self._emit("rmm.episode", dict(info, replayed=True))
         self._emit("rmm.resumed", {"episode": self.episode})
         return True
 

@@ -1,0 +1,96 @@
+"""Search events and results as text: one line per event for the CLI and the app's log, one line
+per finished search.
+
+    from mergecore.search.report import event_line
+    line = event_line(event)            # None: nothing to show (e.g. a replayed history event)
+
+`every` thins out DAM's step lines (every N-th step, the first and the last).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from mergecore.events import Event
+
+
+def _rmm_episode(d: dict[str, Any]) -> str:
+    best = d["best_reward"]
+    return (f"episode {d['episode'] + 1:>4}  reward {d['raw_reward']:8.3f}  dar {d['dar_reward']:8.3f}  "
+            f"best {best if best is None else f'{best:8.3f}'}  depth {d['depth']:>3}  "
+            f"eval {d['eval_seconds']:.2f}s  evals {d['evaluations']}")
+
+
+def _evo_generation(d: dict[str, Any]) -> str:
+    return (f"generation {d['generation'] + 1:>3}  best {d['best']:.4f}  mean {d['mean']:.4f}  "
+            f"sigma {d['sigma']:.4f}  {d['eval_seconds']:.2f} s/eval  {d['evals_per_minute'] or 0:.1f} evals/min  "
+            f"evals {d['evaluations']}")
+
+
+def _evo_loading(d: dict[str, Any]) -> str:
+    where = f"{d['workers']} Ray workers" if d["backend"] == "ray" else "this process"
+    return f"{d['genes']} genes; loading {len(d['models'])} models in {where} ..."
+
+
+def _dam_step(d: dict[str, Any]) -> str:
+    terms = "  ".join(f"{k} {v:.4g}" for k, v in d["terms"].items() if "/" not in k)
+    return (f"step {d['step']:>5}/{d['steps']}  loss {d['loss']:.5g}  {terms}  lr {d['lr']:.3g}  "
+            f"examples {d['examples_seen']}" + (f"  tokens {d['tokens_seen']}" if d["tokens_seen"] else "")
+            + f"  {d['seconds']:.2f}s")
+
+
+def _dam_eval(d: dict[str, Any]) -> str:
+    scores = "  ".join(f"{k} {v:.4f}" for k, v in d["scores"].items())
+    label = "final eval" if d["final"] else "eval"
+    return f"{label} @ step {d['step']}: mean {d['mean']:.4f}  {scores}  ({d['seconds']:.1f}s)"
+
+
+def _dam_teachers(d: dict[str, Any]) -> str:
+    extra = f", {d['bytes'] / 2**20:.1f} MiB cached" if d["mode"] == "cache" else ""
+    return f"teachers: {d['mode']}{extra} ({d['seconds']:.1f}s)"
+
+
+_LINES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "rmm.loading": lambda d: f"loading {len(d['models'])} models ...",
+    "rmm.resumed": lambda d: f"resumed at episode {d['episode']}",
+    "rmm.episode": _rmm_episode,
+    "dam.loading": lambda d: f"loading {len(d['models'])} models ...",
+    "dam.teachers": _dam_teachers,
+    "dam.start": lambda d: f"training {d['coefficients']} coefficients on {d['tensors']} tensors, "
+                           f"steps {d['step']}..{d['steps']}",
+    "dam.resumed": lambda d: f"resumed at step {d['step']}",
+    "dam.step": _dam_step,
+    "dam.eval": _dam_eval,
+    "evo.loading": _evo_loading,
+    "evo.resumed": lambda d: f"resumed after generation {d['generation']} ({d['evaluations']} evaluations)",
+    "evo.generation": _evo_generation,
+    "search.replayed": lambda d: d["summary"],
+    "search.mismatch": lambda d: f"warning: the replayed checkpoint scores {d['replayed']:.6g} on {d['tasks']}, "
+                                 f"the search reported {d['reported']:.6g}",
+}
+
+
+def event_line(event: Event, every: int = 1) -> Optional[str]:
+    """The text line for `event`, or None when it has none (or is a replayed history event).
+    DAM steps are shown every `every` steps (and the first and last)."""
+    d = event.data
+    if d.get("replayed") or event.kind not in _LINES:
+        return None
+    if event.kind == "dam.step" and d["step"] % every and d["step"] != d["steps"] and d["step"] != 1:
+        return None
+    return _LINES[event.kind](d)
+
+
+def summary_line(kind: str, summary: dict[str, Any], recipe: str) -> str:
+    """One line on a finished search of `kind` (result.json's content); `recipe`: where its recipe is."""
+    final = f"; {summary['final']['tasks']}: {summary['final']['mean']:.4f}" if "final" in summary else ""
+    if kind == "rmm":
+        best = summary["best"]
+        return (f"best reward {best['reward']:.3f} ({best['scored_on']}), {len(best['emitted'])} layers{final}; "
+                f"recipe: {recipe}")
+    if kind == "evo":
+        return (f"best score {summary['best']['score']:.4f} after {summary['evaluations']} evaluations "
+                f"({summary['stop']}){final}; recipe: {recipe}")
+    ev = summary.get("eval")
+    return ((f"final eval mean {ev['mean']:.4f}; " if ev else "")
+            + f"{summary['steps']} steps in {summary['train_seconds']:.1f}s{final}; recipe: {recipe}")
