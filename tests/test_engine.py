@@ -12,84 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from mergecore.cli import main
-from mergecore.errors import Cancelled
-from mergecore.events import CancelToken, MergeProgress
-from mergecore.merging import merge
+from _merge_helpers import assert_close, cli, frankenmerge, leftovers, linear_recipe, load_weights, run_forward, write_recipe
 from mergecore.io.source import ModelSource
-from mergecore.methods import all_methods, get_method
+from mergecore.merging import merge
+from mergecore.methods import get_method
 from mergecore.plan import plan_merge
 from mergecore.recipe import recipe_from_dict
 
 ARCHS = ("llama", "mistral", "qwen2", "gpt2", "bert", "vit")
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder (single file or sharded), via safetensors."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        out: dict[str, torch.Tensor] = {}
-        for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            out.update(load_file(path / f))
-        return out
-    return load_file(path / "model.safetensors")
-
-
-def linear_recipe(a: Path, b: Path, wa=0.5, wb=0.5, **extra) -> dict:
-    return {
-        "merge_method": "linear",
-        "models": [{"model": str(a), "parameters": {"weight": wa}}, {"model": str(b), "parameters": {"weight": wb}}],
-        **extra,
-    }
-
-
-def write_recipe(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def leftovers(out: Path) -> list[str]:
-    """Hidden temporary / old folders the writer may have left beside `out`."""
-    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", atol: float = 1e-6) -> None:
-    assert actual.shape == expected.shape, name
-    assert actual.dtype == expected.dtype, (name, actual.dtype, expected.dtype)
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
-
-
-def run_forward(path: Path, arch: str) -> torch.Tensor:
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if arch == "vit":
-        model = tf.AutoModelForImageClassification.from_pretrained(path)
-        with torch.no_grad():
-            out = model(pixel_values=torch.randn(2, 1, 16, 16)).logits
-        assert out.shape == (2, 3)
-    elif arch == "bert":
-        model = tf.AutoModel.from_pretrained(path)
-        with torch.no_grad():
-            out = model(input_ids=torch.randint(0, 96, (2, 7))).last_hidden_state
-        assert out.shape == (2, 7, 32)
-    else:
-        model = tf.AutoModelForCausalLM.from_pretrained(path)
-        with torch.no_grad():
-            out = model(input_ids=torch.randint(0, 96, (2, 7))).logits
-        assert out.shape == (2, 7, 96)
-    assert torch.isfinite(out).all()
-    return out
-
-
-def _cli(*args) -> int:
-    return main(["merge", *map(str, args), "--quiet"])
 
 
 # ------------------------------------------------------------------------------ all archs
@@ -107,7 +38,7 @@ def test_linear_merge_every_arch(arch, entry, model_factory, tmp_path):
         assert result.tensors == len(load_weights(a)) and result.shards == 1
         assert result.out_dir == out.absolute()
     else:
-        assert _cli(write_recipe(tmp_path / "r.yml", data), out) == 0
+        assert cli(write_recipe(tmp_path / "r.yml", data), out) == 0
 
     wa, wb, wo = load_weights(a), load_weights(b), load_weights(out)
     assert set(wo) == set(wa)
@@ -204,10 +135,10 @@ def test_sharded_input_and_output(model_factory, tmp_path):
     run_forward(out, "llama")
 
 
-def test_sharded_output_via_cli(llama_family, tmp_path):
+def test_sharded_output_viacli(llama_family, tmp_path):
     r = write_recipe(tmp_path / "r.yml", linear_recipe(llama_family["a"], llama_family["b"]))
     out = tmp_path / "o"
-    assert _cli(r, out, "--shard-size", "30KB", "--threads", "3") == 0
+    assert cli(r, out, "--shard-size", "30KB", "--threads", "3") == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert set(index["weight_map"]) == set(load_weights(llama_family["a"]))
@@ -218,15 +149,8 @@ def test_sharded_output_via_cli(llama_family, tmp_path):
 
 def test_passthrough_frankenmerge_changes_depth(llama_family, tmp_path):
     base = llama_family["base"]
-    recipe = {
-        "merge_method": "passthrough",
-        "slices": [
-            {"sources": [{"model": str(base), "layer_range": [0, 3]}]},
-            {"sources": [{"model": str(base), "layer_range": [1, 4]}]},
-        ],
-    }
     out = tmp_path / "o"
-    merge(recipe_from_dict(recipe), out)
+    merge(recipe_from_dict(frankenmerge(base)), out)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 6
     w_in, w_out = load_weights(base), load_weights(out)
@@ -251,15 +175,8 @@ def test_qwen2_slices_keep_layer_types_consistent(model_factory, tmp_path):
     base = model_factory("qwen2", 0)
     cfg_in = json.loads((base / "config.json").read_text())
     assert len(cfg_in["layer_types"]) == cfg_in["num_hidden_layers"] == 4
-    recipe = {
-        "merge_method": "passthrough",
-        "slices": [
-            {"sources": [{"model": str(base), "layer_range": [0, 3]}]},
-            {"sources": [{"model": str(base), "layer_range": [1, 4]}]},
-        ],
-    }
     out = tmp_path / "o"
-    assert _cli(write_recipe(tmp_path / "r.yml", recipe), out) == 0
+    assert cli(write_recipe(tmp_path / "r.yml", frankenmerge(base)), out) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 6
     assert len(cfg["layer_types"]) == 6
@@ -297,153 +214,6 @@ def test_slices_can_shrink_depth_and_merge_ranges(llama_family, tmp_path):
     run_forward(out, "llama")
 
 
-# ------------------------------------------------------------------------------ options
-
-
-def test_dry_run_prints_plan_and_writes_nothing(llama_family, tmp_path, capsys):
-    r = write_recipe(tmp_path / "r.yml", linear_recipe(llama_family["a"], llama_family["b"], wa=[0.2, 0.8]))
-    out = tmp_path / "o"
-    assert main(["merge", str(r), str(out), "--dry-run"]) == 0
-    text = capsys.readouterr().out
-    assert "method: linear" in text and "estimated peak memory" in text
-    assert "output: 39 tensors" in text and "4 layers" in text
-    assert "layer   0" in text and "layer   3" in text and "weight=" in text
-    assert not out.exists() and leftovers(out) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
-
-    assert main(["merge", str(r), str(out), "--dry-run", "--json"]) == 0
-    plan = json.loads(capsys.readouterr().out)
-    assert plan["method"] == "linear" and len(plan["tensors"]) == 39
-    by_name = {t["name"]: t for t in plan["tensors"]}
-    assert by_name["model.layers.3.self_attn.q_proj.weight"]["params"]["weight"] == pytest.approx([0.8, 0.5])
-    assert by_name["model.layers.0.self_attn.q_proj.weight"]["params"]["weight"] == pytest.approx([0.2, 0.5])
-    assert not out.exists()
-
-
-def test_progress_callback_counts_up_to_total(llama_family, tmp_path):
-    events: list[MergeProgress] = []
-    result = merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), tmp_path / "o",
-                   progress=events.append, threads=3)
-    total = result.tensors
-    assert total == 39
-    counts = [e.tensors_done for e in events]
-    assert counts == list(range(0, total + 1))
-    assert all(e.tensors_total == total for e in events)
-    done_bytes = [e.bytes_done for e in events]
-    assert done_bytes == sorted(done_bytes) and done_bytes[0] == 0
-    assert done_bytes[-1] == events[-1].bytes_total == result.bytes_written
-    assert events[-1].fraction == 1.0 and events[-1].eta == 0.0
-    assert {e.current for e in events[1:]} == set(load_weights(llama_family["a"]))
-    assert events[0].as_event().kind == "merge.progress"
-
-
-@pytest.mark.parametrize("cancel_at", [0, 1, 38, 39])
-def test_cancel_from_progress_callback_leaves_nothing(llama_family, tmp_path, cancel_at):
-    token = CancelToken()
-    seen: list[int] = []
-
-    def progress(p: MergeProgress) -> None:
-        seen.append(p.tensors_done)
-        if p.tensors_done >= cancel_at:
-            token.cancel()
-
-    out = tmp_path / "o"
-    with pytest.raises(Cancelled):
-        merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), out,
-              progress=progress, cancel=token, threads=2)
-    assert not out.exists()
-    assert list(tmp_path.iterdir()) == []
-    assert seen == list(range(cancel_at + 1))  # no progress is reported after the cancel
-
-
-def test_cancel_before_start_keeps_existing_output(llama_family, tmp_path):
-    out = tmp_path / "o"
-    merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), out)  # a previous merge
-    (out / "keep.txt").write_text("previous merge")
-    before = sorted(p.name for p in out.iterdir())
-    token = CancelToken()
-    token.cancel()
-    with pytest.raises(Cancelled):
-        merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), out, cancel=token, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == before and "keep.txt" in before
-    assert leftovers(out) == []
-
-
-@pytest.mark.parametrize("entry", ["api", "cli"])
-def test_output_dtype_override(llama_family, tmp_path, entry):
-    a, b = llama_family["a"], llama_family["b"]
-    out = tmp_path / "o"
-    if entry == "api":
-        merge(recipe_from_dict(linear_recipe(a, b)), out, out_dtype="bfloat16")
-    else:
-        assert _cli(write_recipe(tmp_path / "r.yml", linear_recipe(a, b)), out, "--dtype", "bfloat16") == 0
-    wa, wb, wo = load_weights(a), load_weights(b), load_weights(out)
-    for name, t in wo.items():
-        assert t.dtype == torch.bfloat16, name
-        assert torch.equal(t, (0.5 * wa[name] + 0.5 * wb[name]).to(torch.bfloat16)), name
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["dtype"] == "bfloat16"
-    import transformers as tf
-
-    model = tf.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
-    assert next(model.parameters()).dtype == torch.bfloat16
-
-
-def test_recipe_dtype_sets_output_dtype(llama_family, tmp_path):
-    out = tmp_path / "o"
-    merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"], dtype="float16")), out)
-    assert {t.dtype for t in load_weights(out).values()} == {torch.float16}
-
-
-def test_rerun_replaces_existing_output(llama_family, tmp_path):
-    a, b = llama_family["a"], llama_family["b"]
-    out = tmp_path / "o"
-    merge(recipe_from_dict(linear_recipe(a, b, wa=1.0, wb=0.0)), out, shard_size=20_000)
-    (out / "stale.txt").write_text("from an earlier run")
-    assert (out / "model.safetensors.index.json").is_file()
-    r = write_recipe(tmp_path / "r.yml", linear_recipe(a, b, wa=0.0, wb=1.0))
-    assert _cli(r, out) == 2  # an earlier merge is replaced only when asked
-    assert (out / "stale.txt").is_file()
-    assert _cli(r, out, "--overwrite") == 0
-    files = {p.name for p in out.iterdir()}
-    assert "stale.txt" not in files and "model.safetensors.index.json" not in files
-    assert not any(f.startswith("model-") for f in files)
-    wb, wo = load_weights(b), load_weights(out)
-    assert all(torch.equal(wo[k], wb[k]) for k in wb)
-    assert leftovers(out) == []
-
-
-def test_threads_do_not_change_the_result(llama_family, tmp_path):
-    a, b = llama_family["a"], llama_family["b"]
-    recipe = recipe_from_dict(linear_recipe(a, b, wa=[0.1, 0.9], wb=0.3))
-    merge(recipe, tmp_path / "one", threads=1)
-    merge(recipe, tmp_path / "many", threads=6, memory_budget=10_000)
-    one, many = load_weights(tmp_path / "one"), load_weights(tmp_path / "many")
-    assert all(torch.equal(one[k], many[k]) for k in one)
-
-
-def test_tokenizer_and_side_files_from_base(llama_family, tmp_path):
-    """Tokenizer files come from the base model; the card and recipe are written."""
-    import shutil
-
-    base = tmp_path / "base"
-    shutil.copytree(llama_family["base"], base)
-    (base / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}}))
-    (base / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
-              "models": [{"model": str(llama_family["a"]), "parameters": {"weight": 1.0}}]}
-    out = tmp_path / "o"
-    merge(recipe_from_dict(recipe), out)
-    assert json.loads((out / "tokenizer.json").read_text()) == {"model": {"vocab": {"a": 0}}}
-    assert (out / "tokenizer_config.json").is_file()
-    card = (out / "README.md").read_text()
-    assert "task_arithmetic" in card and "merge_method: task_arithmetic" in card
-    # task arithmetic with weight 1 on one model reproduces that model
-    wa, wo = load_weights(llama_family["a"]), load_weights(out)
-    for k in wa:
-        assert_close(wo[k], wa[k], k, atol=1e-6)
-
-
 # ------------------------------------------------------------------------------ other methods
 
 
@@ -469,7 +239,6 @@ def _expected_by_hand(name: str, models: list[Path], base: Path, per_model: dict
     return out
 
 
-@pytest.mark.skipif("ties" not in all_methods(), reason="ties not registered")
 def test_ties_end_to_end_matches_direct_call(llama_family, tmp_path):
     base, a, b = llama_family["base"], llama_family["a"], llama_family["b"]
     recipe = {
@@ -490,7 +259,6 @@ def test_ties_end_to_end_matches_direct_call(llama_family, tmp_path):
     run_forward(out, "llama")
 
 
-@pytest.mark.skipif("task_arithmetic" not in all_methods(), reason="task_arithmetic not registered")
 def test_task_arithmetic_end_to_end_matches_direct_call_and_formula(llama_family, tmp_path):
     base, a, b = llama_family["base"], llama_family["a"], llama_family["b"]
     recipe = {
@@ -498,7 +266,7 @@ def test_task_arithmetic_end_to_end_matches_direct_call_and_formula(llama_family
         "models": [{"model": str(a), "parameters": {"weight": 0.6}}, {"model": str(b), "parameters": {"weight": 0.3}}],
     }
     out = tmp_path / "o"
-    assert _cli(write_recipe(tmp_path / "r.yml", recipe), out) == 0
+    assert cli(write_recipe(tmp_path / "r.yml", recipe), out) == 0
     expected = _expected_by_hand("task_arithmetic", [a, b], base, {"weight": [0.6, 0.3]}, {})
     wo, wa, wb, w0 = load_weights(out), load_weights(a), load_weights(b), load_weights(base)
     for k, v in expected.items():
@@ -507,7 +275,6 @@ def test_task_arithmetic_end_to_end_matches_direct_call_and_formula(llama_family
         assert_close(wo[k], w0[k] + 0.6 * (wa[k] - w0[k]) + 0.3 * (wb[k] - w0[k]), k, atol=1e-6)
 
 
-@pytest.mark.skipif("slerp" not in all_methods(), reason="slerp not registered")
 def test_slerp_end_to_end_with_curve_matches_direct_call(llama_family, tmp_path):
     base, a = llama_family["base"], llama_family["a"]
     recipe = {
@@ -540,53 +307,3 @@ def test_plan_reads_headers_only(llama_family):
     assert len(plan.jobs) == 39
     assert all(isinstance(s, ModelSource) and not s._fds for s in plan.sources.values())
     assert plan.layer_sources == [(str(llama_family["a"]), i) for i in range(4)]
-
-
-# ------------------------------------------------------------------------------ failures mid-merge
-
-
-def test_failure_in_a_job_leaves_nothing(llama_family, tmp_path, monkeypatch):
-    import mergecore.executor as ex
-    from mergecore.errors import MergeError
-
-    real = ex.compute_tensor
-
-    def flaky(plan, job, device="cpu", **kw):
-        if job.out_name == "model.layers.2.mlp.up_proj.weight":
-            raise MergeError("simulated failure")
-        return real(plan, job, device, **kw)
-
-    monkeypatch.setattr(ex, "compute_tensor", flaky)
-    out = tmp_path / "o"
-    with pytest.raises(MergeError, match="simulated failure"):
-        merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), out, threads=3)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_file_truncated_after_planning_leaves_nothing(llama_family, tmp_path):
-    """Headers were fine when planned; the data is cut short by the time it is read."""
-    import shutil
-
-    from mergecore.errors import MergeError
-    from mergecore.executor import execute_plan
-
-    src = tmp_path / "src"
-    shutil.copytree(llama_family["b"], src)
-    plan = plan_merge(recipe_from_dict(linear_recipe(llama_family["a"], src)))
-    f = src / "model.safetensors"
-    with open(f, "r+b") as fh:
-        fh.truncate(f.stat().st_size // 2)
-    out = tmp_path / "o"
-    with pytest.raises(MergeError, match="truncated file .*model.safetensors: tensor '.*' is cut short"):
-        execute_plan(plan, out)
-    assert not out.exists() and leftovers(out) == []
-
-
-def test_cli_methods_lists_registered_methods(capsys):
-    assert main(["methods"]) == 0
-    text = capsys.readouterr().out
-    for name in all_methods():
-        assert f"\n{name} " in "\n" + text
-    assert main(["methods", "linear"]) == 0
-    text = capsys.readouterr().out
-    assert text.startswith("linear: ") and "weight (float, per-model, required)" in text

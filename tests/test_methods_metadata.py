@@ -37,6 +37,16 @@ def test_operators_and_their_starting_values():
     assert get_method("karcher").starting_params() == {}
 
 
+def test_cli_methods_lists_registered_methods(capsys):
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    for name in all_methods():
+        assert f"\n{name} " in "\n" + text
+    assert main(["methods", "linear"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("linear: ") and "weight (float, per-model, required)" in text
+
+
 def test_cli_shows_the_formula(capsys):
     assert main(["methods", "slerp"]) == 0
     assert capsys.readouterr().out.splitlines()[1] == f"formula: {get_method('slerp').formula}"
