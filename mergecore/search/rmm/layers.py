@@ -36,21 +36,14 @@ class Operator:
     parameters: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, n_models: int) -> tuple[MergeMethod, dict[str, Any]]:
+        """The method and its call values for `n_models` inputs, coerced as the executor coerces a
+        recipe's (`MergeMethod.resolve_params`); a parameter the method does not take is an error."""
         m = get_method(self.method)
         unknown = set(self.parameters) - {p.name for p in m.params}
         if unknown:
             raise MergeError(f"operator '{self.name}': unknown parameter(s) {sorted(unknown)} for method '{m.name}'")
-        out: dict[str, Any] = {}
-        for spec in m.params:
-            value = self.parameters.get(spec.name)
-            if spec.per_model:
-                values = value if isinstance(value, list) else [value] * n_models
-                if len(values) != n_models:
-                    raise MergeError(f"operator '{self.name}': '{spec.name}' needs {n_models} values, got {len(values)}")
-                out[spec.name] = [spec.coerce(v, self.name) if v is not None or spec.required else spec.default for v in values]
-            else:
-                out[spec.name] = spec.coerce(value, self.name) if value is not None or spec.required else spec.default
-        return m, out
+        values, _ = m.resolve_params(self.parameters, n_models, f"operator '{self.name}'")
+        return m, values
 
 
 def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
