@@ -12,39 +12,20 @@ sets) a missing browser is a failure, not a skip.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
-from _app_helpers import SCREENSHOT_DIR, fmnist_demo, fmnist_server  # noqa: F401  (fixtures)
+from _app_helpers import CHROMIUM_ARGS, SCREENSHOT_DIR, chromium, playwright
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
-
-
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("MERGECORE_REQUIRE_BROWSER") == "1":
-            pytest.fail("chromium is not installed (scripts/setup.sh installs it with apt-get)")
-        pytest.skip("chromium is not installed")
-    return exe
+pytest_plugins = ("_app_helpers",)
 
 
 @pytest.fixture(scope="module")
 def browser():
-    exe = _chromium()
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if os.environ.get("MERGECORE_REQUIRE_BROWSER") == "1":
-            pytest.fail("playwright is not installed (it is in the test extra)")
-        pytest.skip("playwright is not installed")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+    with playwright()() as p:
+        b = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
         try:
             yield b
         finally:
@@ -56,7 +37,7 @@ def _shot(page, out: Path, name: str) -> None:
     page.screenshot(path=str(out / f"{name}.png"), full_page=True)
 
 
-def test_drag_curve_merge_search_compare_export(fmnist_server, browser, tmp_path):  # noqa: F811
+def test_drag_curve_merge_search_compare_export(fmnist_server, browser, tmp_path):
     from playwright.sync_api import expect
 
     url, _ = fmnist_server

@@ -10,15 +10,16 @@ and one case typed into the page in Chromium.
 
 from __future__ import annotations
 
-import os
 import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from _app_helpers import app_server, demo_family  # noqa: F401  (fixtures)
+from _app_helpers import CHROMIUM_ARGS, chromium, client, playwright
 from mergecore.errors import MergeError
+
+pytest_plugins = ("_app_helpers",)
 
 SECRET = "mc-secret-line-7f3a9c"
 OUTSIDE = "outside the folders this app may read"
@@ -111,7 +112,7 @@ def test_hub_ids_are_not_paths(tree, monkeypatch):
     assert local_model(str(root / "sub"), [root]) == (root / "sub").resolve()
 
 
-def test_context_roots_and_allow_dir(tmp_path, demo_family):  # noqa: F811
+def test_context_roots_and_allow_dir(tmp_path, demo_family):
     from app.paths import hf_cache_dir
     from app.ui import make_context
 
@@ -193,12 +194,6 @@ def test_uploads_over_the_limit_are_refused_unread(tmp_path, monkeypatch):
 # the running app
 
 
-def _client(url):
-    from gradio_client import Client
-
-    return Client(url, verbose=False)
-
-
 def _text(out) -> str:
     return " ".join(str(o) for o in (out if isinstance(out, (list, tuple)) else [out]))
 
@@ -210,9 +205,9 @@ def secret_outside(tmp_path):
     return p
 
 
-def test_client_evaluate_tasks_file_confined_and_never_echoed(app_server, secret_outside):  # noqa: F811
+def test_client_evaluate_tasks_file_confined_and_never_echoed(app_server, secret_outside):
     url, ctx = app_server
-    c = _client(url)
+    c = client(url)
     c.predict(api_name="/load_demo")
     dotdot = f"{ctx.workspace.root}/../{secret_outside.parent.name}/secret.yml"  # out of the work dir by `..`
     for path in ("/etc/passwd", str(secret_outside), dotdot):
@@ -233,9 +228,9 @@ def test_client_evaluate_tasks_file_confined_and_never_echoed(app_server, secret
         assert "starting" not in text
 
 
-def test_client_search_tasks_file_confined_and_never_echoed(app_server, secret_outside):  # noqa: F811
+def test_client_search_tasks_file_confined_and_never_echoed(app_server, secret_outside):
     url, ctx = app_server
-    c = _client(url)
+    c = client(url)
     c.predict(api_name="/load_demo")
     key = "9" * 32
     inside = ctx.workspace.root / "search-notes.yml"
@@ -250,9 +245,9 @@ def test_client_search_tasks_file_confined_and_never_echoed(app_server, secret_o
     assert ctx.jobs.jobs(f"browser-{key}", kind="search") == []  # nothing was started
 
 
-def test_client_model_folders_and_recipe_references_confined(app_server, tmp_path):  # noqa: F811
+def test_client_model_folders_and_recipe_references_confined(app_server, tmp_path):
     url, ctx = app_server
-    c = _client(url)
+    c = client(url)
     c.predict(api_name="/load_demo")
     out = c.predict(str(tmp_path), api_name="/add_model")
     assert OUTSIDE in str(out[-3]) and str(tmp_path) in str(out[-3])
@@ -268,9 +263,9 @@ def test_client_model_folders_and_recipe_references_confined(app_server, tmp_pat
     assert out[-1].startswith("**Error:**") and OUTSIDE in out[-1] and "artifact" in out[-1]
 
 
-def test_client_alias_bomb_import_is_refused_quickly_and_small(app_server):  # noqa: F811
+def test_client_alias_bomb_import_is_refused_quickly_and_small(app_server):
     url, _ = app_server
-    c = _client(url)
+    c = client(url)
     c.predict(api_name="/load_demo")
     tracemalloc.start()  # traces every thread, the app's handler included
     try:
@@ -290,7 +285,7 @@ def test_client_alias_bomb_import_is_refused_quickly_and_small(app_server):  # n
         text_to_value(field, ALIAS_BOMB)
 
 
-def test_client_uploads_are_capped(app_server):  # noqa: F811
+def test_client_uploads_are_capped(app_server):
     import httpx
 
     from app.ui import launch_kwargs
@@ -309,19 +304,13 @@ def test_client_uploads_are_capped(app_server):  # noqa: F811
 # in a real browser
 
 
-def test_browser_evaluate_tasks_field_refuses_a_server_file(app_server, secret_outside):  # noqa: F811
-    from test_app_browser import CHROMIUM_ARGS, _chromium
+def test_browser_evaluate_tasks_field_refuses_a_server_file(app_server, secret_outside):
+    sync_playwright = playwright()
+    from playwright.sync_api import expect
 
-    exe = _chromium()
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        if os.environ.get("MERGECORE_REQUIRE_BROWSER") == "1":
-            pytest.fail("playwright is not installed (it is in the test extra)")
-        pytest.skip("playwright is not installed")
     url, _ = app_server
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url)
