@@ -278,42 +278,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     args.threads = check_threads(args.threads)
 
-    import pandas as pd
-
     from mergecore.families import family_dir
 
     root = Path(args.root) if args.root else None
-    try:
-        df, abl, notes = run(args.family, quick=args.quick, steps=args.steps, batch_size=args.batch_size,
-                             examples=args.examples, lr=args.lr, seed=args.seed, ablation=args.ablation,
-                             baseline_csv=Path(args.baseline_csv) if args.baseline_csv else None,
-                             threads=args.threads, split=args.split, root=root,
-                             work=Path(args.work) if args.work else None)
-    except MergeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    df, abl, notes = run(args.family, quick=args.quick, steps=args.steps, batch_size=args.batch_size,
+                         examples=args.examples, lr=args.lr, seed=args.seed, ablation=args.ablation,
+                         baseline_csv=Path(args.baseline_csv) if args.baseline_csv else None,
+                         threads=args.threads, split=args.split, root=root,
+                         work=Path(args.work) if args.work else None)
     out = Path(args.out) if args.out else family_dir(args.family, root, args.quick) / f"dam-{args.split}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out)
-    fmt = {"float_format": lambda v: f"{v:.4f}"}
-    print()
-    with pd.option_context("display.width", 250, "display.max_columns", 50):
-        print(df.drop(columns=["how"]).to_string(**fmt))
-        if abl is not None:
-            abl_out = out.with_name(out.name.replace("dam-", "dam-ablation-"))
-            abl.to_csv(abl_out)
-            print()
-            print("loss ablation:")
-            print(abl.to_string(**fmt))
-            print(f"saved {abl_out}")
-    print()
-    for label, how in df["how"].items():
-        print(f"  {label:<22} {how}")
-    for n in notes:
-        print(f"note: {n}")
-    print(f"saved {out}")
+    quality = _quality()
+    quality.print_table(df, out)
+    if abl is not None:
+        abl_out = out.with_name(out.name.replace("dam-", "dam-ablation-"))
+        quality.print_table(abl, abl_out, "loss ablation:")
+        print(f"saved {abl_out}")
+    quality.print_footer(df, notes, out, width=22)
     return 0
-
 
 if __name__ == "__main__":
     from mergecore.cli import run_script

@@ -48,7 +48,6 @@ from typing import Any, Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mergecore.errors import MergeError  # noqa: E402
 from mergecore.threads import check_threads  # noqa: E402
 
 
@@ -211,34 +210,41 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     args.threads = check_threads(args.threads)
 
-    import pandas as pd
-
     from mergecore.eval.evaluator import parse_subset
     from mergecore.families import family_dir
 
-    try:
-        df, notes = run(args.family, quick=args.quick, split=args.split, subset=parse_subset(args.subset),
-                        seed=args.seed, batch_size=args.batch_size,
-                        methods=args.methods.split(",") if args.methods else None, threads=args.threads,
-                        root=Path(args.root) if args.root else None)
-    except MergeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    df, notes = run(args.family, quick=args.quick, split=args.split, subset=parse_subset(args.subset),
+                    seed=args.seed, batch_size=args.batch_size,
+                    methods=args.methods.split(",") if args.methods else None, threads=args.threads,
+                    root=Path(args.root) if args.root else None)
     out = Path(args.out) if args.out else family_dir(args.family, Path(args.root) if args.root else None,
                                                      args.quick) / f"quality-{args.split}.csv"
+    print_table(df, out)
+    print_footer(df, notes, out)
+    return 0
+
+
+def print_table(df, out: Path, title: str = "") -> None:
+    """Save a result table as CSV at `out` and print it (scores to 4 decimals, no `how` column)."""
+    import pandas as pd
+
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out)
     print()
-    shown = df.drop(columns=["how"])
+    if title:
+        print(title)
     with pd.option_context("display.width", 250, "display.max_columns", 50):
-        print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
+        print(df.drop(columns=["how"], errors="ignore").to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+def print_footer(df, notes: list[str], out: Path, width: int = 18) -> None:
+    """How each row was made, the notes, and where the table was saved."""
     print()
     for label, how in df["how"].items():
-        print(f"  {label:<18} {how}")
+        print(f"  {label:<{width}} {how}")
     for n in notes:
         print(f"note: {n}")
     print(f"saved {out}")
-    return 0
 
 
 if __name__ == "__main__":

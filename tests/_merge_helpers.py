@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from mergecore.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -117,3 +122,22 @@ def task_arithmetic(base: Path, model: Path, lam: float) -> dict:
     """Task arithmetic of one model onto `base`, scaled by `lam`."""
     return {"merge_method": "task_arithmetic", "base_model": str(base),
             "models": [{"model": str(model), "parameters": {"weight": 1.0}}], "parameters": {"lambda": lam}}
+
+
+def run_mergekit(jobs: list[dict[str, str]], work: Path, timeout: int = 900) -> tuple[dict[str, dict], str]:
+    """Run mergekit 0.1.5 (its own virtualenv: $MERGEKIT_PYTHON or .venv-mergekit) on `jobs`
+    ({recipe, out, ...}); returns each job's status by recipe file stem, and the end of its stderr.
+    Skips the test without mergekit; fails it instead when MERGECORE_REQUIRE_MERGEKIT is set."""
+    env_py = os.environ.get("MERGEKIT_PYTHON")
+    local = ROOT / ".venv-mergekit" / "bin" / "python"
+    py = env_py if env_py and Path(env_py).exists() else (str(local) if local.exists() else None)
+    if py is None:
+        if os.environ.get("MERGECORE_REQUIRE_MERGEKIT"):
+            pytest.fail("MERGECORE_REQUIRE_MERGEKIT is set but no mergekit virtualenv was found")
+        pytest.skip("mergekit is not installed (scripts/test.sh installs it into .venv-mergekit)")
+    (work / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([py, str(ROOT / "tests/tools/mergekit_driver.py"), str(work / "jobs.json")],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    status = {Path(rec["recipe"]).stem: rec for rec in
+              (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
+    return status, proc.stderr[-3000:]

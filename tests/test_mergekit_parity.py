@@ -9,27 +9,16 @@ different random masks, so for them the size of the change from the base must ag
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
-from mergecore.merging import merge
+from _merge_helpers import run_mergekit
 from mergecore.io.source import ModelSource
+from mergecore.merging import merge
 from mergecore.recipe import parse_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 RANDOMIZED = {"dare_linear", "dare_ties", "della", "della_linear"}
-
-
-def _mergekit_python() -> str | None:
-    env = os.environ.get("MERGEKIT_PYTHON")
-    if env and Path(env).exists():
-        return env
-    local = ROOT / ".venv-mergekit" / "bin" / "python"
-    return str(local) if local.exists() else None
 
 
 def _recipes(m: dict[str, Path]) -> dict[str, str]:
@@ -159,11 +148,6 @@ dtype: float32
 
 @pytest.fixture(scope="module")
 def parity_runs(model_factory, tmp_path_factory):
-    py = _mergekit_python()
-    if py is None:
-        if os.environ.get("MERGECORE_REQUIRE_MERGEKIT"):
-            pytest.fail("MERGECORE_REQUIRE_MERGEKIT is set but no mergekit virtualenv was found")
-        pytest.skip("mergekit is not installed (scripts/test.sh installs it into .venv-mergekit)")
     models = {
         "base": model_factory("llama", 0),
         "a": model_factory("llama", 1, base_seed=0),
@@ -176,16 +160,8 @@ def parity_runs(model_factory, tmp_path_factory):
         path = work / f"{name}.yml"
         path.write_text(text)
         jobs.append({"recipe": str(path), "out": str(work / f"mk-{name}"), "name": name})
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([py, str(ROOT / "tests/tools/mergekit_driver.py"), str(work / "jobs.json")],
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    status = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            rec = json.loads(line)
-            status[Path(rec["recipe"]).stem] = rec
-    return models, work, status, proc.stderr[-3000:]
+    status, stderr = run_mergekit(jobs, work)
+    return models, work, status, stderr
 
 
 @pytest.mark.slow

@@ -9,20 +9,18 @@ model that has it, else the mean of the rows of the models that have it.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from _merge_helpers import run_mergekit
 from mergecore.errors import MergeError
 from mergecore.io.source import ModelSource
 from mergecore.merging import merge
 from mergecore.plan import plan_merge
-from mergecore.recipe import parse_recipe, recipe_from_dict
+from mergecore.recipe import parse_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 # base: the cat sat on mat dog; a: reordered, lacks 'dog', adds lion + zebra;
 # b: reordered, lacks 'mat', adds lion + owl, and its embeddings are padded to 16 rows
@@ -365,20 +363,9 @@ def test_dry_run_names_the_vocabulary_change(vm, tmp_path, capsys):
 # side by side with mergekit 0.1.5
 
 
-def _mergekit_python() -> str | None:
-    env = os.environ.get("MERGEKIT_PYTHON")
-    if env and Path(env).exists():
-        return env
-    local = ROOT / ".venv-mergekit" / "bin" / "python"
-    return str(local) if local.exists() else None
-
-
 @pytest.mark.slow
 def test_same_as_mergekit(vm, tmp_path):
     """mergekit orders the union's new tokens by hash order, so rows are compared token by token."""
-    py = _mergekit_python()
-    if py is None:
-        pytest.skip("mergekit is not installed (scripts/test.sh installs it into .venv-mergekit)")
     recipes = {
         "linear": _linear_recipe(vm, "tokenizer: {source: union, pad_to_multiple_of: 8}\n"),
         "task_arithmetic": f"""merge_method: task_arithmetic
@@ -402,12 +389,9 @@ tokenizer_source: union
     for name, text in recipes.items():
         (tmp_path / f"{name}.yml").write_text(text)
         jobs.append({"recipe": str(tmp_path / f"{name}.yml"), "out": str(tmp_path / f"mk-{name}")})
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([py, str(ROOT / "tests/tools/mergekit_driver.py"), str(tmp_path / "jobs.json")],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    status = {Path(r["recipe"]).stem: r for r in map(json.loads, filter(None, proc.stdout.splitlines()))}
+    status, stderr = run_mergekit(jobs, tmp_path, timeout=600)
     for name, text in recipes.items():
-        assert status.get(name, {}).get("ok"), f"mergekit failed on {name}: {status.get(name)} {proc.stderr[-2000:]}"
+        assert status.get(name, {}).get("ok"), f"mergekit failed on {name}: {status.get(name)} {stderr[-2000:]}"
         mine = merge(parse_recipe(text), tmp_path / f"mc-{name}", threads=1).out_dir
         theirs = tmp_path / f"mk-{name}"
         vm_, vt = _vocab(mine), _vocab(theirs)

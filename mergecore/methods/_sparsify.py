@@ -20,7 +20,7 @@ would apply (`rescale=True`: ||delta||_1 / ||sparsified||_1, or 1.0 when either 
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 
@@ -318,21 +318,11 @@ def sparsify_(
     raise ValueError(f"unknown sparsification method {method!r}")
 
 
-def sparsify(
-    tensor: torch.Tensor,
-    method: SparsifyMethod,
-    density: float,
-    *,
-    gamma: float = 0.0,
-    epsilon: float = 0.0,
-    rescale: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Out-of-place sparsification (mergekit's `sparsify`), rescale applied."""
+def sparsify(tensor: torch.Tensor, method: SparsifyMethod, density: float, **options: Any) -> torch.Tensor:
+    """Out-of-place sparsification (mergekit's `sparsify`), rescale applied; `options` are
+    `sparsify_`'s (gamma, epsilon, rescale, generator)."""
     out = tensor.to(torch.float32, copy=True)
-    factor = sparsify_(
-        out, method, density, gamma=gamma, epsilon=epsilon, rescale=rescale, generator=generator
-    )
+    factor = sparsify_(out, method, density, **options)
     if factor != 1.0:
         out.mul_(factor)
     return out

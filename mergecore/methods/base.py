@@ -388,17 +388,8 @@ def _param_from_signature(p: inspect.Parameter, hint: Any) -> ParamSpec:
     if hint not in (float, int, bool, str):
         raise TypeError(f"parameter {p.name}: unsupported annotation {hint!r}")
     default = REQUIRED if p.default is inspect.Parameter.empty else p.default
-    return ParamSpec(
-        name=p.name.rstrip("_"),
-        arg=p.name,
-        type=hint,
-        per_model=per_model,
-        default=default,
-        range=rng,
-        choices=choices,
-        help=help_text,
-        ends=ends,
-    )
+    return ParamSpec(name=p.name.rstrip("_"), arg=p.name, type=hint, per_model=per_model, default=default,
+                     range=rng, choices=choices, help=help_text, ends=ends)
 
 
 def merge_method(
