@@ -444,5 +444,7 @@ def test_bench_rows_on_the_miniature_family(tiny_fmnist_family, tmp_path):
                                work=tmp_path, log=lambda *a: None)
     assert list(df.index) == ["pretrained", "individual", "weight averaging", "layer-wise AdaMerging"]
     row = df.loc["layer-wise AdaMerging"]
-    assert row["train_s"] >= 0 and row["search_s"] > 0 and row["peak_rss_mib"] > 50 and 0 <= row["mean"] <= 1
+    # training is part of the search, which took time; the process held the models; a mean is a score
+    assert 0 <= row["train_s"] <= row["search_s"] and row["search_s"] > 0 and row["peak_rss_mib"] > 50
+    assert 0 <= row["mean"] <= 1
     assert abl is None and any("best data-free row, weight averaging" in n for n in notes)

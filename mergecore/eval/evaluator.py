@@ -29,6 +29,14 @@ from mergecore.models import ImagePrep, ModelPool
 ModelOrPath = Union[torch.nn.Module, str, Path]
 
 
+def staged_fraction(index: int, total: int, done: float, steps: float) -> float:
+    """How much of a piece of work is done: `index` of its `total` stages, and `done` of the
+    `steps` of the current one (a stage without steps counts as done)."""
+    if not total:
+        return 1.0
+    return (index + (done / steps if steps else 1.0)) / total
+
+
 @dataclass
 class EvalProgress:
     """Progress of an evaluation: which task, examples done in it, tasks done overall."""
@@ -42,15 +50,10 @@ class EvalProgress:
 
     @property
     def fraction(self) -> float:
-        if not self.tasks_total:
-            return 1.0
-        inner = self.examples_done / self.examples_total if self.examples_total else 1.0
-        return (self.task_index + inner) / self.tasks_total
+        return staged_fraction(self.task_index, self.tasks_total, self.examples_done, self.examples_total)
 
     def as_event(self) -> Event:
-        d = asdict(self)
-        d["fraction"] = self.fraction
-        return Event("eval.progress", d)
+        return Event("eval.progress", {**asdict(self), "fraction": self.fraction})
 
 
 EvalProgressCallback = Callable[[EvalProgress], None]

@@ -14,6 +14,7 @@ cancelled build leaves nothing behind.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mergecore.errors import MergeError, clip, short
+from mergecore.eval.evaluator import staged_fraction
 from mergecore.events import CancelToken, Event
 
 
@@ -41,16 +43,26 @@ class FamilyProgress:
 
     @property
     def fraction(self) -> float:
-        inner = self.step / self.steps if self.steps else 1.0
-        return (self.stage_index + inner) / self.stages_total if self.stages_total else 1.0
+        return staged_fraction(self.stage_index, self.stages_total, self.step, self.steps)
 
     def as_event(self) -> Event:
-        d = asdict(self)
-        d["fraction"] = self.fraction
-        return Event("family.progress", d)
+        return Event("family.progress", {**asdict(self), "fraction": self.fraction})
 
 
 FamilyProgressCallback = Callable[[FamilyProgress], None]
+
+
+class StageReporter:
+    """`report(stage, step, steps, message, **metrics)` for a build of `stages` (in order): the
+    `FamilyProgress` each builder sends to its caller's callback."""
+
+    def __init__(self, stages: list[str], progress: Optional[FamilyProgressCallback]):
+        self.stages, self.progress, self.start = stages, progress, time.time()
+
+    def __call__(self, stage: str, step: int, steps: int, message: str = "", **metrics: float) -> None:
+        if self.progress:
+            self.progress(FamilyProgress(stage, self.stages.index(stage), len(self.stages), step, steps,
+                                         time.time() - self.start, message, dict(metrics)))
 
 
 @dataclass
@@ -144,30 +156,28 @@ def override_dataclass(preset: Any, overrides: Optional[dict[str, Any]], where: 
     return dataclasses.replace(preset, **changes)
 
 
+# the built-in families, by where their builder is (loaded on first use, so this module imports none)
+_BUILTIN: dict[str, str] = {"fmnist-vit": "mergecore.families.fmnist_vit:FmnistVitBuilder",
+                            "smollm2-domains": "mergecore.families.smollm2_domains:Smollm2DomainsBuilder"}
 _BUILDERS: dict[str, Callable[[], FamilyBuilder]] = {}
 
 
 def register_family(name: str, factory: Callable[[], FamilyBuilder]) -> None:
+    """Add a family (e.g. one of your own) under `name`."""
     _BUILDERS[name] = factory
 
 
 def family_names() -> list[str]:
-    _load_builtin()
-    return sorted(_BUILDERS)
-
-
-def _load_builtin() -> None:
-    if "fmnist-vit" not in _BUILDERS:
-        from mergecore.families import fmnist_vit  # noqa: F401  (registers itself)
-    if "smollm2-domains" not in _BUILDERS:
-        from mergecore.families import smollm2_domains  # noqa: F401  (registers itself)
+    return sorted({*_BUILTIN, *_BUILDERS})
 
 
 def get_builder(name: str) -> FamilyBuilder:
-    _load_builtin()
-    if name not in _BUILDERS:
-        raise MergeError(f"unknown family '{name}'; known: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[name]()
+    if name in _BUILDERS:
+        return _BUILDERS[name]()
+    if name not in _BUILTIN:
+        raise MergeError(f"unknown family '{name}'; known: {', '.join(family_names())}")
+    module, _, cls = _BUILTIN[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
 
 
 def families_root(root: Optional[Path] = None) -> Path:

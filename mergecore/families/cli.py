@@ -7,12 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from mergecore.errors import Cancelled, MergeError
+from mergecore.errors import MergeError
 from mergecore.threads import set_torch_threads
 
 
 def _cmd_build_family(args: argparse.Namespace) -> int:
-    from mergecore.events import CancelToken
+    from mergecore.eval.cli import _quiet_transformers
+    from mergecore.events import TerminalBar, interruptible
     from mergecore.families.base import FamilyProgress, build_family, family_dir, get_builder
 
     get_builder(args.name)  # unknown names fail before anything else
@@ -24,27 +25,6 @@ def _cmd_build_family(args: argparse.Namespace) -> int:
             print((target / "family.json").read_text())
         return 0
     set_torch_threads(args.threads)
-    bar = None
-    state = {"stage": None}
-
-    def progress(p: FamilyProgress) -> None:
-        nonlocal bar
-        if args.quiet:
-            return
-        from tqdm import tqdm
-
-        if p.stage != state["stage"]:
-            if bar is not None:
-                bar.close()
-            state["stage"] = p.stage
-            bar = tqdm(total=p.steps, desc=f"[{p.stage_index + 1}/{p.stages_total}] {p.stage}", dynamic_ncols=True,
-                       file=sys.stderr, leave=True)
-        bar.total = p.steps
-        bar.n = p.step
-        post = " ".join(f"{k}={v:.3f}" for k, v in p.metrics.items())
-        bar.set_postfix_str((p.message + " " + post).strip(), refresh=False)
-        bar.refresh()
-
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
@@ -53,16 +33,24 @@ def _cmd_build_family(args: argparse.Namespace) -> int:
         overrides[key.strip()] = value
     get_builder(args.name).make_config(args.quick, overrides)  # bad settings fail before the build starts
     _quiet_transformers()
-    cancel = CancelToken()
+    bars: dict[str, TerminalBar] = {}
+
+    def progress(p: FamilyProgress) -> None:
+        if p.stage not in bars:  # one bar per stage, left on screen when the next one starts
+            for b in bars.values():
+                b.close()
+            bars[p.stage] = TerminalBar(f"[{p.stage_index + 1}/{p.stages_total}] {p.stage}", quiet=args.quiet,
+                                        file=sys.stderr, leave=True)
+        post = " ".join(f"{k}={v:.3f}" for k, v in p.metrics.items())
+        bars[p.stage].show(p.step, p.steps, postfix=(p.message + " " + post).strip())
+
     try:
-        fam = build_family(args.name, root=root, quick=args.quick, force=True, overrides=overrides,
-                           progress=progress, cancel=cancel)
-    except KeyboardInterrupt:
-        cancel.cancel()
-        raise Cancelled("build cancelled; nothing was written") from None
+        with interruptible("build cancelled; nothing was written") as cancel:
+            fam = build_family(args.name, root=root, quick=args.quick, force=True, overrides=overrides,
+                               progress=progress, cancel=cancel)
     finally:
-        if bar is not None:
-            bar.close()
+        for b in bars.values():
+            b.close()
     info = fam.info
     if args.json:
         print(json.dumps(info, indent=1))
@@ -112,10 +100,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("families", help="list the families and where they are built")
     p.add_argument("--root", default=None, help="families folder (default: <cache>/families)")
     p.set_defaults(func=_cmd_families)
-
-
-def _quiet_transformers() -> None:
-    """No 'Loading weights' / 'Writing model shards' bars from transformers in CLI output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()

@@ -32,8 +32,7 @@ import yaml
 from mergecore.errors import MergeError
 from mergecore.eval.data import read_idx
 from mergecore.events import CancelToken
-from mergecore.families.base import (FamilyBuilder, FamilyProgress, FamilyProgressCallback, override_dataclass,
-                                     register_family)
+from mergecore.families.base import FamilyBuilder, FamilyProgressCallback, StageReporter, override_dataclass
 from mergecore.families import training
 from mergecore.models import ImagePrep
 
@@ -175,14 +174,9 @@ class FmnistVitBuilder(FamilyBuilder):
         import transformers as tf
 
         cfg: FmnistVitConfig = config if config is not None else self.make_config(quick)
-        start = time.time()
         stages = ["data", "pretrain"] + [f"expert {e.name}" for e in cfg.experts] + ["evaluate"]
+        report = StageReporter(stages, progress)
         timings: dict[str, float] = {}
-
-        def report(stage: str, step: int, steps: int, message: str = "", **metrics: float) -> None:
-            if progress:
-                progress(FamilyProgress(stage, stages.index(stage), len(stages), step, steps, time.time() - start,
-                                        message, dict(metrics)))
 
         # -- data ------------------------------------------------------------------------------
         t0 = time.time()
@@ -380,6 +374,3 @@ def _versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return out
-
-
-register_family("fmnist-vit", FmnistVitBuilder)

@@ -44,8 +44,7 @@ from mergecore.errors import MergeError
 from mergecore.eval.prep import pad_id_of
 from mergecore.events import CancelToken
 from mergecore.families import llama_base, text_domains, training
-from mergecore.families.base import (FamilyBuilder, FamilyProgress, FamilyProgressCallback, override_dataclass,
-                                     register_family)
+from mergecore.families.base import FamilyBuilder, FamilyProgressCallback, StageReporter, override_dataclass
 from mergecore.families.lora import add_lora, fold_lora
 from mergecore.models import load_model
 
@@ -142,14 +141,9 @@ class Smollm2DomainsBuilder(FamilyBuilder):
         cfg: Smollm2DomainsConfig = config if config is not None else self.make_config(quick)
         cfg.check()
         domains = cfg.domain_list()
-        start = time.time()
         stages = ["base", "data"] + [f"expert {d}" for d in domains] + ["evaluate"]
+        report = StageReporter(stages, progress)
         timings: dict[str, float] = {}
-
-        def report(stage: str, step: int, steps: int, message: str = "", **metrics: float) -> None:
-            if progress:
-                progress(FamilyProgress(stage, stages.index(stage), len(stages), step, steps, time.time() - start,
-                                        message, dict(metrics)))
 
         # -- base ---------------------------------------------------------------------------------
         t0 = time.time()
@@ -383,6 +377,3 @@ def _versions() -> dict[str, str]:
     except Exception:  # pragma: no cover  (only needed for GGUF bases)
         pass
     return out
-
-
-register_family(FAMILY, Smollm2DomainsBuilder)

@@ -72,19 +72,14 @@ def rotation_batches(images: torch.Tensor, batch_size: int) -> BatchFn:
     return batch
 
 
-def train(model: torch.nn.Module, batches: BatchFn, *, steps: int, lr: float, weight_decay: float = 0.05,
-          warmup_steps: int = 0, seed: int = 0, num_outputs: Optional[int] = None,
-          classes: Optional[Sequence[int]] = None, grad_clip: float = 1.0,
-          on_step: Optional[StepCallback] = None, cancel: Optional[CancelToken] = None) -> TrainStats:
-    """Train `model` (an image classifier taking pixel_values) for `steps` steps.
-
-    Only some logits take part in the loss: the first `num_outputs`, or those of `classes`
-    (targets are then positions in `classes`, as `class_batches` makes them).
-    """
-    cls_index = torch.as_tensor(list(classes)) if classes is not None else None
+def _optimise(model: torch.nn.Module, params: list[torch.nn.Parameter], loss_of: Callable[[torch.Generator], torch.Tensor],
+              *, steps: int, lr: float, weight_decay: float, warmup_steps: int, seed: int, grad_clip: float,
+              on_step: Optional[StepCallback], cancel: Optional[CancelToken]) -> TrainStats:
+    """The loop both trainers share: AdamW on `params`, linear warm-up then cosine decay, gradient
+    clipping, `loss_of(generator)` per step (seeded batch sampling), a running loss."""
     cancel = cancel or CancelToken()
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def factor(s: int) -> float:
         warm = min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
@@ -97,17 +92,11 @@ def train(model: torch.nn.Module, batches: BatchFn, *, steps: int, lr: float, we
     running = None
     for step in range(steps):
         cancel.check()
-        x, y = batches(gen)
-        logits = model(pixel_values=x).logits
-        if cls_index is not None:
-            logits = logits[:, cls_index]
-        elif num_outputs is not None:
-            logits = logits[:, :num_outputs]
-        loss = F.cross_entropy(logits, y)
+        loss = loss_of(gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         sched.step()
         v = float(loss.detach())
@@ -119,6 +108,30 @@ def train(model: torch.nn.Module, batches: BatchFn, *, steps: int, lr: float, we
             on_step(step + 1, steps, running)
     model.eval()
     return TrainStats(steps, time.time() - start, first, last)
+
+
+def train(model: torch.nn.Module, batches: BatchFn, *, steps: int, lr: float, weight_decay: float = 0.05,
+          warmup_steps: int = 0, seed: int = 0, num_outputs: Optional[int] = None,
+          classes: Optional[Sequence[int]] = None, grad_clip: float = 1.0,
+          on_step: Optional[StepCallback] = None, cancel: Optional[CancelToken] = None) -> TrainStats:
+    """Train `model` (an image classifier taking pixel_values) for `steps` steps.
+
+    Only some logits take part in the loss: the first `num_outputs`, or those of `classes`
+    (targets are then positions in `classes`, as `class_batches` makes them).
+    """
+    cls_index = torch.as_tensor(list(classes)) if classes is not None else None
+
+    def loss_of(gen: torch.Generator) -> torch.Tensor:
+        x, y = batches(gen)
+        logits = model(pixel_values=x).logits
+        if cls_index is not None:
+            logits = logits[:, cls_index]
+        elif num_outputs is not None:
+            logits = logits[:, :num_outputs]
+        return F.cross_entropy(logits, y)
+
+    return _optimise(model, list(model.parameters()), loss_of, steps=steps, lr=lr, weight_decay=weight_decay,
+                     warmup_steps=warmup_steps, seed=seed, grad_clip=grad_clip, on_step=on_step, cancel=cancel)
 
 
 @torch.no_grad()
@@ -175,41 +188,12 @@ def token_windows(ids: torch.Tensor, seq_len: int, batch_size: int) -> BatchFn:
 def train_lm(model: torch.nn.Module, batches: BatchFn, *, params: Sequence[torch.nn.Parameter], steps: int,
              lr: float, weight_decay: float = 0.0, warmup_steps: int = 0, seed: int = 0, grad_clip: float = 1.0,
              on_step: Optional[StepCallback] = None, cancel: Optional[CancelToken] = None) -> TrainStats:
-    """Fine-tune a causal LM (next-token cross-entropy) on `batches`, updating only `params`.
+    """Fine-tune a causal LM (next-token cross-entropy) on `batches`, updating only `params`, with
+    `train`'s schedule (AdamW, warm-up then cosine decay, gradient clipping, seeded batches)."""
 
-    Same schedule as `train`: AdamW, linear warm-up then cosine decay, gradient clipping,
-    seeded batch sampling.
-    """
-    cancel = cancel or CancelToken()
-    params = list(params)
-    model.train()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-    def factor(s: int) -> float:
-        warm = min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
-        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    gen = torch.Generator().manual_seed(seed)
-    start = time.time()
-    first = last = float("nan")
-    running = None
-    for step in range(steps):
-        cancel.check()
+    def loss_of(gen: torch.Generator) -> torch.Tensor:
         x, y = batches(gen)
-        loss = model(input_ids=x, labels=y, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        sched.step()
-        v = float(loss.detach())
-        if step == 0:
-            first = v
-        running = v if running is None else 0.9 * running + 0.1 * v
-        last = running
-        if on_step:
-            on_step(step + 1, steps, running)
-    model.eval()
-    return TrainStats(steps, time.time() - start, first, last)
+        return model(input_ids=x, labels=y, use_cache=False).loss
+
+    return _optimise(model, list(params), loss_of, steps=steps, lr=lr, weight_decay=weight_decay,
+                     warmup_steps=warmup_steps, seed=seed, grad_clip=grad_clip, on_step=on_step, cancel=cancel)
