@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mergecore.errors import Cancelled, MergeError
+from mergecore.errors import MergeError
 from mergecore.eval.cli import _quiet_transformers
 from mergecore.threads import set_torch_threads
 
@@ -25,7 +25,7 @@ KINDS = {
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from mergecore.events import CancelToken
+    from mergecore.events import interruptible
     from mergecore.search.base import RECIPE_FILE, run_search, search_class
     from mergecore.search.config import load_config
     from mergecore.search.report import event_line, summary_line
@@ -51,13 +51,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if line is not None:
             print(line, flush=True)
 
-    cancel = CancelToken()
-    try:
+    with interruptible(f"search stopped; run the same command again to resume from {args.out_dir}") as cancel:
         summary = run_search(cls(config, root), args.out_dir, on_event=None if args.quiet else show, cancel=cancel,
                              resume=not args.restart, replay=args.merge)
-    except KeyboardInterrupt:
-        cancel.cancel()
-        raise Cancelled(f"search stopped; run the same command again to resume from {args.out_dir}") from None
     print(summary_line(kind, summary, f"{args.out_dir}/{RECIPE_FILE}"))
     if args.quiet and "replay" in summary:
         print(summary["replay"]["merge"])
