@@ -169,8 +169,12 @@ def test_search_events_cancel_resume_and_replay(tiny_fmnist_family, tmp_path):
         run_evo(config, root, tmp_path / "resumed", on_event=stop_after_second, cancel=cancel)
     assert len((tmp_path / "resumed" / "evo_log.jsonl").read_text().splitlines()) == 2
     events = []
-    resumed = run_evo(config, root, tmp_path / "resumed", on_event=events.append)
-    assert events[1].kind == "evo.resumed" and events[1].data == {"generation": 2, "evaluations": 8}
+    resumed = run_evo(config, root, tmp_path / "resumed", on_event=events.append, replay_history=True)
+    kinds = [e.kind for e in events]
+    # the checkpointed generations and best come again as `replayed` events (for plots), then evo.resumed
+    assert kinds[:5] == ["evo.loading", "evo.generation", "evo.generation", "evo.best", "evo.resumed"]
+    assert all(e.data["replayed"] for e in events[1:4]) and [e.data["generation"] for e in events[1:3]] == [0, 1]
+    assert events[4].data == {"generation": 2, "evaluations": 8}
     logs = [[json.loads(line) for line in (tmp_path / d / "evo_log.jsonl").read_text().splitlines()]
             for d in ("full", "resumed")]
     assert [g["scores"] for g in logs[0]] == [g["scores"] for g in logs[1]]

@@ -250,9 +250,14 @@ def test_search_runs_emits_events_and_resumes(lm_family, tmp_path):
     full = RMMSearch(models["base"], [models["a"], models["b"]], _ops(), _lm_scorer(),
                      RMMSettings(episodes=20, update_every=4, seed=0, ppo=PPOConfig(epochs=4)), out_dir=full_dir)
     full_res = full.run()
+    seen = []
     resumed = RMMSearch(models["base"], [models["a"], models["b"]], _ops(), _lm_scorer(),
-                        RMMSettings(episodes=20, update_every=4, seed=0, ppo=PPOConfig(epochs=4)), out_dir=tmp_path)
+                        RMMSettings(episodes=20, update_every=4, seed=0, ppo=PPOConfig(epochs=4)), out_dir=tmp_path,
+                        on_event=seen.append, replay_history=True)
     assert resumed.try_resume() and resumed.episode == 12
+    # the checkpointed history comes again as `replayed` events (for a plot), then `rmm.resumed`
+    assert [e.kind for e in seen] == ["rmm.episode"] * 12 + ["rmm.resumed"]
+    assert [e.data for e in seen[:12]] == [dict(e, replayed=True) for e in eps]
     res2 = resumed.run()
     log_full = [json.loads(line) for line in (full_dir / "rmm_log.jsonl").read_text().splitlines()]
     log_res = [json.loads(line) for line in (tmp_path / "rmm_log.jsonl").read_text().splitlines()]
@@ -334,6 +339,8 @@ def test_cli_search_replays_to_the_reported_score(tiny_fmnist_family, tmp_path, 
     assert "episode    8" in printed and "best reward" in printed
     result = json.loads((out / "result.json").read_text())
     assert result["episodes"] == 8 and result["best"]["scored_on"] == "all data"
+    # --merge replayed the recipe into OUT/model; the program re-scored it there: the reported reward
+    assert result["replay"]["model"] == str(out / "model") and result["replay"]["matches"] is True
     # the replayed checkpoint scores exactly what the search reported (val, all data) ...
     val = Evaluator(fam.val_tasks_file, processor_from=fam.base, batch_size=128).evaluate(out / "model")
     assert 100 * val.mean == pytest.approx(result["best"]["reward"], abs=1e-6)

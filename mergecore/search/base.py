@@ -220,7 +220,7 @@ def _replay(search: Search, found: Found, run: SearchRun) -> dict[str, Any]:
         if found.reported is not None:
             info["matches"] = math.isclose(r.mean, found.reported, rel_tol=1e-6, abs_tol=1e-9)
             if not info["matches"]:
-                run.event("search.mismatch", {"reported": found.reported, "replayed": r.mean, "tasks": info["tasks"]})
+                run.event("search.mismatch", {"reported": found.reported, "measured": r.mean, "tasks": info["tasks"]})
     if search.final is not None:
         r = search.final.evaluator(run.pool).evaluate(model, cancel=run.cancel)
         out["final"] = {"tasks": search.final.name, "mean": r.mean, "scores": r.scores}

@@ -65,7 +65,7 @@ _LINES: dict[str, Callable[[dict[str, Any]], str]] = {
     "evo.resumed": lambda d: f"resumed after generation {d['generation']} ({d['evaluations']} evaluations)",
     "evo.generation": _evo_generation,
     "search.replayed": lambda d: d["summary"],
-    "search.mismatch": lambda d: f"warning: the replayed checkpoint scores {d['replayed']:.6g} on {d['tasks']}, "
+    "search.mismatch": lambda d: f"warning: the replayed checkpoint scores {d['measured']:.6g} on {d['tasks']}, "
                                  f"the search reported {d['reported']:.6g}",
 }
 
