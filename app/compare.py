@@ -11,8 +11,11 @@
   experts, merges) can be scored the way the evaluator scores that task.
 - With a tasks file (`mergecore.eval`), `evaluate_models` scores every model on the tasks.
 
-Models load through transformers with `trust_remote_code` off unless the caller turns it on;
-a few recently used models stay in memory.
+Models, tokenizers, image preprocessing and task heads come from one `mergecore.models.ModelPool`
+(the evaluator's loaders: an image is prepared as the evaluator prepares it, a head is put on a
+body as the evaluator puts it); the few most recently used models stay in it. A model whose
+architecture is not in transformers runs its repository's code only when the caller turns
+`trust_remote_code` on.
 """
 
 from __future__ import annotations
@@ -27,10 +30,33 @@ from typing import Any, Callable, Optional
 
 from mergecore.errors import MergeError
 
-_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
-_CACHE_LOCK = threading.RLock()
+_RECENT: "OrderedDict[Path, float]" = OrderedDict()  # the pooled models, least recently used first (their stamp)
+_LOCK = threading.RLock()
+_POOL: list[Any] = []
 CACHE_SIZE = 6
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def pool():
+    """The app's `ModelPool` (Compare and Evaluate share it)."""
+    with _LOCK:
+        if not _POOL:
+            from mergecore.models import ModelPool
+
+            _POOL.append(ModelPool())
+        return _POOL[0]
+
+
+def _touch(path: Path) -> None:
+    """`path` was just used: keep it, drop it first if its files changed, and the oldest beyond CACHE_SIZE."""
+    stamp = _stamp(path)
+    with _LOCK:
+        if _RECENT.get(path, stamp) != stamp:
+            pool().release(path)
+        _RECENT[path] = stamp
+        _RECENT.move_to_end(path)
+        while len(_RECENT) > CACHE_SIZE:
+            pool().release(_RECENT.popitem(last=False)[0])
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -56,44 +82,28 @@ def _stamp(path: Path) -> float:
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False):
-    """A checkpoint as an eval-mode transformers model on CPU (float32), cached."""
-    import torch
+    """A checkpoint as an eval-mode transformers model on CPU (float32), from the pool."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     p = Path(path).resolve()
-    key = (str(p), _stamp(p), trust_remote_code)
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-    cfg = read_config(p)
-    archs = cfg.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
+    archs = read_config(p).get("architectures") or []
+    if archs and getattr(transformers, archs[0], None) is not None:
+        _touch(p)
+        return pool().model(p)
+    if not trust_remote_code:
+        raise MergeError(f"{p.name}: architecture {archs[0] if archs else '(none)'} is not in transformers; it "
+                         f"would need the repository's own code -- turn on 'trust remote code' on the Models "
+                         f"tab only if you trust it")
+    import torch
+
+    auto = {"causal-lm": transformers.AutoModelForCausalLM,
+            "image-classification": transformers.AutoModelForImageClassification}.get(model_kind(p), transformers.AutoModel)
     try:
-        if cls is not None:
-            model = cls.from_pretrained(str(p), dtype=torch.float32, local_files_only=True,
-                                        trust_remote_code=False)
-        elif trust_remote_code:
-            kind = model_kind(p)
-            auto = {"causal-lm": transformers.AutoModelForCausalLM,
-                    "image-classification": transformers.AutoModelForImageClassification}.get(kind, transformers.AutoModel)
-            model = auto.from_pretrained(str(p), dtype=torch.float32, local_files_only=True, trust_remote_code=True)
-        else:
-            raise MergeError(f"{p.name}: architecture {archs[0] if archs else '(none)'} is not in transformers; it "
-                             f"would need the repository's own code -- turn on 'trust remote code' on the Models "
-                             f"tab only if you trust it")
-    except MergeError:
-        raise
+        return auto.from_pretrained(str(p), dtype=torch.float32, local_files_only=True, trust_remote_code=True).eval()
     except Exception as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise MergeError(f"cannot load {p.name}: {msg}") from None
-    model.eval()
-    with _CACHE_LOCK:
-        _CACHE[key] = model
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,13 +111,16 @@ def load_model(path: str | Path, trust_remote_code: bool = False):
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer, or None when it has none (prompts are then token ids or bytes)."""
     p = Path(path)
     if not any((p / f).is_file() for f in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=trust_remote_code)
+        if trust_remote_code:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=True)
+        return pool().tokenizer(p)
     except Exception:
         return None
 
@@ -166,6 +179,19 @@ def lm_outputs(path: str | Path, ids: list[int], *, new_tokens: int = 8, top_k: 
     }
 
 
+def _each(models: dict[str, str | Path], kind: str, what: str, reference: Optional[str],
+          run: Callable[[str | Path], dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """`run(path)` for every model (all of one kind), and the reference model's name."""
+    if not models:
+        raise MergeError("choose at least one model to compare")
+    out = {}
+    for name, path in models.items():
+        if model_kind(path) != kind:
+            raise MergeError(f"'{name}' is not {what}; compare models of one kind")
+        out[name] = run(path)
+    return out, reference if reference in out else next(iter(out))
+
+
 def compare_lms(models: dict[str, str | Path], prompt: str, *, new_tokens: int = 8, top_k: int = 5,
                 reference: Optional[str] = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """Run the prompt through every model; returns per-model outputs and a summary table."""
@@ -177,13 +203,9 @@ def compare_lms(models: dict[str, str | Path], prompt: str, *, new_tokens: int =
     tok = load_tokenizer(first, trust_remote_code)
     vocab = int(read_config(first).get("vocab_size") or 0) or 32000
     ids, how = encode_prompt(prompt, tok, vocab)
-    out: dict[str, Any] = {}
-    for name, path in models.items():
-        if model_kind(path) != "causal-lm":
-            raise MergeError(f"'{name}' is not a causal language model; compare models of one kind")
-        out[name] = lm_outputs(path, ids, new_tokens=new_tokens, top_k=top_k, tokenizer=tok,
-                               trust_remote_code=trust_remote_code)
-    ref = reference if reference in out else next(iter(out))
+    out, ref = _each(models, "causal-lm", "a causal language model", reference,
+                     lambda path: lm_outputs(path, ids, new_tokens=new_tokens, top_k=top_k, tokenizer=tok,
+                                             trust_remote_code=trust_remote_code))
     rows = []
     for name, r in out.items():
         kl = torch.nn.functional.kl_div(r["logp"], out[ref]["logp"], log_target=True, reduction="none").sum(-1).mean().item()
@@ -204,79 +226,45 @@ def compare_lms(models: dict[str, str | Path], prompt: str, *, new_tokens: int =
 # image classifiers
 
 
-def _head_names(model) -> list[str]:
-    names = [n for n, _ in model.named_parameters() if n.startswith("classifier")]
-    return names or [n for n, _ in model.named_parameters() if ".classifier." in n or n.startswith("head")]
+def head_prefix() -> str:
+    """Where a classifier head's tensors are, by default (the evaluator's classification tasks')."""
+    from mergecore.eval.kinds.classification import ClassificationSpec
+
+    return ClassificationSpec.model_fields["head_prefix"].default
 
 
-def image_inputs(image: Any, path: str | Path, config: dict[str, Any]):
-    """Pixel values for one image (numpy array, PIL image or file path) as the model expects."""
+def image_inputs(image: Any, path: str | Path):
+    """Pixel values for one image (numpy array, PIL image or file path), prepared for the model at
+    `path` as the evaluator prepares its images."""
     import numpy as np
-    import torch
     from PIL import Image
 
     if image is None:
         raise MergeError("give an image to classify")
-    if isinstance(image, (str, Path)):
-        image = Image.open(image)
-    if not isinstance(image, Image.Image):
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-        image = Image.fromarray(arr)
-    if (Path(path) / "preprocessor_config.json").is_file():
-        try:
-            from transformers import AutoImageProcessor
-
-            proc = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
-            channels = int(config.get("num_channels", 3))
-            img = image.convert("L" if channels == 1 else "RGB")
-            pv = proc(images=img, return_tensors="pt")["pixel_values"]
-            if pv.shape[1] == channels:
-                return pv
-        except Exception:
-            pass
-    channels = int(config.get("num_channels", 3))
-    size = config.get("image_size", 224)
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    img = image.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-    arr = (arr - 0.5) / 0.5
-    return torch.from_numpy(arr)[None]
+    arr = np.asarray(Image.open(image) if isinstance(image, (str, Path)) else image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return pool().image_prep(Path(path).resolve())(arr[None])
 
 
 def classify(path: str | Path, image: Any, *, top_k: int = 5, head_from: Optional[str | Path] = None,
-             classes: Optional[list[int]] = None, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Top-k classes of `image`; with `head_from`, that checkpoint's classifier on this body (and
-    its class names); with `classes`, the probabilities are a softmax over those logits only."""
+             classes: Optional[list[int]] = None, trust_remote_code: bool = False,
+             prefix: Optional[str] = None) -> dict[str, Any]:
+    """Top-k classes of `image`; with `head_from`, that checkpoint's classifier (the tensors under
+    `prefix`) on this body, as the evaluator scores a task with a head, and its class names; with
+    `classes`, the probabilities are a softmax over those logits only."""
     import torch
 
-    from app.state import open_source
+    from mergecore.eval.kind import call_with_head, head_for
 
     model = load_model(path, trust_remote_code)
-    cfg = read_config(path)
-    names_cfg = read_config(head_from) if head_from is not None else cfg
-    pv = image_inputs(image, path, cfg)
-    saved = {}
-    with _CACHE_LOCK, torch.no_grad():
-        params = dict(model.named_parameters())
-        if head_from is not None and Path(head_from).resolve() != Path(path).resolve():
-            src = open_source(head_from)
-            for n in _head_names(model):
-                if not src.has(n):
-                    raise MergeError(f"{Path(head_from).name} has no classifier tensor '{n}'")
-                t = src.read(n).float()
-                if tuple(t.shape) != tuple(params[n].shape):
-                    raise MergeError(f"classifier '{n}' of {Path(head_from).name} has shape {list(t.shape)}, "
-                                     f"the model's has {list(params[n].shape)}")
-                saved[n] = params[n].detach().clone()
-                params[n].copy_(t)
-        try:
-            logits = model(pixel_values=pv).logits[0].float()
-        finally:
-            for n, t in saved.items():
-                params[n].copy_(t)
+    names_cfg = read_config(head_from if head_from is not None else path)
+    head = None
+    if head_from is not None and Path(head_from).resolve() != Path(path).resolve():
+        src = Path(head_from).resolve()
+        head = head_for(model, pool().head(src, prefix or head_prefix()), src, Path(path).name)
+    with torch.no_grad():
+        logits = call_with_head(model, head, {"pixel_values": image_inputs(image, path)}).logits[0].float()
     id2label = {int(k): v for k, v in (names_cfg.get("id2label") or {}).items()}
     if classes:
         if max(classes) >= logits.numel():
@@ -297,17 +285,11 @@ def classify(path: str | Path, image: Any, *, top_k: int = 5, head_from: Optiona
 def compare_classifiers(models: dict[str, str | Path], image: Any, *, top_k: int = 5,
                         head_from: Optional[str | Path] = None, classes: Optional[list[int]] = None,
                         reference: Optional[str] = None, truth: Optional[str] = None,
-                        trust_remote_code: bool = False) -> dict[str, Any]:
+                        trust_remote_code: bool = False, prefix: Optional[str] = None) -> dict[str, Any]:
     """Every model on one image. `truth` (a class name, optional) marks right and wrong answers."""
-    if not models:
-        raise MergeError("choose at least one model to compare")
-    out = {}
-    for name, path in models.items():
-        if model_kind(path) != "image-classification":
-            raise MergeError(f"'{name}' is not an image classifier; compare models of one kind")
-        out[name] = classify(path, image, top_k=top_k, head_from=head_from, classes=classes,
-                             trust_remote_code=trust_remote_code)
-    ref = reference if reference in out else next(iter(out))
+    out, ref = _each(models, "image-classification", "an image classifier", reference,
+                     lambda path: classify(path, image, top_k=top_k, head_from=head_from, classes=classes,
+                                           trust_remote_code=trust_remote_code, prefix=prefix))
     rows = []
     for name, r in out.items():
         p, q = r["probs"], out[ref]["probs"]
@@ -329,8 +311,9 @@ _TASK_CACHE: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
 
 
 def task_heads(tasks: str | Path) -> dict[str, dict[str, Any]]:
-    """Classification tasks of a tasks file that name a head: {task: {"head": folder, "classes":
-    [ids] or None, "description": text}} (cached per file version; {} if the file has none)."""
+    """Classification tasks of a tasks file that name a head: {task: {"head": folder, "prefix": where
+    its tensors are, "classes": [ids] or None, "description": text}} (cached per file version; {}
+    if the file has none)."""
     from mergecore.eval.tasks import ClassificationTask, load_tasks
 
     p = Path(tasks)
@@ -341,7 +324,8 @@ def task_heads(tasks: str | Path) -> dict[str, dict[str, Any]]:
         out = {}
         for t in load_tasks(p):
             if isinstance(t, ClassificationTask) and t.head_from is not None:
-                out[t.name] = {"head": str(t.head_path()), "classes": list(t.classes) if t.classes else None,
+                out[t.name] = {"head": str(t.head_path()), "prefix": t.spec.head_prefix,
+                               "classes": list(t.classes) if t.classes else None,
                                "description": t.spec.description or ""}
         _TASK_CACHE[key] = out
     return _TASK_CACHE[key]
@@ -430,12 +414,13 @@ def evaluate_models(models: dict[str, str | Path], tasks: str | Path, *, subset:
 
     from mergecore.eval import Evaluator
 
-    ev = Evaluator(tasks, subset=subset, processor_from=next(iter(models.values())) if models else None)
+    ev = Evaluator(tasks, subset=subset, processor_from=next(iter(models.values())) if models else None, pool=pool())
     rows = []
     for name, path in models.items():
         if cancel is not None:
             cancel.check()
         res = ev.evaluate(path, progress=progress, cancel=cancel)
+        _touch(Path(path).resolve())
         row = {"model": name, **{k: round(v, 4) for k, v in res.scores.items()}, "mean": round(res.mean, 4)}
         rows.append(row)
         if log:

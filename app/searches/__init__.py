@@ -6,7 +6,7 @@ on every poll. `app.searches.base` says what a search registers (`SearchSpec`); 
 search registers it, in the tab's dropdown in this order: RMM (`rmm`, over
 `mergecore.search.rmm`), DAM (`dam`: trained merge coefficients, or layer-wise AdaMerging) and
 the evolutionary search (`evo`: CMA-ES over a recipe template's parameters). A resumed run
-replays the events before its checkpoint from the run's own log, so its plots start from the
+starts with the engine's replay of its checkpointed history, so its plots start from the
 beginning. `app.searches.runs` starts, resumes and replays them as jobs.
 """
 
@@ -18,13 +18,23 @@ from app.searches.base import (
 )
 from app.searches.rmm import RMM, merging_map
 from app.searches.dam import DAM
-from app.searches.evo import EVO, checkpoint_best, default_bounds, evo_methods, parse_bounds
+from app.searches.evo import EVO, default_bounds, evo_methods, parse_bounds
 
-_evo_checkpoint_best = checkpoint_best  # the name tests/test_checkpoints_safe.py imports
+
+def _evo_checkpoint_best(config, root, out_dir):
+    """The best candidate of an evo checkpoint as event data. Not used by the app (the engine
+    replays a resumed run's best itself); kept only for tests/test_checkpoints_safe.py."""
+    from mergecore.search.evo.search import checkpoint_best
+
+    try:
+        best = checkpoint_best(out_dir)  # safetensors + JSON, never unpickled
+    except Exception:  # noqa: BLE001 - a bad checkpoint has no best to show
+        return None
+    return None if best is None else {"score": best.score, "scores": best.scores, "evaluation": best.evaluation}
 
 __all__ = [
     "DAM", "EVO", "RMM", "SEARCHES", "Field", "PlotSpec", "SearchSession", "SearchSpec", "add_operator",
-    "checkpoint_best", "default_bounds", "default_operators", "evo_methods", "field_default", "get_search",
+    "default_bounds", "default_operators", "evo_methods", "field_default", "get_search",
     "merging_map", "operator_entry", "operator_methods", "operators_yaml", "parse_operators", "parse_bounds",
     "register_search", "search_names", "starting_method",
 ]

@@ -16,24 +16,23 @@ A search registers a `SearchSpec`:
   (a pydantic model, `config_class`), or a `MergeError` with a one-line message.
 - `run(config, out_dir, emit, cancel, resume) -> summary dict`: runs the search, writing into
   `out_dir`; `emit(Event)` for each event, `cancel` checked by the engine, `resume=True`
-  continues from the checkpoint in `out_dir`. It must leave `recipe.yml` in `out_dir` when
-  it finishes.
+  continues from the checkpoint in `out_dir` (the engine first sends the checkpointed history
+  as `replayed` events, so the plots start from the beginning). It must leave `recipe.yml` in
+  `out_dir` when it finishes.
 - `plots`: `PlotSpec(title, figure)` where `figure(events, meta) -> plotly Figure`; `events`
   are `Event.as_dict()`s of the job, `meta` what `meta(config, session)` returned at start
   (e.g. the action names of a merging-map heatmap).
-- `progress(events, meta) -> (fraction or None, text)` and `summary_md(result, meta) -> markdown`;
-  `log_line(event)`: the search log's line for an event, or None.
+- `progress(events, meta) -> (fraction or None, text)` and `summary_md(result, meta) -> markdown`.
+  The search log shows the engine's line for each event (`mergecore.search.report.event_line`).
 - `dump_config` / `load_config`: the config as JSON data and back (saved as
   `app_search.json` in the out dir, so Resume works after the page or the app restarted).
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
@@ -106,9 +105,6 @@ class SearchSession:
         return [by_path.get(p, Path(p).name) for p in paths]
 
 
-SearchFn = Callable[[Any, Path, Callable[[Event], None], CancelToken, bool], dict[str, Any]]
-
-
 @dataclass
 class SearchSpec:
     name: str
@@ -116,14 +112,11 @@ class SearchSpec:
     summary: str  # one paragraph, shown above the form
     fields: list[Field]
     make_config: Callable[[dict[str, Any], SearchSession], Any]
-    run: SearchFn
     plots: list[PlotSpec]
     progress: Callable[[list[dict[str, Any]], dict[str, Any]], tuple[Optional[float], str]]
     summary_md: Callable[[dict[str, Any], dict[str, Any]], str]
-    config_class: str  # "module:Class" of the search's pydantic config (imported on first use)
     meta: Callable[[Any, SearchSession], dict[str, Any]] = lambda config, session: {}
-    log_line: Callable[[Event], Optional[str]] = lambda event: None  # a log line for an event, or None
-    recipe_file: str = "recipe.yml"
+    log_every: int = 1  # the log shows every n-th training step (the first and the last)
     stops_after: str = "the current evaluation"  # what Stop waits for (the engine checks its cancel token there)
 
     def field(self, key: str) -> Field:
@@ -132,12 +125,27 @@ class SearchSpec:
                 return f
         raise KeyError(key)
 
+    def engine(self) -> Any:
+        """The engine's search of this name (its class: `config_class`, built from a config)."""
+        from mergecore.search.base import search_class
+
+        return search_class(self.name)
+
     def dump_config(self, config: Any) -> dict[str, Any]:
         return config.model_dump(mode="json")
 
     def load_config(self, data: dict[str, Any]) -> Any:
-        module, _, cls = self.config_class.partition(":")
-        return getattr(importlib.import_module(module), cls).model_validate(data)
+        return self.engine().config_class.model_validate(data)
+
+    def run(self, config: Any, out_dir: Path, emit: Callable[[Event], None], cancel: CancelToken,
+            resume: bool) -> dict[str, Any]:
+        """Run (or resume) the search into `out_dir` through the engine's one search program
+        (`mergecore.search.base.run_search`); a resumed run first sends its checkpointed history
+        as `replayed` events, so the plots start from the beginning."""
+        from mergecore.search.base import run_search
+
+        search = self.engine()(config, Path(out_dir))  # the form's configs hold absolute paths
+        return run_search(search, out_dir, on_event=emit, cancel=cancel, resume=resume, replay_history=True)
 
 
 SEARCHES: dict[str, SearchSpec] = {}
@@ -299,35 +307,7 @@ def parse_operators(text: str, n_models: int) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# events: a resumed run's history, the latest data per step, series for the plots
-
-
-def replayed(path: Path, kind_of: Callable[[dict[str, Any]], Optional[str]]) -> Iterable[Event]:
-    """Events (marked `replayed`) for the rows of a run's JSON-lines log, of the kind `kind_of(row)`
-    names (None: not shown): a resumed run shows the steps before its checkpoint from its own log."""
-    if not path.is_file():
-        return
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        kind = kind_of(row) if isinstance(row, dict) else None
-        if kind:
-            yield Event(kind, dict(row, replayed=True))
-
-
-def with_history(emit: Callable[[Event], None], resumed: str,
-                 history: Callable[[Event], Iterable[Event]]) -> Callable[[Event], None]:
-    """An event callback that sends `history(event)` before the run's `resumed` event."""
-
-    def on_event(ev: Event) -> None:
-        if ev.kind == resumed:
-            for old in history(ev):
-                emit(old)
-        emit(ev)
-
-    return on_event
+# events: the latest data per step, series for the plots
 
 
 def latest(events: Sequence[dict[str, Any]], kind: str, *keys: str) -> list[dict[str, Any]]:

@@ -4,15 +4,14 @@ Search tab entry."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from mergecore.errors import MergeError, short
-from mergecore.events import CancelToken, Event
 
 from app import plots
 from app.searches.base import (
     SEED, Field, PlotSpec, SearchSession, SearchSpec, checked_inputs, fraction, has_event, latest, mean_series, number,
-    register_search, replayed, scores_text, session_fields, task_series, tasks_field, validated, with_history,
+    register_search, scores_text, session_fields, task_series, tasks_field, validated,
 )
 
 REGULARISERS = ("cos", "l1", "l2")
@@ -74,23 +73,6 @@ def _meta(config, session: SearchSession) -> dict[str, Any]:
             "loss": config.loss.kind, "lambdas": {"cos": config.loss.lambda_cos, "l1": config.loss.lambda_l1,
                                                    "l2": config.loss.lambda_l2},
             "eval_every": config.eval_every, "eval_subset": config.eval_subset}
-
-
-def _run(config, out_dir: Path, emit: Callable[[Event], None], cancel: CancelToken, resume: bool) -> dict[str, Any]:
-    from mergecore.search.dam.run import run_dam
-
-    def history(ev: Event):  # the steps and evaluations before the checkpoint (the log still holds them)
-        done = int(ev.data.get("step", 0))
-
-        def kind_of(row: dict[str, Any]) -> Optional[str]:
-            kind = row.pop("event", None)
-            keep = kind in ("step", "eval") and int(row.get("step", -1)) <= done and not row.get("final")
-            return f"dam.{kind}" if keep else None
-
-        return replayed(out_dir / "dam_log.jsonl", kind_of)
-
-    return run_dam(config, out_dir, out_dir, on_event=with_history(emit, "dam.resumed", history), cancel=cancel,
-                   resume=resume)
 
 
 def _steps(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -193,35 +175,10 @@ def _summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
     return out
 
 
-def _log_line(ev: Event) -> Optional[str]:
-    d = ev.data
-    if d.get("replayed"):
-        return None
-    if ev.kind == "dam.step":
-        if d["step"] % 10 and d["step"] not in (1, d.get("steps")):
-            return None
-        terms = " ".join(f"{k} {v:.4g}" for k, v in d["terms"].items() if "/" not in k)
-        return f"step {d['step']}/{d.get('steps')}: loss {d['loss']:.5g} ({terms}), {d['seconds']:.2f} s"
-    if ev.kind == "dam.eval":
-        scores = " ".join(f"{k} {v:.3f}" for k, v in d["scores"].items())
-        label = "final evaluation" if d.get("final") else "evaluation"
-        return f"{label} at step {d['step']}: mean {d['mean']:.3f} ({scores})"
-    if ev.kind == "dam.loading":
-        return f"loading {len(d.get('models') or [])} models and the tasks ..."
-    if ev.kind == "dam.teachers":
-        return f"teachers: {d.get('mode')} ({d.get('seconds', 0):.1f} s)"
-    if ev.kind == "dam.start":
-        return f"training {d.get('coefficients')} coefficients on {d.get('tensors')} tensors from step {d.get('step')}"
-    if ev.kind == "dam.resumed":
-        return f"resumed from the checkpoint at step {d.get('step')}"
-    if ev.kind == "dam.done":
-        return f"done; recipe {d.get('recipe')}"
-    return None
-
-
 DAM = register_search(SearchSpec(
     name="dam",
     stops_after="the current training step or evaluation",
+    log_every=10,
     title="DAM: trained merge coefficients",
     summary=("Differentiable Adaptive Merging trains merge coefficients by gradient descent: the merged model runs "
              "on each source model's task inputs (labels are never used) and is pulled towards that model's outputs "
@@ -258,12 +215,9 @@ DAM = register_search(SearchSpec(
               maximum=1.0, advanced=True, info="the final evaluation scores all of it"),
     ],
     make_config=_config,
-    run=_run,
     plots=[PlotSpec("Loss per step", _loss_figure), PlotSpec("Task metrics", _metrics_figure),
            PlotSpec("Regularisers", _regulariser_figure), PlotSpec("Gradient norm", _grad_figure)],
     progress=_progress,
     summary_md=_summary,
-    config_class="mergecore.search.dam.run:DAMConfig",
     meta=_meta,
-    log_line=_log_line,
 ))

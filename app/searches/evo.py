@@ -4,16 +4,15 @@ as a Search tab entry."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from mergecore.errors import MergeError, short
-from mergecore.events import CancelToken, Event
 
 from app import plots
 from app.searches.base import (
     SEED, Field, PlotSpec, SearchSession, SearchSpec, checked_inputs, fraction, has_event, latest, mean_series, number,
-    register_search, replayed, scores_text, session_fields, starting_method, task_series, tasks_field, validated,
-    with_history, yaml_mapping,
+    register_search, scores_text, session_fields, starting_method, task_series, tasks_field, validated,
+    yaml_mapping,
 )
 
 
@@ -96,39 +95,6 @@ def _meta(config, session: SearchSession) -> dict[str, Any]:
             "genes": genome.dim, "labels": genome.labels(), "method": config.method,
             "models": session.names(config.models),
             "base": session.names([config.base_model])[0] if config.base_model else None}
-
-
-def _run(config, out_dir: Path, emit: Callable[[Event], None], cancel: CancelToken, resume: bool) -> dict[str, Any]:
-    from mergecore.search.evo.run import run_evo
-
-    root = Path(config.tasks).parent
-
-    def history(ev: Event):  # the generations before the checkpoint and its best candidate, for the plots
-        done = int(ev.data.get("generation", 0))
-        yield from replayed(out_dir / "evo_log.jsonl",
-                            lambda row: "evo.generation" if int(row.get("generation", -1)) < done else None)
-        best = checkpoint_best(config, root, out_dir)
-        if best:
-            yield Event("evo.best", best)
-
-    return run_evo(config, root, out_dir, on_event=with_history(emit, "evo.resumed", history), cancel=cancel,
-                   resume=resume)
-
-
-def checkpoint_best(config, root: Path, out_dir: Path) -> Optional[dict[str, Any]]:
-    """The best candidate of the checkpoint in `out_dir` as an `evo.best` event's data (or None)."""
-    from mergecore.search.evo.search import checkpoint_best as read_best
-
-    try:
-        best = read_best(out_dir)  # safetensors + JSON, never unpickled
-        if best is None:
-            return None
-        genome = config.genome(root)
-        return {"generation": best.generation, "evaluation": best.evaluation, "score": best.score,
-                "scores": best.scores, "values": dict(zip(genome.labels(), genome.values(best.genome))),
-                "replayed": True}
-    except Exception:  # noqa: BLE001 - only the plot of the best's parameters misses it
-        return None
 
 
 def _generations(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,24 +196,6 @@ def _summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
     return out
 
 
-def _log_line(ev: Event) -> Optional[str]:
-    d = ev.data
-    if d.get("replayed"):
-        return None
-    if ev.kind == "evo.generation":
-        return (f"generation {d['generation'] + 1}: best {d['best']:.4f}, mean {d['mean']:.4f}, sigma "
-                f"{d['sigma']:.4f}, {d.get('eval_seconds') or 0:.2f} s per evaluation, {d['evaluations']} evaluations")
-    if ev.kind == "evo.best":
-        return f"new best {d['score']:.4f} at evaluation {d['evaluation'] + 1}"
-    if ev.kind == "evo.loading":
-        return f"{d.get('genes')} genes; loading {len(d.get('models') or [])} models and the tasks ..."
-    if ev.kind == "evo.resumed":
-        return f"resumed after generation {d.get('generation')} ({d.get('evaluations')} evaluations)"
-    if ev.kind == "evo.done":
-        return f"done: best score {d.get('best_score', 0):.4f}; recipe {d.get('recipe')}"
-    return None
-
-
 EVO = register_search(SearchSpec(
     name="evo",
     title="Evolutionary search (CMA-ES)",
@@ -276,13 +224,10 @@ EVO = register_search(SearchSpec(
         Field("fixed", "Fixed parameters (YAML)", "yaml", "", advanced=True),
     ],
     make_config=_config,
-    run=_run,
     plots=[PlotSpec("Score per evaluation", _score_figure), PlotSpec("Task metrics", _metrics_figure),
            PlotSpec("Population per generation", _generation_figure),
            PlotSpec("Best parameters", _values_figure)],
     progress=_progress,
     summary_md=_summary,
-    config_class="mergecore.search.evo.run:EvoConfig",
     meta=_meta,
-    log_line=_log_line,
 ))

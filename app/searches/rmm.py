@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
-
-from mergecore.events import CancelToken, Event
+from typing import Any, Optional, Sequence
 
 from app import plots
 from app.searches.base import (
     SEED, Field, PlotSpec, SearchSession, SearchSpec, checked_inputs, default_operators, fraction, has_event, latest,
-    operators_yaml, parse_operators, register_search, replayed, scores_text, session_fields, task_series, tasks_field,
-    validated, with_history,
+    operators_yaml, parse_operators, register_search, scores_text, session_fields, task_series, tasks_field,
+    validated,
 )
 
 
@@ -40,18 +37,6 @@ def _meta(config, session: SearchSession) -> dict[str, Any]:
         layers = 0
     return {"episodes": config.episodes, "layers": layers, "models": names, "operators": ops, "action_names": names + ops,
             "base": session.names([config.base_model])[0], "dar": config.dar, "data_ratio": config.data_ratio}
-
-
-def _run(config, out_dir: Path, emit: Callable[[Event], None], cancel: CancelToken, resume: bool) -> dict[str, Any]:
-    from mergecore.search.rmm.run import run_rmm
-
-    def history(ev: Event):  # the episodes before the checkpoint, so the plots show the whole run
-        done = int(ev.data.get("episode", 0))
-        return replayed(out_dir / "rmm_log.jsonl",
-                        lambda row: "rmm.episode" if int(row.get("episode", -1)) < done else None)
-
-    return run_rmm(config, out_dir, out_dir, on_event=with_history(emit, "rmm.resumed", history), cancel=cancel,
-                   resume=resume)
 
 
 def _episodes(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -149,22 +134,6 @@ def _summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
               f"({result['eval_seconds']:.1f} s evaluating), {result['seconds']:.1f} s in all.")
 
 
-def _log_line(ev: Event) -> Optional[str]:
-    d = ev.data
-    if ev.kind == "rmm.episode" and not d.get("replayed"):
-        best = d.get("best_reward")
-        return (f"episode {d['episode'] + 1}: reward {d['raw_reward']:.2f} (DAR {d['dar_reward']:.2f}), best "
-                f"{'-' if best is None else f'{best:.2f}'}, depth {d['depth']}, {d['eval_seconds']:.2f} s: "
-                + " ".join(d.get("actions") or []))
-    if ev.kind == "rmm.loading":
-        return f"loading {len(d.get('models') or [])} models and the tasks ..."
-    if ev.kind == "rmm.resumed":
-        return f"resumed from the checkpoint at episode {d.get('episode')}"
-    if ev.kind == "rmm.done":
-        return f"done: best reward {d.get('best_reward', 0):.2f}; recipe {d.get('recipe')}"
-    return None
-
-
 RMM = register_search(SearchSpec(
     name="rmm",
     title="RMM: reinforced model merging",
@@ -189,12 +158,9 @@ RMM = register_search(SearchSpec(
         Field("max_steps", "Max steps per episode (0: twice the layers)", "int", 0, minimum=0, advanced=True),
     ],
     make_config=_config,
-    run=_run,
     plots=[PlotSpec("Reward per episode", _reward_figure), PlotSpec("Time per evaluation", _time_figure),
            PlotSpec("Task metrics", _metrics_figure), PlotSpec("Best merging map", _heatmap_figure)],
     progress=_progress,
     summary_md=_summary,
-    config_class="mergecore.search.rmm.run:RMMConfig",
     meta=_meta,
-    log_line=_log_line,
 ))

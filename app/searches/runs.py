@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from mergecore.errors import MergeError
 from mergecore.events import Event
+from mergecore.search.base import RECIPE_FILE, RESULT_FILE
 
 from app.context import AppContext, owner_of
 from app.jobs import DONE, Job
@@ -45,15 +46,17 @@ def start_search(ctx: AppContext, owner: str, spec: SearchSpec, config: Any, met
     (out_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
     def fn(jc):
+        from mergecore.search.report import event_line
+
         def emit(ev: Event) -> None:
             jc.emit(ev)
-            line = spec.log_line(ev)
+            line = event_line(ev, every=spec.log_every)  # the CLI's line
             if line:
                 jc.log(line)
 
         jc.log(f"{'resuming' if resume else 'starting'} {spec.title} in {out_dir}")
         result = spec.run(config, out_dir, emit, jc.cancel, resume)
-        jc.log(f"finished; recipe: {out_dir / spec.recipe_file}")
+        jc.log(f"finished; recipe: {out_dir / RECIPE_FILE}")
         return result
 
     # searches have their own slot: two may run at once without holding up merges and evaluations
@@ -85,7 +88,7 @@ def finished_search(ctx: AppContext, owner: str, job_id: Any, missing: str) -> t
     if job is None or job.status != DONE:
         raise MergeError(missing)
     spec = get_search(job.meta["search"])
-    return job, spec, Path(job.meta["out"]) / spec.recipe_file
+    return job, spec, Path(job.meta["out"]) / RECIPE_FILE
 
 
 def resumable(ctx: AppContext, owner: str) -> tuple[SearchSpec, Any, dict[str, Any], Path]:
@@ -103,7 +106,7 @@ def resumable(ctx: AppContext, owner: str) -> tuple[SearchSpec, Any, dict[str, A
         if not runs:
             raise MergeError("nothing to resume: no stopped search in this browser")
         out = runs[-1]
-        if (out / "result.json").is_file():
+        if (out / RESULT_FILE).is_file():
             raise MergeError("the last search finished; start a new one")
     data = json.loads((out / STATE_FILE).read_text())
     spec = get_search(data["search"])

@@ -192,7 +192,7 @@ def compare(ctx: AppContext, owner: str, state, selected, prompt, ntok, image, h
     kinds = {cmp.model_kind(p) for p in models.values()}
     trust = bool(state.get("trust_remote_code"))
     if kinds == {"image-classification"}:
-        head_path, classes, note = None, None, ""
+        head_path, classes, prefix, note = None, None, None, ""
         if head == TASK_HEAD:
             if (tasks or "").strip():  # typed: confined, and checked as a tasks file first
                 from app.paths import tasks_file
@@ -202,14 +202,14 @@ def compare(ctx: AppContext, owner: str, state, selected, prompt, ntok, image, h
             if not task or task not in heads:
                 raise MergeError("choose a task (its expert's head scores every body), or another classifier head"
                                  + (f"; tasks: {', '.join(heads)}" if heads else ": the tasks file names no heads"))
-            head_path, classes = heads[task]["head"], heads[task]["classes"]
+            head_path, classes, prefix = heads[task]["head"], heads[task]["classes"], heads[task]["prefix"]
             note = (f"Every model scored with the {task} head ({Path(head_path).name}) over the task's "
                     f"{len(classes) if classes else 'all'} classes, as the evaluator scores the task.")
         elif head and head != OWN_HEAD:
             head_path = st.model_by_name(state, head)["path"]
             note = f"Every model scored with {head}'s classifier head."
         result = cmp.compare_classifiers(models, image, head_from=head_path, classes=classes, reference=ref,
-                                         truth=(truth or "").strip() or None, trust_remote_code=trust)
+                                         truth=(truth or "").strip() or None, trust_remote_code=trust, prefix=prefix)
         result["head_note"] = note
     elif kinds == {"causal-lm"}:
         result = cmp.compare_lms(models, prompt or "", new_tokens=int(ntok or 8), reference=ref,

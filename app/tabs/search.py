@@ -291,7 +291,7 @@ class SearchTab:
                         *[gr.skip()] * 5, snap["cursor"], data)
             out = Path(meta["out"])
             if job.status == DONE:
-                recipe = out / spec.recipe_file
+                recipe = out / runs.RECIPE_FILE
                 summary = spec.summary_md(job.result, meta) + f"\n\nFolder: `{out}`"
                 bar = progress_html(1.0, f"done in {fmt_seconds(job.elapsed)} · {text}", DONE)
                 return (bar, log_text, *figs, summary,
