@@ -83,33 +83,33 @@ def _evals(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return latest(events, "dam.eval", "step", "final")
 
 
-def _loss_figure(events, meta):
+def _steps_figure(events, title: str, y_title: str, series):
+    """A line figure of `series(steps, their numbers)`, or the titled placeholder before the first step."""
     steps = _steps(events)
-    title = "Loss per step (total, and each task's term)"
     if not steps:
         return plots.empty_figure(title)
-    x = [d["step"] for d in steps]
-    terms = [k for k in steps[-1]["terms"] if k not in REGULARISERS]
-    terms = [k for k in terms if "/" not in k] + [k for k in terms if "/" in k]  # the sum first, then each task
-    series = [{"name": "total", "x": x, "y": [d["loss"] for d in steps], "color": "#111827", "width": 3}]
-    for i, k in enumerate(terms):
-        series.append({"name": k if "/" in k else f"{k} (sum over tasks)", "x": x,
-                       "y": [d["terms"].get(k) for d in steps], "color": plots.PALETTE[i % len(plots.PALETTE)],
-                       "width": 2 if "/" not in k else 1.5, "dash": "dash" if "/" not in k else "solid"})
-    return plots.line_figure(title, series, x_title="step", y_title=f"{meta.get('loss', 'loss')} loss")
+    return plots.line_figure(title, series(steps, [d["step"] for d in steps]), x_title="step", y_title=y_title)
+
+
+def _loss_figure(events, meta):
+    def series(steps, x):
+        terms = [k for k in steps[-1]["terms"] if k not in REGULARISERS]
+        terms = [k for k in terms if "/" not in k] + [k for k in terms if "/" in k]  # the sum first, then each task
+        return [{"name": "total", "x": x, "y": [d["loss"] for d in steps], "color": "#111827", "width": 3}] + [
+            {"name": k if "/" in k else f"{k} (sum over tasks)", "x": x, "y": [d["terms"].get(k) for d in steps],
+             "color": plots.PALETTE[i % len(plots.PALETTE)], "width": 2 if "/" not in k else 1.5,
+             "dash": "dash" if "/" not in k else "solid"} for i, k in enumerate(terms)]
+
+    return _steps_figure(events, "Loss per step (total, and each task's term)", f"{meta.get('loss', 'loss')} loss",
+                         series)
 
 
 def _regulariser_figure(events, meta):
-    steps = _steps(events)
-    title = "Regularisers per step (raw; the loss adds λ × each)"
-    if not steps:
-        return plots.empty_figure(title)
-    x = [d["step"] for d in steps]
     lambdas = meta.get("lambdas") or {}
     names = {"cos": "cos: Σ cos(c_i, c_j)", "l1": "l1: Σ |c|", "l2": "l2: Σ c²"}
-    series = [{"name": f"{names[k]} (λ {lambdas.get(k, 0):g})", "x": x, "y": [d["terms"].get(k) for d in steps],
-               "dash": "solid" if lambdas.get(k) else "dot"} for k in REGULARISERS]
-    return plots.line_figure(title, series, x_title="step", y_title="value")
+    return _steps_figure(events, "Regularisers per step (raw; the loss adds λ × each)", "value", lambda steps, x: [
+        {"name": f"{names[k]} (λ {lambdas.get(k, 0):g})", "x": x, "y": [d["terms"].get(k) for d in steps],
+         "dash": "solid" if lambdas.get(k) else "dot"} for k in REGULARISERS])
 
 
 def _metrics_figure(events, meta):
@@ -214,10 +214,7 @@ DAM = register_search(SearchSpec(
         Field("eval_subset", "Part of the tasks the periodic evaluations score", "float", 0.25, minimum=0.001,
               maximum=1.0, advanced=True, info="the final evaluation scores all of it"),
     ],
-    make_config=_config,
     plots=[PlotSpec("Loss per step", _loss_figure), PlotSpec("Task metrics", _metrics_figure),
            PlotSpec("Regularisers", _regulariser_figure), PlotSpec("Gradient norm", _grad_figure)],
-    progress=_progress,
-    summary_md=_summary,
-    meta=_meta,
+    make_config=_config, meta=_meta, progress=_progress, summary_md=_summary,
 ))

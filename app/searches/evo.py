@@ -223,11 +223,8 @@ EVO = register_search(SearchSpec(
               info="e.g. attention, mlp"),
         Field("fixed", "Fixed parameters (YAML)", "yaml", "", advanced=True),
     ],
-    make_config=_config,
     plots=[PlotSpec("Score per evaluation", _score_figure), PlotSpec("Task metrics", _metrics_figure),
            PlotSpec("Population per generation", _generation_figure),
            PlotSpec("Best parameters", _values_figure)],
-    progress=_progress,
-    summary_md=_summary,
-    meta=_meta,
+    make_config=_config, meta=_meta, progress=_progress, summary_md=_summary,
 ))

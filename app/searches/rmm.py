@@ -157,10 +157,7 @@ RMM = register_search(SearchSpec(
         Field("rerank_top", "Re-score the top trajectories on all the data", "int", 3, minimum=0, advanced=True),
         Field("max_steps", "Max steps per episode (0: twice the layers)", "int", 0, minimum=0, advanced=True),
     ],
-    make_config=_config,
     plots=[PlotSpec("Reward per episode", _reward_figure), PlotSpec("Time per evaluation", _time_figure),
            PlotSpec("Task metrics", _metrics_figure), PlotSpec("Best merging map", _heatmap_figure)],
-    progress=_progress,
-    summary_md=_summary,
-    meta=_meta,
+    make_config=_config, meta=_meta, progress=_progress, summary_md=_summary,
 ))
