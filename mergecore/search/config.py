@@ -27,6 +27,12 @@ def _at_least_one(v: int) -> int:
     return v
 
 
+def _ratio(v: float) -> float:
+    if not 0 < v <= 1:
+        raise ValueError("must be in (0, 1]")
+    return v
+
+
 def _some_models(v: list) -> list:
     if not v:
         raise ValueError("models must list at least one model")
@@ -34,6 +40,7 @@ def _some_models(v: list) -> list:
 
 
 Positive = Annotated[int, AfterValidator(_at_least_one)]
+Ratio = Annotated[float, AfterValidator(_ratio)]
 ModelList = Annotated[list[str], AfterValidator(_some_models)]
 
 

@@ -305,12 +305,9 @@ class DAMRun:
 SEARCH = DAM
 
 
-def run_dam(config: DAMConfig, root: Path, out_dir: Union[str, Path], *, on_event: Optional[EventCallback] = None,
-            cancel: Optional[CancelToken] = None, resume: bool = True, replay: bool = False,
-            replay_history: bool = False) -> dict[str, Any]:
-    """Run (or resume) a DAM search into `out_dir` (`mergecore.search.base.run_search`)."""
-    return run_search(DAM(config, root), out_dir, on_event=on_event, cancel=cancel, resume=resume, replay=replay,
-                      replay_history=replay_history)
+def run_dam(config: DAMConfig, root: Path, out_dir: Union[str, Path], **options: Any) -> dict[str, Any]:
+    """Run (or resume) a DAM search into `out_dir`; `options` as `mergecore.search.base.run_search`'s."""
+    return run_search(DAM(config, root), out_dir, **options)
 
 
 def prepare_dam(config: DAMConfig, root: Path, out_dir: Union[str, Path], *, on_event: Optional[EventCallback] = None,

@@ -38,10 +38,9 @@ from typing import Any, ClassVar, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergecore.errors import MergeError
-from mergecore.events import CancelToken, EventCallback
 from mergecore.search.backend import BackendSpec, WorkerFactory, make_backend
 from mergecore.search.base import EvalSpec, Found, SearchRun, run_search
-from mergecore.search.config import ModelList, Positive, config_file, load_config, model_ref
+from mergecore.search.config import ModelList, Positive, Ratio, config_file, load_config, model_ref
 from mergecore.search.evo.genome import Bounds, Genome
 from mergecore.search.evo.search import EvoSearch, EvoSettings
 from mergecore.search.evo.worker import EvoWorker
@@ -72,7 +71,7 @@ class EvoConfig(BackendSpec):
     data_ratio: Union[float, int] = 0.1  # ratio in (0, 1] or an example count per task
     subset_index: int = 0
     batch_size: Positive = 128
-    sigma0: float = 1 / 6
+    sigma0: Ratio = 1 / 6  # genes live in [0, 1]
     popsize: Optional[int] = None
     max_evals: Positive = 100
     seed: int = 0
@@ -90,13 +89,6 @@ class EvoConfig(BackendSpec):
     def _ratio(cls, v: Union[float, int]) -> Union[float, int]:
         if isinstance(v, bool) or v <= 0 or (isinstance(v, float) and v > 1):
             raise ValueError("data_ratio must be a ratio in (0, 1] or an example count >= 1")
-        return v
-
-    @field_validator("sigma0")
-    @classmethod
-    def _sigma(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError("sigma0 must be in (0, 1] (genes live in [0, 1])")
         return v
 
     @field_validator("popsize")
@@ -221,9 +213,6 @@ class Evo:
 SEARCH = Evo
 
 
-def run_evo(config: EvoConfig, root: Path, out_dir: Union[str, Path], *, on_event: Optional[EventCallback] = None,
-            cancel: Optional[CancelToken] = None, resume: bool = True, replay: bool = False,
-            replay_history: bool = False) -> dict[str, Any]:
-    """Run (or resume) the search into `out_dir` (`mergecore.search.base.run_search`)."""
-    return run_search(Evo(config, root), out_dir, on_event=on_event, cancel=cancel, resume=resume, replay=replay,
-                      replay_history=replay_history)
+def run_evo(config: EvoConfig, root: Path, out_dir: Union[str, Path], **options: Any) -> dict[str, Any]:
+    """Run (or resume) the search into `out_dir`; `options` as `mergecore.search.base.run_search`'s."""
+    return run_search(Evo(config, root), out_dir, **options)

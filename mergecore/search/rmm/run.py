@@ -31,10 +31,9 @@ from typing import Any, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mergecore.events import CancelToken, EventCallback
 from mergecore.search.backend import BackendSpec
 from mergecore.search.base import EvalSpec, Found, SearchRun, run_search
-from mergecore.search.config import ModelList, Positive, config_file, model_ref
+from mergecore.search.config import ModelList, Positive, Ratio, config_file, model_ref
 from mergecore.search.rmm.layers import Operator
 from mergecore.search.rmm.ppo import PPOConfig
 from mergecore.search.rmm.search import RMMSearch, RMMSettings, rerank_on_full, trajectory_recipe
@@ -72,7 +71,7 @@ class RMMConfig(BackendSpec):
     ])
     tasks: str
     final_tasks: Optional[str] = None  # scored once on the result (e.g. the test split); never used to choose
-    data_ratio: float = 0.1
+    data_ratio: Ratio = 0.1
     episodes: Positive = 700
     max_steps: Optional[int] = None
     update_every: Positive = 4
@@ -87,13 +86,6 @@ class RMMConfig(BackendSpec):
     rerank_top: int = 5  # re-score this many best trajectories on all the data at the end (0: off)
     reward_scale: float = 100.0  # reward = scale x mean task score (the paper uses accuracy in %)
     ppo: PPOSpec = Field(default_factory=PPOSpec)
-
-    @field_validator("data_ratio")
-    @classmethod
-    def _ratio(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError("data_ratio must be in (0, 1]")
-        return v
 
     @field_validator("prefix_cache_size")
     @classmethod
@@ -229,9 +221,6 @@ class RMM:
 SEARCH = RMM
 
 
-def run_rmm(config: RMMConfig, root: Path, out_dir: str | Path, *, on_event: Optional[EventCallback] = None,
-            cancel: Optional[CancelToken] = None, resume: bool = True, replay: bool = False,
-            replay_history: bool = False) -> dict[str, Any]:
-    """Run (or resume) the search into `out_dir` (`mergecore.search.base.run_search`)."""
-    return run_search(RMM(config, root), out_dir, on_event=on_event, cancel=cancel, resume=resume, replay=replay,
-                      replay_history=replay_history)
+def run_rmm(config: RMMConfig, root: Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """Run (or resume) the search into `out_dir`; `options` as `mergecore.search.base.run_search`'s."""
+    return run_search(RMM(config, root), out_dir, **options)
