@@ -68,7 +68,8 @@ def load_tokenizer(path: PathLike):
     try:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as err:
-        raise MergeError(f"cannot load a tokenizer from {p}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise MergeError(f"cannot load a tokenizer from {p}: {type(err).__name__}: {first}") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -206,7 +207,8 @@ class ModelPool:
                 self._models[key] = load_model(key[0], device, dtype)
             return self._models[key]
 
-    def fresh_model(self, path: PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    def fresh_model(self, path: PathLike, *, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """A model of its own for a caller that changes it (not kept by the pool)."""
         return load_model(_key(path), device, dtype)
 

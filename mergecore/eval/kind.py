@@ -185,9 +185,6 @@ class Task(ABC):
         self._prepared[key] = (keep, prepared)
         return prepared
 
-    def clear_cache(self) -> None:
-        self._prepared.clear()
-
     def _prep_key(self, res: Resources) -> tuple[Any, Any]:
         """(hashable cache key, object the entry must keep alive): the tokenizer by default."""
         tok = res.tokenizer(self.tokenizer_override())

@@ -72,9 +72,10 @@ def rotation_batches(images: torch.Tensor, batch_size: int) -> BatchFn:
     return batch
 
 
-def _optimise(model: torch.nn.Module, params: list[torch.nn.Parameter], loss_of: Callable[[torch.Generator], torch.Tensor],
-              *, steps: int, lr: float, weight_decay: float, warmup_steps: int, seed: int, grad_clip: float,
-              on_step: Optional[StepCallback], cancel: Optional[CancelToken]) -> TrainStats:
+def _optimise(model: torch.nn.Module, params: list[torch.nn.Parameter],
+              loss_of: Callable[[torch.Generator], torch.Tensor], *, steps: int, lr: float, weight_decay: float,
+              warmup_steps: int, seed: int, grad_clip: float, on_step: Optional[StepCallback],
+              cancel: Optional[CancelToken]) -> TrainStats:
     """The loop both trainers share: AdamW on `params`, linear warm-up then cosine decay, gradient
     clipping, `loss_of(generator)` per step (seeded batch sampling), a running loss."""
     cancel = cancel or CancelToken()

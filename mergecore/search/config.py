@@ -10,7 +10,7 @@ its output folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ValidationError
 
@@ -65,10 +65,6 @@ def config_file(ref: str, root: Path, what: str = "tasks file") -> Path:
         where = "" if Path(ref).expanduser().is_absolute() else " (paths in a search config are relative to its folder)"
         raise MergeError(f"{what} not found: {clip(ref)}; looked for {p}{where}")
     return p.resolve()
-
-
-def optional_file(ref: Optional[str], root: Path, what: str) -> Optional[Path]:
-    return None if ref is None else config_file(ref, root, what)
 
 
 def model_ref(ref: str, root: Path) -> str:

@@ -174,10 +174,9 @@ class RMM:
             from mergecore.search.rmm.remote import RMMWorker, RMMWorkerSpec
 
             ops = tuple((o.name, o.method, tuple(o.parameters.items())) for o in config.operator_list())
-            spec = RMMWorkerSpec(str(resolve_model_path(self.base)), tuple(str(resolve_model_path(r)) for r in self.models),
-                                 ops, sampled, seed=config.seed, prefix_cache=config.prefix_cache,
-                                 cache_bytes=config.cache_bytes(),
-                                 reward_scale=scale)
+            paths = tuple(str(resolve_model_path(r)) for r in self.models)
+            spec = RMMWorkerSpec(str(resolve_model_path(self.base)), paths, ops, sampled, seed=config.seed,
+                                 prefix_cache=config.prefix_cache, cache_bytes=config.cache_bytes(), reward_scale=scale)
             backend = make_backend(config, WorkerFactory(RMMWorker, (spec,)))
         search = RMMSearch(base, models, config.operator_list(), _Scorer(), config.settings(), out_dir=run.out,
                            on_event=run.emit, cancel=run.cancel, model_names=self.models, pool=backend,
