@@ -1,7 +1,8 @@
 """What every search of the Search tab is made of: its form (`Field`s), its `SearchSpec` and the
 registry, plus the helpers the searches share (form checks, operators, event series).
 
-A search registers a `SearchSpec`:
+A search registers a `SearchSpec` named as the engine's search (`mergecore.search.base.SEARCHES`:
+its config class, and the one program it runs through, come from there):
 
 - `fields`: the form, as `Field`s. Kinds: 'float', 'int', 'bool', 'choice', 'text', 'yaml'
   (a YAML code box), and session-aware ones the tab fills in: 'models' (the session's models
@@ -12,20 +13,19 @@ A search registers a `SearchSpec`:
   the session's models, the scalars listed before the first YAML / tasks field, those wide
   fields, then the other scalars in rows of four.
 - `make_config(values, session) -> config`: the form's values (field key -> value) and the
-  session (`SearchSession`: model name -> folder, base, tasks) -> the search's own config
-  (a pydantic model, `config_class`), or a `MergeError` with a one-line message.
-- `run(config, out_dir, emit, cancel, resume) -> summary dict`: runs the search, writing into
-  `out_dir`; `emit(Event)` for each event, `cancel` checked by the engine, `resume=True`
-  continues from the checkpoint in `out_dir` (the engine first sends the checkpointed history
-  as `replayed` events, so the plots start from the beginning). It must leave `recipe.yml` in
-  `out_dir` when it finishes.
+  session (`SearchSession`: model name -> folder, base, tasks) -> the engine search's config,
+  or a `MergeError` with a one-line message. `SearchSpec.run` runs it (`run_search`: events,
+  cancel, resume with the checkpointed history re-sent as `replayed` events, `recipe.yml`).
 - `plots`: `PlotSpec(title, figure)` where `figure(events, meta) -> plotly Figure`; `events`
   are `Event.as_dict()`s of the job, `meta` what `meta(config, session)` returned at start
   (e.g. the action names of a merging-map heatmap).
 - `progress(events, meta) -> (fraction or None, text)` and `summary_md(result, meta) -> markdown`.
   The search log shows the engine's line for each event (`mergecore.search.report.event_line`).
-- `dump_config` / `load_config`: the config as JSON data and back (saved as
-  `app_search.json` in the out dir, so Resume works after the page or the app restarted).
+- `meta(config, session)`: what the plots and the progress need besides the events;
+  `stops_after`: what Stop waits for; `log_every`: how often the log shows a training step.
+
+`dump_config` / `load_config` turn the config into JSON data and back (saved as
+`app_search.json` in the out dir, so Resume works after the page or the app restarted).
 """
 
 from __future__ import annotations
