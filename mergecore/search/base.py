@@ -102,9 +102,11 @@ class SearchRun:
 
 
 class Search(Protocol):
-    """A search built from its config (paths resolved and checked, nothing loaded or written)."""
+    """A search built from its config as `cls(config, root)` (paths resolved against `root`, the
+    config's folder, and checked; nothing loaded or written)."""
 
     kind: ClassVar[str]  # rmm | dam | evo: the output folder's marker, the event prefix, the checkpoint kind
+    config_class: ClassVar[type]  # the pydantic model of its YAML config
     final: Optional[EvalSpec]  # tasks scored once on the replayed result (never used to choose it)
 
     def sources(self) -> list[str]:
