@@ -234,3 +234,16 @@ def test_cli_runs_resumes_and_reports_errors(tiny_fmnist_family, tmp_path, capsy
         err = capsys.readouterr().err
         assert message in err, (message, err)
         assert "Traceback" not in err
+
+
+def test_default_popsize_is_cmas_own():
+    import warnings
+
+    import cma
+
+    from mergecore.search.evo.search import default_popsize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n in (1, 2, 3, 7, 20, 55, 300):
+            assert default_popsize(n) == cma.CMAEvolutionStrategy([0.0] * n, 0.5, {"verbose": -9}).popsize, n

@@ -21,17 +21,6 @@ from app.searches.dam import DAM
 from app.searches.evo import EVO, default_bounds, evo_methods, parse_bounds
 
 
-def _evo_checkpoint_best(config, root, out_dir):
-    """The best candidate of an evo checkpoint as event data. Not used by the app (the engine
-    replays a resumed run's best itself); kept only for tests/test_checkpoints_safe.py."""
-    from mergecore.search.evo.search import checkpoint_best
-
-    try:
-        best = checkpoint_best(out_dir)  # safetensors + JSON, never unpickled
-    except Exception:  # noqa: BLE001 - a bad checkpoint has no best to show
-        return None
-    return None if best is None else {"score": best.score, "scores": best.scores, "evaluation": best.evaluation}
-
 __all__ = [
     "DAM", "EVO", "RMM", "SEARCHES", "Field", "PlotSpec", "SearchSession", "SearchSpec", "add_operator",
     "default_bounds", "default_operators", "evo_methods", "field_default", "get_search",

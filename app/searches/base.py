@@ -242,10 +242,10 @@ def operator_methods(n_models: int = 2) -> list[str]:
 
 
 def starting_method() -> str:
-    """The method a new evolutionary template starts on: the first operator method with starting values."""
-    from mergecore.methods import DEFAULT_METHOD, all_methods
+    """The method a new evolutionary template starts on (the engine's default template)."""
+    from mergecore.methods import DEFAULT_TEMPLATE
 
-    return next((n for n, m in all_methods().items() if m.operator and m.starting), DEFAULT_METHOD)
+    return DEFAULT_TEMPLATE
 
 
 def operator_entry(method_name: str, n_models: int) -> dict[str, Any]:
@@ -257,11 +257,10 @@ def operator_entry(method_name: str, n_models: int) -> dict[str, Any]:
 
 
 def default_operators() -> list[dict[str, Any]]:
-    """The operators a new RMM form starts with: the default method and the evolutionary template's."""
-    from mergecore.methods import DEFAULT_METHOD
+    """The operators a new RMM form starts with (the engine's defaults, with their starting values)."""
+    from mergecore.methods import DEFAULT_OPERATORS
 
-    names = dict.fromkeys([DEFAULT_METHOD, starting_method()])
-    return [operator_entry(n, 2) for n in names]
+    return [operator_entry(n, 2) for n in DEFAULT_OPERATORS]
 
 
 def operators_yaml(entries: Sequence[dict[str, Any]]) -> str:

@@ -82,10 +82,9 @@ def _config(values: dict[str, Any], session: SearchSession):
 
 
 def _popsize(config, genes: int) -> int:
-    # TODO(engine): CMA-ES's default population belongs to mergecore.search.evo (it has no function for it yet)
-    import math
+    from mergecore.search.evo.search import default_popsize
 
-    return int(config.popsize) if config.popsize else 4 + int(3 * math.log(max(genes, 1)))
+    return int(config.popsize) if config.popsize else default_popsize(genes)
 
 
 def _meta(config, session: SearchSession) -> dict[str, Any]:

@@ -23,6 +23,10 @@ for _mod in pkgutil.iter_modules(__path__):
 
 # the method a new recipe starts on (the app's form, the demo)
 DEFAULT_METHOD = "ties"
+# the method an evolutionary template starts on, and the operators a new RMM search starts with
+# (the app's search forms; each with its `starting` values)
+DEFAULT_TEMPLATE = "task_arithmetic"
+DEFAULT_OPERATORS = ("ties", "task_arithmetic")
 
 
 def get_method(name: str) -> MergeMethod:
@@ -41,6 +45,8 @@ def all_methods() -> dict[str, MergeMethod]:
 
 __all__ = [
     "DEFAULT_METHOD",
+    "DEFAULT_OPERATORS",
+    "DEFAULT_TEMPLATE",
     "Ends",
     "REQUIRED",
     "MergeMethod",

@@ -61,6 +61,12 @@ def checkpoint_best(out_dir: Path) -> Optional["Candidate"]:
         return None if best is None else _candidate(best)
 
 
+def default_popsize(genes: int) -> int:
+    """CMA-ES's default population for `genes` dimensions: 4 + floor(3 ln n) (Hansen's rule, what
+    `cma` uses when no popsize is given); the app shows it before a search starts."""
+    return 4 + int(3 * np.log(max(int(genes), 1)))
+
+
 @dataclass
 class EvoSettings:
     sigma0: float = 1 / 6  # initial step in the [0, 1] gene cube (mergekit-evolve's default)

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mergecore.methods import DEFAULT_METHOD
 from mergecore.search.backend import BackendSpec
 from mergecore.search.base import EvalSpec, Found, SearchRun, run_search
 from mergecore.search.config import ModelList, Positive, Ratio, config_file, model_ref
@@ -67,7 +68,7 @@ class RMMConfig(BackendSpec):
     base_model: str
     models: ModelList
     operators: list[OperatorSpec] = Field(default_factory=lambda: [
-        OperatorSpec(name="ties", method="ties", parameters={"density": 0.3, "weight": 1.0}),
+        OperatorSpec(name=DEFAULT_METHOD, method=DEFAULT_METHOD, parameters={"density": 0.3, "weight": 1.0}),
     ])
     tasks: str
     final_tasks: Optional[str] = None  # scored once on the result (e.g. the test split); never used to choose
