@@ -347,10 +347,11 @@ class _Planner:
         dtype = self.forced or ref_info.dtype
         inputs = [(src.model, name) for src, name in feeds]
         base_in = (base_feed[0].model, base_feed[1]) if base_feed else None
-        copy = (
+        copy = (  # a method tagged "copy" is the identity at its defaults: read and write the bytes
             not vocab_like
-            and method.name == "passthrough"
-            and all(s in (None, 1.0) for s in params.get("scale", [None]))
+            and "copy" in method.tags
+            and all(all(v in (None, p.default) for v in (params[p.name] if p.per_model else [params[p.name]]))
+                    for p in method.params)
             and sources[inputs[0][0]].info(inputs[0][1]).dtype == dtype
         )
         self.jobs.append(TensorJob(out_name, shape, dtype, inputs, base_in, params, layer, t, copy=copy,

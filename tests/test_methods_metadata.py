@@ -82,3 +82,15 @@ def test_resolve_params_gives_what_the_executor_gives_a_tensor(llama_family):
     job = next(j for j in plan_merge(recipe).jobs if j.layer == 1)
     values, _ = get_method("ties").resolve_params({"weight": [1.0, 0.5], "density": 0.5, "lambda": 0.8}, 2)
     assert job.params == values
+
+
+def test_a_copy_tagged_method_at_its_defaults_is_planned_as_a_byte_copy(llama_family):
+    a, b = str(llama_family["a"]), str(llama_family["b"])
+    slices = [{"sources": [{"model": a, "layer_range": [0, 2]}]}, {"sources": [{"model": b, "layer_range": [2, 4]}]}]
+    plan = plan_merge(recipe_from_dict({"merge_method": "passthrough", "slices": slices}))
+    assert "copy" in get_method("passthrough").tags
+    assert plan.jobs and all(j.copy for j in plan.jobs)
+    scaled = [dict(s, parameters={"scale": 0.5}) for s in slices]
+    plan = plan_merge(recipe_from_dict({"merge_method": "passthrough", "slices": scaled}))
+    layer_jobs = [j for j in plan.jobs if j.layer is not None]
+    assert layer_jobs and not any(j.copy for j in layer_jobs)

@@ -16,7 +16,9 @@ The decorator reads the function's keyword-only parameters and turns each into a
 Tag `streaming` (in `merge_method(..., tags=("streaming",))`) says the method reads each entry
 of `tensors` once, in order. The executor then hands it an `OwnedInputs` sequence that reads
 each tensor from disk when it is accessed, so only one model's tensor is in memory at a time,
-and the method may overwrite it (`owns_inputs(tensors)` is True).
+and the method may overwrite it (`owns_inputs(tensors)` is True). Tag `copy` says the method is
+the identity on its one input when every parameter is at its default: the planner then copies
+the bytes (no float32 round trip), as passthrough slices need.
 
 The function's positional arguments are always `(tensors, base)`: `tensors` is the list of
 input tensors (float32, same shape) in recipe order, `base` the base model's tensor or None.

@@ -11,7 +11,7 @@ from mergecore.methods.base import BaseTensor, PerModel, Tensors, merge_method, 
 
 # not an operator: a layer copied from one model is already an RMM model action
 @merge_method(max_models=1, summary="copy one model's tensors unchanged (optionally scaled); used for frankenmerges",
-              formula="θ = sᵢ·θᵢ (copy)", paper="mergekit docs (passthrough / slices)", tags=("structural",),
+              formula="θ = sᵢ·θᵢ (copy)", paper="mergekit docs (passthrough / slices)", tags=("structural", "copy"),
               operator=False)
 def passthrough(tensors: Tensors, base: BaseTensor, *,
                 scale: Annotated[PerModel[float], "multiply the tensor by this factor"] = 1.0) -> torch.Tensor:
