@@ -31,6 +31,7 @@ class AppContext:
     hub_timeout: float = 6.0
     allowed_dirs: tuple[Path, ...] = ()  # --allow-dir: more folders a typed path may be in
     demo_dir: Optional[Path] = None  # --demo-dir (None: the default demo folder)
+    demo_build: Any = None  # app.demo_family.DemoBuild: the demo being built in the background (the Models tab)
 
     def read_roots(self) -> list[Path]:
         """The folders a path typed into the app may be in (`app.paths.confine`): the work dir,
