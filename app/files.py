@@ -3,6 +3,7 @@
     <work_dir>/sessions/<session id>/merges/<name>/   merged checkpoints (one folder per merge)
     <work_dir>/sessions/<owner id>/searches/<name>/   search runs (checkpoint, log, recipe.yml)
     <work_dir>/exports/<random>/                      recipe YAML and checkpoint zips to download
+    <work_dir>/uploads/<random>/<name>/               an export being pushed to the Hub (then removed)
 
 Only the exports folder is served (registered with `gr.set_static_paths`, so a multi-GB zip is
 served from where it was written instead of being copied into Gradio's cache), and only the app
@@ -13,16 +14,17 @@ Checkpoints larger than `zip_limit` are not zipped: the Export tab shows their f
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import time
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from mergecore.errors import MergeError
-from mergecore.io.outdir import write_marker
+from mergecore.io.outdir import MARKER, write_marker
 
 DEFAULT_ZIP_LIMIT = 2 * 1000**3
 EXPORT_MAX_AGE = 24 * 3600  # prepared downloads are kept a day
@@ -106,24 +108,57 @@ class Workspace:
         path.write_text(yaml_text)
         return path
 
-    def zip_checkpoint(self, folder: str | Path, name: Optional[str] = None) -> Optional[Path]:
-        """Zip a merged checkpoint into the exports folder; None if it is over `zip_limit`."""
-        folder = Path(folder)
-        if not (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
-            raise MergeError(f"{folder} is not a merged checkpoint")
-        size = folder_bytes(folder)
-        if size > self.zip_limit:
+    def zip_checkpoint(self, folder: str | Path, name: Optional[str] = None, *,
+                       replace: Optional[Mapping[str, str]] = None,
+                       extra: Optional[Mapping[str, Path]] = None) -> Optional[Path]:
+        """Zip a merged checkpoint into the exports folder, under `<name>/`; None if it is over
+        `zip_limit`. `replace`: files written with this text instead (the exported recipe and
+        card); `extra`: files added (relative path -> source, e.g. artifacts)."""
+        entries = export_entries(folder, replace, extra)
+        if sum(size for _, _, size in entries) > self.zip_limit:
             return None
-        out = self.export_dir() / f"{safe_name(name or folder.name) or 'checkpoint'}.zip"
+        out = self.export_dir() / f"{safe_name(name or Path(folder).name) or 'checkpoint'}.zip"
         tmp = out.with_suffix(".zip.part")
         # safetensors do not compress; store them, deflate the small text files
         with zipfile.ZipFile(tmp, "w") as zf:
-            for f in sorted(folder.rglob("*")):
-                if f.is_file():
-                    method = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".bin") else zipfile.ZIP_DEFLATED
-                    zf.write(f, f"{out.stem}/{f.relative_to(folder)}", compress_type=method)
+            for rel, src, _ in entries:
+                method = zipfile.ZIP_STORED if Path(rel).suffix in (".safetensors", ".bin") else zipfile.ZIP_DEFLATED
+                if isinstance(src, Path):
+                    zf.write(src, f"{out.stem}/{rel}", compress_type=method)
+                else:
+                    zf.writestr(f"{out.stem}/{rel}", src, compress_type=method)
         tmp.rename(out)
         return out
+
+    def stage_checkpoint(self, folder: str | Path, name: str, *, replace: Optional[Mapping[str, str]] = None,
+                         extra: Optional[Mapping[str, Path]] = None) -> Path:
+        """The export of a checkpoint as a folder to upload: `<work_dir>/uploads/<random>/<name>/`
+        (not served), its files hard-linked where the file system allows (copied otherwise),
+        `replace` and `extra` as in `zip_checkpoint`. Remove it with `remove_staged`."""
+        entries = export_entries(folder, replace, extra)
+        uploads = self.root / "uploads"
+        uploads.mkdir(exist_ok=True)
+        for d in uploads.iterdir():  # left by a push the app did not finish (a restart)
+            if d.is_dir() and time.time() - d.stat().st_mtime > EXPORT_MAX_AGE:
+                shutil.rmtree(d, ignore_errors=True)
+        out = uploads / uuid.uuid4().hex / (safe_name(name) or "checkpoint")
+        out.mkdir(parents=True)
+        for rel, src, _ in entries:
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(src, str):
+                dest.write_text(src)
+                continue
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copy2(src, dest)
+        return out
+
+    def remove_staged(self, staged: Path) -> None:
+        staged = Path(staged)
+        if staged.parent.parent == self.root / "uploads":
+            shutil.rmtree(staged.parent, ignore_errors=True)
 
     def owns(self, path: str | Path) -> bool:
         try:
@@ -131,6 +166,24 @@ class Workspace:
             return True
         except ValueError:
             return False
+
+
+def export_entries(folder: str | Path, replace: Optional[Mapping[str, str]] = None,
+                   extra: Optional[Mapping[str, Path]] = None) -> list[tuple[str, Path | str, int]]:
+    """(relative path, source file or text, bytes) of an exported checkpoint: the folder's files
+    (not the marker that says this app wrote it), `replace`'s as text, `extra` added."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
+        raise MergeError(f"{folder} is not a merged checkpoint")
+    replace, extra = dict(replace or {}), dict(extra or {})
+    out: list[tuple[str, Path | str, int]] = []
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder).as_posix()
+        if f.is_file() and rel != MARKER and rel not in replace and rel not in extra:
+            out.append((rel, f, f.stat().st_size))
+    out += [(rel, text, len(text.encode())) for rel, text in replace.items()]
+    out += [(rel, Path(src), Path(src).stat().st_size) for rel, src in extra.items()]
+    return sorted(out, key=lambda e: e[0])
 
 
 def folder_bytes(folder: Path) -> int:
