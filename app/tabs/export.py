@@ -123,14 +123,26 @@ def merge_folder(ctx: AppContext, owner: str, name: Optional[str]) -> Path:
 
 def merge_scores(ctx: AppContext, owner: str, name: str) -> Optional[list[dict[str, Any]]]:
     """The rows of this session's latest evaluation that scored the merge `name` (Compare's
-    Evaluate, or the scores of a search's replay), or None."""
+    Evaluate, or the scores of a search's replay), else those its merge history kept, or None."""
     found = None
     for job in ctx.jobs.jobs(owner, status=DONE):
         table = job.result if job.kind == "eval" else job.meta.get("scores") if job.kind == "merge" else None
         rows = table_rows(table)
         if any(r.get("model") == name for r in rows):
             found = rows
-    return found
+    return found if found is not None else recorded_scores(ctx, owner, name)
+
+
+def recorded_scores(ctx: AppContext, owner: str, name: str) -> Optional[list[dict[str, Any]]]:
+    """The scores the merge history keeps for `name` (once the app restarted, the jobs are gone)."""
+    try:
+        from app import history
+
+        recs = history.records(ctx.sessions, ctx.jobs, owner)
+    except (ImportError, AttributeError, MergeError, OSError):  # no history (yet) to ask
+        return None
+    scores = next((r.get("scores") for r in reversed(recs) if r.get("name") == name and r.get("scores")), None)
+    return [{"model": name, **scores}] if isinstance(scores, dict) else None
 
 
 def table_rows(table: Any) -> list[dict[str, Any]]:
