@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from _app_helpers import EXPERTS, client, figure, poll_merge, poll_search, recipe_text, replay_scores, search_args
+from app.searches import merging_map
 from mergecore.errors import MergeError
 
 pytest_plugins = ("_app_helpers",)
@@ -98,6 +99,13 @@ def test_client_rmm_search_streams_events_and_its_recipe_merges(fmnist_server, f
     assert "Best merge" in out[-5] and "merge_method: passthrough" in out[-4]["value"]
     job = ctx.jobs.find(f"browser-{KEY_A}", data["id"])
     assert (Path(job.meta["out"]) / "result.json").is_file()
+    # the map, the text and the recipe show one result: the re-ranked best that recipe.yml holds
+    best = job.result["best"]["emitted"]
+    done = next(e.data for e in job.events if e.kind == "rmm.done")
+    assert done["best_trajectory"] == best and done["scored_on"] == "all data"
+    assert hm["z"] == merging_map(best, len(hm["y"]), len(hm["x"]))[0]
+    assert "(all data)" in heatmap["layout"]["title"]["text"]
+    assert f"{len(best)} layers: " in out[-5]
 
     # use the recipe: it lands in the Recipe tab's YAML and merges on the Merge tab
     out = c.predict(KEY_A, api_name="/use_search_recipe")
@@ -110,6 +118,52 @@ def test_client_rmm_search_streams_events_and_its_recipe_merges(fmnist_server, f
     scores, out = replay_scores(c, KEY_A, "rmm")
     assert "mean" in scores["headers"]
     assert "rmm-best" in out[3]["choices"][-1]  # offered on the Compare tab
+
+
+def test_merging_map_shows_the_result_not_the_subset_best():
+    """Once the search is done, the map shows the trajectory the rmm.done event names (the re-ranked
+    best of recipe.yml and the summary), not the last episode's best on the data subsets."""
+    from app.searches.rmm import RMM, best_shown
+
+    subset_best, reranked = [[0, 0], [1, 0]], [[0, 1], [1, 2]]
+    episodes = [{"kind": "rmm.episode", "data": {"episode": i, "best_reward": 90.0, "best_trajectory": subset_best}}
+                for i in range(3)]
+    meta = {"action_names": ["a", "b", "ties"], "layers": 2}
+    heatmap = next(p for p in RMM.plots if "map" in p.title).figure
+    assert best_shown(episodes)[0] == subset_best  # while it runs: the best so far
+    running = heatmap(episodes, meta)
+    assert [list(r) for r in running.data[0].z] == [[1, 1], [0, 0], [0, 0]] and "subsets" in running.layout.title.text
+    done = episodes + [{"kind": "rmm.done", "data": {"best_reward": 80.0, "best_trajectory": reranked,
+                                                      "scored_on": "all data"}}]
+    fig = heatmap(done, meta)
+    assert [list(r) for r in fig.data[0].z] == [[0, 0], [1, 0], [0, 1]]
+    assert "reward 80.0 (all data)" in fig.layout.title.text
+
+
+def test_resumed_rmm_counts_the_whole_run(fmnist_demo, tmp_path):
+    """A resumed run's result (and the Search tab's summary) counts the episodes, evaluations and
+    seconds of the whole run, the checkpointed part included."""
+    from mergecore.events import CancelToken
+    from mergecore.search.base import read_events
+
+    from _app_helpers import demo_session
+    from app import searches as srch
+
+    spec, session = srch.get_search("rmm"), demo_session(fmnist_demo)
+    values = {f.key: srch.field_default(f, session) for f in spec.fields}
+    values.update(episodes=4, data_ratio=0.5, update_every=2, rerank_top=0, models=EXPERTS[:2])
+    first = spec.run(spec.make_config(values, session), tmp_path, lambda ev: None, CancelToken(), False)
+    events: list = []
+    second = spec.run(spec.make_config({**values, "episodes": 8}, session), tmp_path, events.append, CancelToken(),
+                      True)  # resumed from the checkpoint of episode 4, with four more episodes
+    assert any(e.kind == "rmm.resumed" and e.data["episode"] == 4 for e in events)
+    eps = {e.data["episode"]: e.data for e in read_events(tmp_path) if e.kind == "rmm.episode"}
+    assert sorted(eps) == list(range(8))
+    assert second["episodes"] == 8 and second["evaluations"] == eps[7]["evaluations"] > first["evaluations"]
+    assert second["eval_seconds"] == pytest.approx(sum(d["eval_seconds"] for d in eps.values()))
+    assert second["eval_seconds"] > first["eval_seconds"] > 0 and second["seconds"] > first["seconds"]
+    text = spec.summary_md(second, {"action_names": EXPERTS[:2], "resumed": True})
+    assert "8 episodes" in text and f"{second['seconds']:.1f} s in all" in text
 
 
 def test_client_search_stop_resume_and_a_second_page(fmnist_server, fmnist_demo):

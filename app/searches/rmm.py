@@ -92,16 +92,29 @@ def merging_map(trajectory: Sequence[Sequence[int]], n_actions: int, n_layers: i
     return z, text
 
 
-def _heatmap_figure(events, meta):
+def best_shown(events: Sequence[dict[str, Any]]) -> tuple[Optional[list], Optional[float], str]:
+    """(trajectory, reward, what the reward was measured on) the merging map shows: once the search
+    is done, its result as the `rmm.done` event names it (the re-ranked best that recipe.yml and the
+    summary hold); before that, the best trajectory so far on the episodes' data subsets."""
+    done = next((e.get("data") or {} for e in reversed(events) if e.get("kind") == "rmm.done"), None)
+    if done and done.get("best_trajectory"):
+        return done["best_trajectory"], done.get("best_reward"), str(done.get("scored_on") or "")
     eps = _episodes(events)
-    best = next((d["best_trajectory"] for d in reversed(eps) if d.get("best_trajectory")), None)
+    best = next((d for d in reversed(eps) if d.get("best_trajectory")), None)
+    if best is None:
+        return None, None, ""
+    return best["best_trajectory"], best.get("best_reward"), "best so far, on the episodes' subsets"
+
+
+def _heatmap_figure(events, meta):
+    best, reward, scored_on = best_shown(events)
     names = list(meta.get("action_names") or [])
     if not best or not names:
         return plots.empty_figure("Best merging map (layers × actions)")
     n_layers = max(int(meta.get("layers") or 0), max(layer for layer, _ in best) + 1)
     z, text = merging_map(best, len(names), n_layers)
-    reward = next((d["best_reward"] for d in reversed(eps) if d.get("best_reward") is not None), None)
-    title = "Best merging map (layers × actions)" + (f", subset reward {reward:.1f}" if reward is not None else "")
+    title = "Best merging map (layers × actions)" + (f", reward {reward:.1f} ({scored_on})" if reward is not None
+                                                     else "")
     return plots.heatmap_figure(title, z, [f"layer {i}" for i in range(n_layers)], names, text=text,
                                 x_title="source layer (cells: position in the merged model)")
 

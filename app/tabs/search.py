@@ -23,7 +23,7 @@ from mergecore.errors import MergeError
 from app import forms, plots
 from app import searches as srch
 from app.context import AppContext, Page, owner_of
-from app.jobs import CANCELLED, DONE, FAILED, Job
+from app.jobs import CANCELLED, DONE, FAILED, FINISHED, Job
 from app.render import error_md, fmt_seconds, notes_md, progress_html
 from app.searches import runs
 
@@ -276,28 +276,33 @@ class SearchTab:
             job = ctx.jobs.find(owner, job_id)
             if job is None:
                 return (*[gr.skip()] * (len(poll_outputs) - 3), gr.Timer(active=False), gr.skip(), gr.skip())
+            # the status before the events: a job seen finished has all its events in the snapshot
+            # (its last one, e.g. rmm.done, names the result the plots show); one that finishes
+            # meanwhile is shown finished on the next poll
+            status = job.status
+            done = status in FINISHED
             snap = ctx.jobs.snapshot(owner, job.id)
             meta, events = snap["meta"], snap["events"]
             spec = srch.get_search(meta["search"])
             frac, text = spec.progress(events, meta)
-            redraw = snap["cursor"] != seen or job.done
+            redraw = snap["cursor"] != seen or done
             figs = self.figures(spec, lambda p: p.figure(events, meta)) if redraw else [gr.skip()] * n_plots
             log_text = "\n".join(snap["log"][-300:])
-            data = {"id": job.id, "search": spec.name, "status": job.status, "events": snap["cursor"],
+            data = {"id": job.id, "search": spec.name, "status": status, "events": snap["cursor"],
                     "episodes": len([e for e in events if e["kind"].endswith(".episode")]), "fraction": frac,
                     "out": meta.get("out"), "error": job.error}
-            if not job.done:
+            if not done:
                 return (progress_html(frac, f"{text} · {fmt_seconds(job.elapsed)}"), log_text, *figs,
                         *[gr.skip()] * 5, snap["cursor"], data)
             out = Path(meta["out"])
-            if job.status == DONE:
+            if status == DONE:
                 recipe = out / runs.RECIPE_FILE
                 summary = spec.summary_md(job.result, meta) + f"\n\nFolder: `{out}`"
                 bar = progress_html(1.0, f"done in {fmt_seconds(job.elapsed)} · {text}", DONE)
                 return (bar, log_text, *figs, summary,
                         gr.Code(value=recipe.read_text() if recipe.is_file() else "", visible=True),
                         gr.Row(visible=True), "", gr.Timer(active=False), snap["cursor"], data)
-            if job.status == CANCELLED:
+            if status == CANCELLED:
                 bar = progress_html(frac, f"stopped · {text}", CANCELLED)
                 msg = f"Stopped. **Resume** continues from the last checkpoint in `{out}`."
             else:

@@ -25,7 +25,6 @@ the scores of OUT_DIR/model), `events.jsonl`, `rmm_log.jsonl` (one line per epis
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
@@ -184,7 +183,6 @@ class RMM:
                            identity=self.identity(), replay_history=run.replay_history)
         if run.resume:
             search.try_resume()
-        t0 = time.time()
         try:
             result = search.run()
         finally:
@@ -208,14 +206,18 @@ class RMM:
                     for t in result.top],
             "episodes": result.episodes,
             "evaluations": result.evaluations,
-            "eval_seconds": search.eval_seconds,
-            "seconds": time.time() - t0,
+            "eval_seconds": search.eval_seconds,  # the whole run's, also when it was resumed
+            "seconds": search.elapsed(),
             "cache": {"hits": search.cache.hits, "misses": search.cache.misses} if search.cache else None,
             "config": config.model_dump(),
         }
         recipe = trajectory_recipe(best.emitted, self.base, self.models, config.operator_list(), seed=config.seed)
-        return Found(recipe, summary, {"best_reward": best.reward, "recipe": str(run.out / "recipe.yml")}, scored,
-                     best.reward / scale)
+        # the rmm.done event names the result (after the re-ranking, which may pick another trajectory
+        # than the episodes' subset-best), so a UI draws the same trajectory the recipe holds
+        done = {"best_reward": best.reward, "best_trajectory": summary["best"]["emitted"],
+                "scored_on": summary["best"]["scored_on"], "episode": best.episode,
+                "recipe": str(run.out / "recipe.yml")}
+        return Found(recipe, summary, done, scored, best.reward / scale)
 
 
 SEARCH = RMM

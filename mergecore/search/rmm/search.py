@@ -147,6 +147,10 @@ class RMMSearch:
         self.evaluations = 0
         self.eval_seconds = 0.0  # building candidates + scoring them
         self.build_seconds = 0.0  # of which: assembling the candidate model
+        # the run's time before this process took it over (up to its checkpoint), so a resumed run's
+        # seconds, like its episodes and evaluations, count the whole run
+        self.prior_seconds = 0.0
+        self._started: Optional[float] = None
         self.memo: dict[tuple, tuple[float, dict[str, float]]] = {}
         self.top: list[Trajectory] = []
         self.history: list[dict[str, Any]] = []
@@ -159,6 +163,9 @@ class RMMSearch:
         state = {
             "episode": self.episode,
             "evaluations": self.evaluations,
+            "eval_seconds": self.eval_seconds,
+            "build_seconds": self.build_seconds,
+            "seconds": self.elapsed(),
             "agent": pack_tree(self.agent.state_dict(), "agent", tensors),
             "dar": {"last": self.dar.last},
             "top": [{"emitted": [list(x) for x in t.emitted], "actions": list(t.actions), "reward": t.reward,
@@ -194,8 +201,13 @@ class RMMSearch:
                 memo[(tuple(_emitted(emitted)), subset)] = (float(reward), metrics)
             if episode < 0 or evaluations < 0:
                 raise ValueError(f"episode {episode} / evaluations {evaluations} out of range")
+            # times up to the checkpoint (absent from checkpoints written before they were kept: 0)
+            times = {k: state.get(k, 0.0) for k in ("eval_seconds", "build_seconds", "seconds")}
+            if not all(type(v) in (int, float) and v >= 0 for v in times.values()):
+                raise TypeError("'eval_seconds', 'build_seconds' and 'seconds' must be non-negative numbers")
             self.agent.load_state_dict(unpack_tree(need(state, "agent", dict), tensors))
         self.episode, self.evaluations = episode, evaluations
+        self.eval_seconds, self.build_seconds, self.prior_seconds = (float(times[k]) for k in times)
         self.dar.last = last
         self.top, self.history, self.memo = top, history, memo
         if self.replay_history:  # the episodes before the checkpoint, so a plot starts at the first
@@ -205,6 +217,10 @@ class RMMSearch:
         return True
 
     # -- loop --------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        """Seconds the run has taken: before its checkpoint, plus this process's part."""
+        return self.prior_seconds + (time.time() - self._started if self._started is not None else 0.0)
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.on_event:
@@ -332,7 +348,7 @@ class RMMSearch:
         del self.top[self.settings.keep_top:]
 
     def run(self) -> RMMResult:
-        start = time.time()
+        self._started = time.time()
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         log = None
@@ -356,7 +372,7 @@ class RMMSearch:
                 log.close()
         if not self.top:
             raise MergeError("no episode produced a model (every episode fell off the first layer)")
-        return RMMResult(self.top[0], list(self.top), self.episode, self.evaluations, time.time() - start)
+        return RMMResult(self.top[0], list(self.top), self.episode, self.evaluations, self.elapsed())
 
 
 def rerank_on_full(search: RMMSearch, full_scorer: Callable[[nn.Module], tuple[float, dict[str, float]]]) -> Trajectory:
