@@ -1,11 +1,15 @@
 """Start the mergecore app: `python launch.py [--host 127.0.0.1] [--port 7860] [--share] [--allow-dir DIR]`.
 
-On first run the built-in demo models are built locally (no download; a progress bar is
-printed): by default the miniature fmnist-vit family, a small ViT and four experts trained on
-Fashion-MNIST and digits in about a minute on a CPU (`--demo-family synthetic-llama` for three
-tiny random Llamas instead). Then the app opens on them. Everything the app writes goes under
---work-dir. A path typed into the app is only read inside the work dir, the demo dir, the Hugging
-Face cache and the folders given with --allow-dir (repeatable; `app.paths`).
+The page is served at once. The built-in demo models are built meanwhile, on a background thread
+(locally, no download; cached afterwards, so later starts only load them): by default the
+miniature fmnist-vit family, a small ViT and four experts trained on Fashion-MNIST and digits in
+about a minute on a CPU (`--demo-family synthetic-llama` for three tiny random Llamas instead).
+The Models tab shows the build's stage, percent and seconds (the terminal a progress bar), loads
+the demo into the pages that have no models yet when it is done and offers it to the others; Hub
+or local models can be added meanwhile. If the default demo cannot be built, the page says why
+in one line and opens on the synthetic demo. Everything the app writes goes under --work-dir. A
+path typed into the app is only read inside the work dir, the demo dir, the Hugging Face cache
+and the folders given with --allow-dir (repeatable; `app.paths`).
 """
 
 from __future__ import annotations
@@ -38,48 +42,24 @@ def main(argv=None) -> int:
     from mergecore.errors import MergeError
     from mergecore.io.writer import parse_size
 
-    from app.demo_family import build_demo_family
-
     for d in args.allow_dir:  # before the demo is built: a typo should not cost a minute
         if not os.path.isdir(os.path.expanduser(d)):
             print(f"error: --allow-dir {d}: not a folder", file=sys.stderr)
             return 2
 
-    family = None
-    if not args.no_demo:
-        import transformers
+    if not args.no_demo:  # an unknown family is refused before anything starts
+        from app.demo_family import PROVIDERS
 
-        transformers.utils.logging.disable_progress_bar()
-        start = time.time()
-        print("preparing the demo models (built locally on first run; cached afterwards) ...", flush=True)
+        name = args.demo_family or os.environ.get("MERGECORE_DEMO_FAMILY")
+        if name and name not in PROVIDERS:
+            print(f"error: unknown demo family '{name}'; known: {', '.join(PROVIDERS)}", file=sys.stderr)
+            return 2
 
-        last = [""]
-
-        def progress(ev):
-            d = ev.data
-            frac = d.get("fraction", 0) or 0
-            bar = "#" * int(30 * frac)
-            line = f"  [{bar:<30}] {100 * frac:5.1f}%  {time.time() - start:5.0f} s  {str(d.get('stage', ''))[:60]}"
-            if line != last[0]:
-                last[0] = line
-                print(f"\r{line:<110}", end="", flush=True)
-
-        try:
-            family = build_demo_family(args.demo_family, args.demo_dir, progress=progress)
-        except MergeError as err:
-            if args.demo_family or os.environ.get("MERGECORE_DEMO_FAMILY"):
-                print(f"\nerror: {err}", file=sys.stderr)
-                return 2
-            # e.g. Fashion-MNIST is not installed: open on the synthetic demo rather than not at all
-            print(f"\n  the default demo could not be built: {err}\n  opening on the synthetic demo instead "
-                  f"(--demo-family synthetic-llama)", flush=True)
-            family = build_demo_family("synthetic-llama", args.demo_dir, progress=progress)
-        print(f"\n  {family.title}: {len(family.models)} models ready in {time.time() - start:.1f} s", flush=True)
-
+    from app.tabs.models import start_demo_build
     from app.ui import build_app, launch_kwargs, make_context
 
     try:
-        ctx = make_context(args.work_dir or (cache_root() / "app"), demo=family, zip_limit=parse_size(args.zip_limit),
+        ctx = make_context(args.work_dir or (cache_root() / "app"), zip_limit=parse_size(args.zip_limit),
                            allowed_dirs=args.allow_dir, demo_dir=args.demo_dir)
     except MergeError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -91,8 +71,49 @@ def main(argv=None) -> int:
     # merges run in worker threads: on Ctrl-C / SIGTERM / SIGHUP the main thread removes their
     # temporary folders (the process-wide registry) before the app stops
     install_signal_handlers()
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(ctx))
+    # the page first (Gradio prints its address), then the demo build behind it
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+                **launch_kwargs(ctx))
+    if not args.no_demo:
+        build_in_background(ctx, args.demo_family, start_demo_build)
+    demo.block_thread()
     return 0
+
+
+def build_in_background(ctx, name, start_demo_build) -> None:
+    """Build the demo family behind the served page, with a progress bar in the terminal (the
+    Models tab shows the same progress); a failed default build falls back to the synthetic demo."""
+    import threading
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    print("building the demo models in the background (cached after the first run; the page is up) ...", flush=True)
+    last, start = [""], time.time()
+
+    def progress(ev):
+        d = ev.data
+        frac = d.get("fraction", 0) or 0
+        line = (f"  [{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  {time.time() - start:5.0f} s  "
+                f"{str(d.get('stage', ''))[:60]}")
+        if line != last[0]:
+            last[0] = line
+            print(f"\r{line:<110}", end="", flush=True)
+
+    fallback = not (name or os.environ.get("MERGECORE_DEMO_FAMILY"))
+    build = start_demo_build(ctx, name, fallback=fallback, on_progress=progress)
+
+    def report() -> None:
+        build.wait()
+        if build.note:
+            print(f"\n  {build.note}", flush=True)
+        if build.family is None:
+            print(f"\nerror: the demo models could not be built: {build.error}", file=sys.stderr, flush=True)
+        else:
+            print(f"\n  {build.family.title}: {len(build.family.models)} models ready in {build.elapsed:.1f} s",
+                  flush=True)
+
+    threading.Thread(target=report, name="mergecore-demo-report", daemon=True).start()
 
 
 if __name__ == "__main__":

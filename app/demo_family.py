@@ -16,6 +16,10 @@ A provider is one function `build(root, progress=None, cancel=None, settings=Non
 - `synthetic-llama`: three tiny Llama checkpoints with random weights
   (`mergecore.demo.build_synthetic_llamas`), labelled synthetic everywhere they appear.
 
+`DemoBuild` builds a family on a background thread: `launch.py` serves the page at once and the
+Models tab shows the build's stage, percent and seconds until it is done (a failed default build
+falls back to `synthetic-llama`, saying why in one line).
+
 Nothing else in the app knows which provider is in use: the Models tab lists `models`, the
 Compare tab runs the evaluator over `tasks` and shows `examples`, the Search tab scores on
 `val_tasks` (or `tasks`).
@@ -246,3 +250,94 @@ def build_demo_family(name: Optional[str] = None, root: Optional[Path] = None,
     base.mkdir(parents=True, exist_ok=True)
     with _BUILD_LOCK:
         return PROVIDERS[name](base, progress=progress, cancel=cancel, settings=settings)
+
+
+def one_line(err: BaseException) -> str:
+    """A failure as one line (a MergeError's text as it is)."""
+    from mergecore.errors import MergeError
+
+    msg = " ".join(str(err).split())
+    return msg if isinstance(err, MergeError) else (f"{type(err).__name__}: {msg}" if msg else type(err).__name__)
+
+
+class DemoBuild:
+    """A demo family built on a background thread, watched by the page while it runs.
+
+    `name` None is the default family (`$MERGECORE_DEMO_FAMILY` or `DEFAULT_PROVIDER`); with
+    `fallback`, a failed build opens on `synthetic-llama` instead (what `launch.py` does when no
+    family was asked for), and `note` says why. `start(on_done)` calls `on_done(family)` on the
+    build's thread when a family is ready; `snapshot()` is what the page shows."""
+
+    def __init__(self, name: Optional[str] = None, root: Optional[Path] = None, *, fallback: bool = False,
+                 on_progress: Optional[ProgressFn] = None, settings: Optional[dict[str, Any]] = None):
+        self.name, self.root, self.fallback, self.settings = name, root, fallback, settings
+        self.on_progress = on_progress
+        self.cancel = CancelToken()
+        self.stage, self.fraction = "starting", 0.0
+        self.started: Optional[float] = None
+        self.finished: Optional[float] = None
+        self.family: Optional[DemoFamily] = None
+        self.error: Optional[str] = None  # the build failed (and so did the fallback): one line
+        self.note: Optional[str] = None  # the default build failed and the synthetic demo is built instead
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self, on_done: Optional[Callable[[DemoFamily], None]] = None) -> "DemoBuild":
+        self.started = time.time()
+        self._thread = threading.Thread(target=self._run, args=(on_done,), name="mergecore-demo-build", daemon=True)
+        self._thread.start()
+        return self
+
+    def _progress(self, ev: Event) -> None:
+        with self._lock:
+            self.stage = str(ev.data.get("stage") or self.stage)
+            self.fraction = float(ev.data.get("fraction") or 0.0)
+        if self.on_progress is not None:
+            self.on_progress(ev)
+
+    def _build(self, name: Optional[str]) -> DemoFamily:
+        return build_demo_family(name, self.root, progress=self._progress, cancel=self.cancel,
+                                 settings=self.settings if name == self.name else None)
+
+    def _run(self, on_done: Optional[Callable[[DemoFamily], None]]) -> None:
+        from mergecore.errors import Cancelled
+
+        try:
+            try:
+                family = self._build(self.name)
+            except Cancelled:
+                raise
+            except Exception as err:  # noqa: BLE001 (any failure is shown as one line in the page)
+                if not self.fallback:
+                    raise
+                with self._lock:
+                    self.note = f"the default demo could not be built ({one_line(err)}); opening on the synthetic demo"
+                    self.stage, self.fraction = "synthetic tiny Llamas", 0.0
+                family = self._build("synthetic-llama")
+            self.family = family
+            if on_done is not None:
+                on_done(family)
+        except Exception as err:  # noqa: BLE001
+            self.error = one_line(err)
+        finally:
+            self.finished = time.time()
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    @property
+    def elapsed(self) -> float:
+        return ((self.finished or time.time()) - self.started) if self.started is not None else 0.0
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the build ended (scripts and tests; the page polls `snapshot`)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.done
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"stage": self.stage, "fraction": 1.0 if self.family is not None else self.fraction,
+                    "elapsed": self.elapsed, "done": self.done, "error": self.error, "note": self.note,
+                    "title": self.family.title if self.family is not None else None}

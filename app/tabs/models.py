@@ -1,15 +1,24 @@
 """The Models tab: the session's models (the demo family, local folders, Hub downloads), the
 base model, and whether they can be merged tensor by tensor.
 
-Named API endpoints: /load_demo, /add_model, /poll_models, /hub_search, /set_base, /remove_model.
+On first start the demo family is built in the background (`launch.py` serves the page at once,
+`app.demo_family.DemoBuild`): the tab shows the build's stage, percent and seconds beside the
+demo button, loads the demo into a session that has no models yet when it is done, and offers it
+to the others. Models can be added meanwhile. Each action's message stays where it happened (the
+Hub search's under the search box, the demo build's beside its button, the rest in the status
+line), with a toast.
+
+Named API endpoints: /load_demo, /poll_demo, /add_model, /poll_models, /hub_search, /set_base,
+/remove_model.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import gradio as gr
 
@@ -18,14 +27,21 @@ from mergecore.errors import MergeError
 from app import forms
 from app import state as st
 from app.context import AppContext, Page, owner_of
-from app.demo_family import DemoFamily
-from app.jobs import DONE, one_line_error
+from app.demo_family import DemoBuild, DemoFamily, one_line
+from app.jobs import DONE, FAILED
 from app.render import error_md, fmt_seconds, progress_html
+
+# the table's columns (app.state.MODEL_COLUMNS) get room for their header on one line; the
+# source (a folder or a Hub id) takes the rest and wraps
+COLUMN_WIDTHS = ["140px", "70px", "230px", "80px", "110px", "90px", "90px", "360px"]
+BUILDING = "The demo models are being built (first start); add a Hub model or a local folder meanwhile."
 
 
 class ModelsTab:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
+        self.hub = HubSearches(lambda: ctx.hub_timeout, lambda: ctx.hub_search)
+        self._build_lock = threading.Lock()
 
     def build(self, page: Page) -> None:
         with gr.Tab("Models", id="models"):
@@ -33,21 +49,23 @@ class ModelsTab:
                 with gr.Column(scale=3):
                     with gr.Row():
                         self.ref_tb = gr.Textbox(label="Hub id or local folder", scale=4,
-                                                 placeholder="org/name or /path/to/model")
-                        self.add_btn = gr.Button("Add model", variant="secondary", scale=1)
+                                                 placeholder="org/name or /path/to/model", elem_id="models-ref")
+                        self.add_btn = gr.Button("Add model", variant="secondary", scale=1, elem_id="models-add")
                     with gr.Row():
                         self.hub_q = gr.Textbox(label="Search the Hub", placeholder="e.g. tiny llama", scale=3)
                         self.hub_btn = gr.Button("Search", scale=1)
                         self.hub_dd = gr.Dropdown(label="Hub results", choices=[], scale=3, allow_custom_value=True)
+                    self.hub_md = gr.Markdown("", elem_id="hub-status")
                 with gr.Column(scale=2):
-                    self.demo_btn = gr.Button("Load the built-in demo models", variant="primary")
+                    self.demo_btn = gr.Button("Load the built-in demo models", variant="primary", elem_id="demo-btn")
+                    self.demo_progress = gr.HTML("", elem_id="demo-build")
                     self.trust_cb = gr.Checkbox(
                         label="trust remote code (run Python shipped with a model repo)", value=False,
                         info="Off: models whose architecture is not in transformers are refused.")
-            page.comps["models_status"] = gr.Markdown("")
+            page.comps["models_status"] = gr.Markdown("", elem_id="models-status")
             self.fetch_progress = gr.HTML("")
             self.models_df = gr.Dataframe(headers=st.MODEL_COLUMNS, value=[], interactive=False, label="Models",
-                                          wrap=True)
+                                          wrap=True, column_widths=COLUMN_WIDTHS, elem_id="models-table")
             self.compat_md = gr.Markdown("Add at least two models to merge.")
             with gr.Row():
                 self.base_dd = gr.Dropdown(label="Base model", choices=[], value=None, interactive=True)
@@ -55,6 +73,7 @@ class ModelsTab:
                 self.remove_btn = gr.Button("Remove")
             self.fetch_timer = gr.Timer(0.5, active=False)
             self.fetch_job = gr.State("")
+            self.demo_timer = gr.Timer(1.0, active=False)
 
     # -- the session's views ----------------------------------------------------------------------
 
@@ -70,39 +89,78 @@ class ModelsTab:
         return [st.models_table(state), compat, gr.Dropdown(choices=names, value=state.get("base")),
                 gr.Dropdown(choices=names, value=None), family_text(self.ctx.demo) if state.get("family") else ""]
 
+    # -- the demo build ---------------------------------------------------------------------------
+
+    def start_demo_build(self, name: Optional[str] = None, *, fallback: bool = False,
+                         on_progress: Optional[Callable[[Any], None]] = None,
+                         settings: Optional[dict[str, Any]] = None) -> DemoBuild:
+        """Build the demo family in the background (once for the app, whichever page asks)."""
+        return start_demo_build(self.ctx, name, fallback=fallback, on_progress=on_progress, settings=settings,
+                                lock=self._build_lock)
+
     # -- events -----------------------------------------------------------------------------------
 
     def wire(self, page: Page) -> None:
         ctx, refresh = self.ctx, page.refresh
         session = [page.session_state, page.form_state, page.form_version]
+        status = page.comps["models_status"]
         fetch_outputs = page.status_outputs + [self.fetch_job, self.fetch_timer, self.fetch_progress]
+        demo_outputs = page.status_outputs + [self.demo_timer, self.demo_progress]
 
-        def on_load_demo(state, form, version, request: gr.Request):
+        def said(msg: str, *rest: Any) -> tuple:
+            """Only the status line (and `rest`): the session is left as it is."""
+            return (*page.skip_refresh(), msg, *rest)
+
+        def on_load_demo(state, form, version, request):
             try:
                 state, form = load_demo(ctx, state)
             except MergeError as err:
+                gr.Warning(str(err))
                 return refresh(state, form, version, request, status=error_md(err))
-            return refresh(state, form, version, request, status=f"Loaded the demo models ({ctx.demo.title}).")
-
-        def failed(state, form, version, request, err):
-            return (*refresh(state, form, version, request, status=error_md(err)), gr.skip(), gr.skip(), "")
+            build = ctx.demo_build
+            note = f" ({build.note})" if build is not None and build.note else ""
+            gr.Info(f"Loaded the demo models ({ctx.demo.title}).")
+            return refresh(state, form, version, request, status=f"Loaded the demo models ({ctx.demo.title}){note}.")
 
         def on_demo_button(state, form, version, request: gr.Request):
             if ctx.demo is not None:
-                return (*on_load_demo(state, form, version, request), gr.skip(), gr.skip(), "")
-            # started with --no-demo: build the demo family in the background first
-            from app.demo_family import build_demo_family
+                return (*on_load_demo(state, form, version, request), gr.Timer(active=False), gr.skip())
+            build = ctx.demo_build
+            if build is None or (build.done and build.family is None):
+                # started with --no-demo (or the last build failed): build it now, for every page
+                build = self.start_demo_build(fallback=not os.environ.get("MERGECORE_DEMO_FAMILY"))
+                msg = "Building the demo models ..."
+            else:
+                msg = "The demo models are still being built; they load here when they are ready."
+            return said(msg, gr.Timer(active=True), demo_html(build))
 
-            try:
-                job = ctx.jobs.submit(owner_of(request), "demo",
-                                      lambda jc: build_demo_family(progress=jc.emit, cancel=jc.cancel),
-                                      title="demo models", slot="heavy")
-            except MergeError as err:
-                return failed(state, form, version, request, err)
-            return (*refresh(state, form, version, request, status="Building the demo models ..."), job.id,
-                    gr.Timer(active=True), progress_html(0, "building the demo models ..."))
+        self.demo_btn.click(on_demo_button, session, demo_outputs, api_name="load_demo")
 
-        self.demo_btn.click(on_demo_button, session, fetch_outputs, api_name="load_demo")
+        def on_poll_demo(state, form, version, request: gr.Request):
+            build = ctx.demo_build
+            if build is None:
+                return said(gr.skip(), gr.Timer(active=False), gr.skip())
+            if not build.done:
+                return said(gr.skip(), gr.skip(), demo_html(build))
+            if build.family is None:
+                gr.Warning(f"The demo models could not be built: {build.error}")
+                return said(gr.skip(), gr.Timer(active=False), demo_html(build))
+            if ctx.demo is None:
+                ctx.demo = build.family
+            if not (state or {}).get("models"):  # a page with no models yet opens on the demo
+                return (*on_load_demo(state, form, version, request), gr.Timer(active=False), demo_html(build))
+            gr.Info("The demo models are ready: 'Load the built-in demo models' adds them.")
+            return said(gr.skip(), gr.Timer(active=False), demo_html(build, offer=True))
+
+        self.demo_timer.tick(on_poll_demo, session, demo_outputs, api_name="poll_demo", concurrency_limit=None)
+
+        def failed(err):
+            gr.Warning(str(err))
+            return said(error_md(err), gr.skip(), gr.skip(), "")
+
+        def already(m: dict[str, Any], ref: str) -> str:
+            gr.Info(f"{ref} is already loaded, as {m['name']}.")
+            return f"`{ref}` is already loaded, as `{m['name']}` ({m['path']}); nothing changed."
 
         def on_add(ref, state, form, version, request: gr.Request):
             ref = (ref or "").strip()
@@ -113,18 +171,25 @@ class ModelsTab:
 
                 p = local_model(ref, ctx.read_roots())  # None: a Hub id
                 if p is not None and p.is_dir():
+                    same = loaded(state, p)
+                    if same is not None:
+                        return said(already(same, ref), gr.skip(), gr.Timer(active=False), "")
                     state = st.add_model(state, ref, p)
                     form = forms.sync_form(form, state)
+                    gr.Info(f"Added {ref}.")
                     return (*refresh(state, form, version, request, status=f"Added `{ref}`."), "",
                             gr.Timer(active=False), "")
                 if p is not None:
                     raise MergeError(f"'{ref}' is neither a local folder nor a Hub id (org/name)")
+                same = next((m for m in (state or {}).get("models", []) if m["ref"] == ref), None)
+                if same is not None:
+                    return said(already(same, ref), gr.skip(), gr.Timer(active=False), "")
                 job = ctx.jobs.submit(owner_of(request), "fetch", lambda jc: fetch(jc, ref), title=ref,
                                       meta={"ref": ref}, slot="fetch")
-                return (*refresh(state, form, version, request, status=f"Fetching `{ref}` from the Hub ..."),
-                        job.id, gr.Timer(active=True), progress_html(None, f"fetching {ref} ..."))
+                return said(f"Fetching `{ref}` from the Hub ...", job.id, gr.Timer(active=True),
+                            progress_html(None, f"fetching {ref} ..."))
             except MergeError as err:
-                return failed(state, form, version, request, err)
+                return failed(err)
 
         add_evt = dict(fn=on_add, inputs=[self.ref_tb, *session], outputs=fetch_outputs)
         self.add_btn.click(**add_evt, api_name="add_model")
@@ -133,40 +198,48 @@ class ModelsTab:
         def on_poll_fetch(job_id, state, form, version, request: gr.Request):
             job = ctx.jobs.find(owner_of(request), job_id)
             if job is None:
-                return (*page.skip_refresh(), gr.skip(), gr.Timer(active=False), "")
+                return said(gr.skip(), gr.Timer(active=False), "")
             if not job.done:
-                what = job.meta.get("ref") or job.title
                 frac = (job.progress or {}).get("fraction")
-                if job.kind == "demo" and (job.progress or {}).get("stage"):
-                    what = f"{what} ({job.progress['stage']})"
-                return (*page.skip_refresh(), gr.skip(), gr.skip(),
-                        progress_html(frac, f"{job.kind}: {what} · {fmt_seconds(job.elapsed)}"))
-            if job.kind == "demo" and job.status == DONE:
-                ctx.demo = job.result
-                return (*on_load_demo(state, form, version, request), gr.Timer(active=False), "")
-            msg = error_md(job.error)
-            if job.kind != "demo" and job.status == DONE:
-                try:
-                    from app.paths import confine
+                return said(gr.skip(), gr.skip(), progress_html(frac, f"fetching {job.meta.get('ref') or job.title} "
+                                                                      f"· {fmt_seconds(job.elapsed)}"))
+            ref = job.meta["ref"]
+            if job.status != DONE:
+                gr.Warning(job.error or job.status)
+                return said(error_md(job.error or job.status), gr.Timer(active=False), "")
+            try:
+                from app.paths import confine
 
-                    folder = confine(job.result, ctx.read_roots(), "model folder")  # a Hub snapshot: in the cache
-                    state = st.add_model(state, job.meta["ref"], folder)
-                    form = forms.sync_form(form, state)
-                    msg = f"Added `{job.meta['ref']}`."
-                except MergeError as err:
-                    msg = error_md(err)
-            return (*refresh(state, form, version, request, status=msg), gr.Timer(active=False), "")
+                folder = confine(job.result, ctx.read_roots(), "model folder")  # a Hub snapshot: in the cache
+                same = loaded(state, folder)
+                if same is not None:
+                    return said(already(same, ref), gr.Timer(active=False), "")
+                state = st.add_model(state, ref, folder)
+                form = forms.sync_form(form, state)
+            except MergeError as err:
+                gr.Warning(str(err))
+                return said(error_md(err), gr.Timer(active=False), "")
+            gr.Info(f"Added {ref}.")
+            return (*refresh(state, form, version, request, status=f"Added `{ref}`."), gr.Timer(active=False), "")
 
         self.fetch_timer.tick(on_poll_fetch, [self.fetch_job, *session],
                               page.status_outputs + [self.fetch_timer, self.fetch_progress], api_name="poll_models",
                               concurrency_limit=None)
 
-        def on_hub_search(q):
-            return hub_search(ctx, q)
+        def on_hub_search(q, request: gr.Request):
+            found = self.hub.search(owner_of(request), q)
+            if found is None:  # a newer search of this page has started: its answer is the one shown
+                return gr.skip(), gr.skip()
+            names, msg, ok = found
+            if not ok:
+                gr.Warning(msg)
+            return (gr.Dropdown(choices=names, value=names[0] if names else None),
+                    msg if ok else error_md(msg))
 
-        status = page.comps["models_status"]
-        self.hub_btn.click(on_hub_search, [self.hub_q], [self.hub_dd, status], api_name="hub_search")
-        self.hub_q.submit(on_hub_search, [self.hub_q], [self.hub_dd, status], api_visibility="private")
+        hub_evt = dict(fn=on_hub_search, inputs=[self.hub_q], outputs=[self.hub_dd, self.hub_md],
+                       concurrency_limit=None)  # bounded by the timeout; never queued behind other searches
+        self.hub_btn.click(**hub_evt, api_name="hub_search")
+        self.hub_q.submit(**hub_evt, api_visibility="private")
         self.hub_dd.input(lambda v: v or "", [self.hub_dd], [self.ref_tb], api_visibility="private")
 
         def on_base(name, state, form, version, request: gr.Request):
@@ -182,6 +255,7 @@ class ModelsTab:
                 return refresh(state, form, version, request, status="Choose a model to remove.")
             state = st.remove_model(state, name)
             form = forms.sync_form(form, state) if state["models"] else {}
+            gr.Info(f"Removed {name}.")
             return refresh(state, form, version, request, status=f"Removed `{name}`.")
 
         self.remove_btn.click(on_remove, [self.remove_dd, *session], page.status_outputs, api_name="remove_model")
@@ -194,13 +268,20 @@ class ModelsTab:
         self.trust_cb.input(on_trust, [self.trust_cb, page.session_state], [page.session_state],
                             api_visibility="private")
 
-        # page load: every new session starts on the demo family, if the app has one
+        # page load: a new session starts on the demo family if the app has one; while it is being
+        # built, the page shows the build and loads the demo when it is done (if no model was added)
         def on_page_load(state, form, version, request: gr.Request):
-            if ctx.demo is not None and not state.get("models"):
-                return on_load_demo(state, form, version, request)
-            return refresh(state, form, version, request)
+            build = ctx.demo_build
+            if ctx.demo is not None and not (state or {}).get("models"):
+                return (*on_load_demo(state, form, version, request), gr.Timer(active=False),
+                        demo_html(build) if build is not None else gr.skip())
+            if build is not None and not build.done:
+                return (*refresh(state, form, version, request, status=BUILDING), gr.Timer(active=True),
+                        demo_html(build))
+            return (*refresh(state, form, version, request), gr.Timer(active=False),
+                    demo_html(build) if build is not None and build.family is None else gr.skip())
 
-        page.blocks.load(on_page_load, session, page.status_outputs, api_visibility="private")
+        page.on_load(on_page_load, session, demo_outputs, api_visibility="private")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +293,50 @@ def family_text(fam: Optional[DemoFamily]) -> str:
         return ""
     tag = ' <span class="mc-synthetic">SYNTHETIC</span>' if fam.synthetic else ' <span class="mc-real">trained here</span>'
     return f"**Demo family: {fam.title}**{tag} — {fam.description}"
+
+
+def start_demo_build(ctx: AppContext, name: Optional[str] = None, *, fallback: bool = False,
+                     on_progress: Optional[Callable[[Any], None]] = None, settings: Optional[dict[str, Any]] = None,
+                     lock: Optional[threading.Lock] = None) -> DemoBuild:
+    """Start building the demo family `name` into the app's demo dir on a background thread (one
+    build at a time: a running one is returned as it is); `ctx.demo` is set when it is ready."""
+
+    def ready(fam: DemoFamily) -> None:
+        ctx.demo = fam
+
+    with lock or threading.Lock():
+        build = ctx.demo_build
+        if build is not None and not build.done:
+            return build
+        build = ctx.demo_build = DemoBuild(name, ctx.demo_dir, fallback=fallback, on_progress=on_progress,
+                                           settings=settings)
+        return build.start(ready)
+
+
+def demo_html(build: Optional[DemoBuild], offer: bool = False) -> str:
+    """The demo build as a progress bar: stage, percent and seconds; then ready, or its one-line error."""
+    if build is None:
+        return ""
+    s = build.snapshot()
+    note = f" · {s['note']}" if s["note"] else ""
+    if not s["done"]:
+        return progress_html(s["fraction"], f"building the demo models: {s['stage']} · {100 * s['fraction']:.0f}% · "
+                                            f"{fmt_seconds(s['elapsed'])}{note}")
+    if s["error"]:
+        return progress_html(s["fraction"], f"the demo models could not be built: {s['error']}", FAILED)
+    then = "; 'Load the built-in demo models' adds them to this session" if offer else ""
+    return progress_html(1.0, f"{s['title']}: ready in {fmt_seconds(s['elapsed'])}{note}{then}", DONE)
+
+
+def loaded(state: Optional[dict[str, Any]], folder) -> Optional[dict[str, Any]]:
+    """The session's model whose folder is `folder` (compared resolved), if there is one."""
+    from pathlib import Path
+
+    try:
+        path = str(Path(folder).resolve())
+    except OSError:
+        return None
+    return next((m for m in (state or {}).get("models", []) if m["path"] == path), None)
 
 
 def load_demo(ctx: AppContext, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -248,30 +373,79 @@ def fetch(jc, ref: str) -> str:
     return str(path)
 
 
-def hub_search(ctx: AppContext, q: str):
-    q = (q or "").strip()
-    if not q:
-        return gr.Dropdown(choices=[]), "Type something to search for."
-    if not ctx.hub_search or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return gr.Dropdown(choices=[]), "The Hub search is off (offline mode); add a local folder instead."
-    found: list[str] = []
-    err: list[str] = []
+# ---------------------------------------------------------------------------------------------
+# searching the Hub
 
-    def work():
-        try:
-            from huggingface_hub import HfApi
 
-            for m in HfApi().list_models(search=q, limit=25, sort="downloads"):
-                found.append(m.id)
-        except Exception as e:  # offline, rate-limited ...
-            err.append(one_line_error(e))
+UNREACHABLE = ("ConnectError", "ConnectTimeout", "ConnectionError", "NetworkError", "TimeoutException",
+               "Timeout", "TransportError", "OfflineModeIsEnabled")
 
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    t.join(ctx.hub_timeout)
-    if t.is_alive():
-        return gr.Dropdown(choices=[]), error_md("The Hub did not answer in time (offline?); add a local folder instead.")
-    if err:
-        return gr.Dropdown(choices=[]), error_md(f"Hub search failed ({err[0][:160]}); add a local folder instead.")
-    return (gr.Dropdown(choices=found, value=found[0] if found else None),
-            f"{len(found)} model(s) found; pick one, then **Add model**." if found else "No models found.")
+
+def offline() -> bool:
+    """Whether the Hub is off: HF_HUB_OFFLINE set now, or when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or constants.is_offline_mode()
+
+
+def hub_models(q: str, timeout: float) -> list[str]:
+    """Model ids matching `q`, most downloaded first: ONE request to the Hub's search (no retries,
+    unlike `HfApi.list_models`), bounded by `timeout` seconds. Raises what the request raised."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    r = get_session().get(f"{endpoint}/api/models", params={"search": q, "limit": 25, "sort": "downloads"},
+                          headers=build_hf_headers(), timeout=timeout)
+    hf_raise_for_status(r)
+    return [m["id"] for m in r.json() if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+class HubSearches:
+    """The Hub searches of the pages: each is one bounded attempt (`hub_models` on a thread, waited
+    for `timeout()` seconds at most), and a page's search that answers after a newer one of the same
+    page started is dropped (`search` returns None), so a late answer never overwrites a newer one."""
+
+    def __init__(self, timeout: Callable[[], float], enabled: Callable[[], bool] = lambda: True,
+                 find: Callable[[str, float], list[str]] = hub_models):
+        self.timeout, self.enabled, self.find = timeout, enabled, find
+        self._numbers = itertools.count(1)
+        self._latest: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def search(self, owner: str, q: str) -> Optional[tuple[list[str], str, bool]]:
+        """(model ids, the message, whether it worked), or None when a newer search superseded it."""
+        with self._lock:
+            n = self._latest[owner] = next(self._numbers)
+        found = self._search((q or "").strip())
+        with self._lock:
+            return found if self._latest.get(owner) == n else None
+
+    def _search(self, q: str) -> tuple[list[str], str, bool]:
+        if not q:
+            return [], "Type something to search for.", True
+        if not self.enabled() or offline():
+            return [], "The Hub search is off (offline mode); add a local folder instead.", False
+        timeout = float(self.timeout())
+        found: list[str] = []
+        err: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                found.extend(self.find(q, timeout))
+            except Exception as e:  # noqa: BLE001 (offline, rate-limited ...: one line)
+                err.append(e)
+
+        t = threading.Thread(target=work, name="mergecore-hub-search", daemon=True)
+        t.start()
+        t.join(timeout + 1.0)  # the request's own timeout ends it; this bounds the wait whatever happens
+        if t.is_alive() or (err and "Timeout" in type(err[0]).__name__):
+            return [], f"The Hub did not answer within {timeout:.0f} s; add a local folder instead.", False
+        if err:
+            names = {c.__name__ for c in type(err[0]).__mro__}
+            if names & set(UNREACHABLE) or isinstance(err[0], OSError):
+                return [], "The Hub cannot be reached (no network?); add a local folder instead.", False
+            return [], f"Hub search failed ({one_line(err[0])[:160]}); add a local folder instead.", False
+        if not found:
+            return [], f"No models found for '{q}'.", True
+        return found, f"{len(found)} model(s) found; pick one, then **Add model**.", True

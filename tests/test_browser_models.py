@@ -1,0 +1,94 @@
+"""Browser test of the Models tab on a first start (Playwright drives Debian's chromium).
+
+`launch.py` runs in a subprocess with a demo family whose build waits for a file the test
+creates (`test_app_models.gated_app`): the page is up and shows the build's stage, percent and
+seconds while the demo builds; a local model is added meanwhile, and adding its folder again
+says it is already loaded; when the build is done the demo is offered, loaded, and the model
+table's headers each sit on one line (not wrapped letter by letter). A screenshot of each step
+goes into the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from _app_helpers import CHROMIUM_ARGS, chromium, playwright
+from test_app_models import gated_app
+
+pytest_plugins = ("_app_helpers",)
+
+# the number of lines each header cell's label is laid out on (distinct line tops of its text)
+HEADER_LINES = """() => Array.from(document.querySelectorAll('#models-table thead th')).map(th => {
+  const walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
+  const tops = new Set();
+  let text = '';
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    if (!n.textContent.trim() || n.parentElement.offsetParent === null) continue;
+    text += n.textContent.trim();
+    const range = document.createRange();
+    range.selectNodeContents(n);
+    for (const r of range.getClientRects()) if (r.width > 0) tops.add(Math.round(r.top));
+  }
+  return [text, tops.size, Math.round(th.getBoundingClientRect().width)];
+})"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright()() as p:
+        b = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_first_start_progress_an_already_loaded_folder_and_one_line_headers(browser, tmp_path, model_factory):
+    from playwright.sync_api import expect
+
+    from app.state import MODEL_COLUMNS
+
+    local = Path(model_factory("llama", 0))
+    with gated_app(tmp_path, "--allow-dir", str(local.parent)) as (url, gate):
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+
+        # the page is up while the demo builds: its stage, percent and seconds beside the demo button
+        build = page.locator("#demo-build")
+        expect(build).to_contain_text("building the demo models: gated stage", timeout=30_000)
+        expect(build).to_contain_text(re.compile(r"\d+% · \d+\.\d s"))
+        expect(page.locator("#models-status")).to_contain_text("being built")
+        page.screenshot(path=str(tmp_path / "1-building.png"), full_page=True)
+
+        # a local model meanwhile; its folder again (spelled another way) is already loaded
+        ref = page.locator("#models-ref textarea")
+        ref.fill(str(local))
+        page.locator("#models-add").click()
+        expect(page.locator("#models-status")).to_contain_text("Added", timeout=15_000)
+        ref.fill(f"{local.parent}/../{local.parent.name}/{local.name}/")
+        page.locator("#models-add").click()
+        status = page.locator("#models-status")
+        expect(status).to_contain_text("is already loaded, as", timeout=15_000)
+        expect(status).to_contain_text("nothing changed")
+        expect(page.locator("#models-table div[role='row']")).to_have_count(1)
+
+        # the build is done: this page has a model, so the demo is offered; loading it replaces the session
+        gate.touch()
+        expect(build).to_contain_text("adds them to this session", timeout=60_000)
+        expect(page.locator("#demo-build [data-status='done']")).to_be_visible()
+        page.locator("#demo-btn").click()
+        expect(status).to_contain_text("Loaded the demo models", timeout=15_000)
+        expect(page.locator("#models-table div[role='row']")).to_have_count(3)
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(tmp_path / "2-demo.png"), full_page=True)
+
+        headers = page.evaluate(HEADER_LINES)
+        assert [h[0] for h in headers] == MODEL_COLUMNS, headers
+        assert all(lines == 1 for _, lines, _ in headers), headers  # each label on one line
+        assert all(width >= 60 for _, _, width in headers), headers
+        assert not errors, errors
