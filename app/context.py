@@ -1,23 +1,42 @@
-"""What every tab shares: the app's context (where it writes, the jobs, the demo family, the
-folders a typed path may be in) and the page (the components and the session refresh the tabs
-hand each other).
+"""What every tab shares: the app's context (where it writes, the jobs, the sessions on disk,
+the demo family, the folders a typed path may be in), who owns a request, and the page (the
+components and the session refresh the tabs hand each other).
+
+Owners: the browser owns its session (a random key it keeps in its local storage through
+`gr.BrowserState`, `Page.browser_key`), so its jobs, merges, searches and saved session belong
+to `browser-<key>` and a reload or a second tab finds them. When the page opens, `app.ui`
+binds the page's Gradio session to its browser (`bind_browser`); from then on `owner_of(request)`
+answers the browser for that page too. A caller without a key (e.g. `gradio_client`) owns only
+its own page session.
 
 Nothing here knows a tab. `app.ui` builds the page: each tab (`app.tabs.*`) creates its
 components inside it and registers those another tab updates (`Page.comps`), then connects its
-events; the session refresh (`Page.refresh`) is put together from each tab's part.
+events; the session refresh (`Page.refresh`) is put together from each tab's part. What a tab
+does when the page opens goes through `Page.on_load`, after the browser's session is restored.
 """
 
 from __future__ import annotations
 
+import re
+import threading
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from mergecore.errors import MergeError
 
+from app import history
 from app.demo_family import DemoFamily
 from app.files import Workspace
-from app.jobs import DONE, JobManager
+from app.jobs import JobManager
+from app.session import SessionStore
+
+BROWSER_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
+MAX_BOUND_PAGES = 10_000
+_PAGES: "OrderedDict[str, str]" = OrderedDict()  # Gradio session hash -> its browser's key
+_PAGES_LOCK = threading.Lock()
 
 
 @dataclass
@@ -31,6 +50,13 @@ class AppContext:
     hub_timeout: float = 6.0
     allowed_dirs: tuple[Path, ...] = ()  # --allow-dir: more folders a typed path may be in
     demo_dir: Optional[Path] = None  # --demo-dir (None: the default demo folder)
+    sessions: Optional[SessionStore] = None  # the browsers' sessions on disk (made from the workspace)
+
+    def __post_init__(self) -> None:
+        if self.sessions is None:
+            self.sessions = SessionStore(self.workspace)
+        store = self.sessions
+        self.jobs.listeners.append(lambda event, job: history.on_job(store, event, job))
     demo_build: Any = None  # app.demo_family.DemoBuild: the demo being built in the background (the Models tab)
 
     def read_roots(self) -> list[Path]:
@@ -47,8 +73,9 @@ class AppContext:
         return roots
 
     def merges(self, owner: str) -> dict[str, Path]:
-        """The finished merges of a session: name -> folder, oldest first."""
-        return {j.meta["name"]: Path(j.result.out_dir) for j in self.jobs.jobs(owner, kind="merge", status=DONE)}
+        """The finished merges of an owner that are on disk: name -> folder, oldest first (its
+        merge history, so also those of before a reload or a restart)."""
+        return history.finished(self.sessions, self.jobs, owner)
 
 
 def make_context(work_dir: str | Path, demo: Optional[DemoFamily] = None, allowed_dirs: Sequence[str | Path] = (),
@@ -66,9 +93,53 @@ def make_context(work_dir: str | Path, demo: Optional[DemoFamily] = None, allowe
                       demo_dir=Path(demo_dir).expanduser() if demo_dir else None, **kwargs)
 
 
-def owner_of(request: Any) -> str:
-    """The page session a request comes from (jobs and merges belong to it)."""
+def page_of(request: Any) -> str:
+    """The Gradio page session a request comes from."""
     return (getattr(request, "session_hash", None) or "anonymous") if request is not None else "anonymous"
+
+
+def valid_key(key: Any) -> bool:
+    return isinstance(key, str) and bool(BROWSER_KEY_RE.match(key))
+
+
+def new_browser_key() -> str:
+    return uuid.uuid4().hex
+
+
+def bind_browser(request: Any, key: Any) -> str:
+    """Remember that the page of `request` belongs to the browser with `key`; its owner."""
+    if not valid_key(key):
+        return page_of(request)
+    page = page_of(request)
+    if page != "anonymous":
+        with _PAGES_LOCK:
+            _PAGES[page] = key
+            _PAGES.move_to_end(page)
+            while len(_PAGES) > MAX_BOUND_PAGES:
+                _PAGES.popitem(last=False)
+    return f"browser-{key}"
+
+
+def unbind_page(request: Any) -> None:
+    with _PAGES_LOCK:
+        _PAGES.pop(page_of(request), None)
+
+
+def browser_owner(key: Any, request: Any) -> str:
+    """Who owns what a request does: the browser of `key` (the page is bound to it), else the
+    browser the page was bound to, else the page session itself."""
+    if valid_key(key):
+        return bind_browser(request, key)
+    return owner_of(request)
+
+
+def owner_of(request: Any) -> str:
+    """Who owns what a request does: the page's browser once the page is bound to one (see
+    `bind_browser`), else the page session (jobs, merges and the saved session belong to it)."""
+    page = page_of(request)
+    with _PAGES_LOCK:
+        key = _PAGES.get(page)
+    return f"browser-{key}" if key else page
 
 
 @dataclass
@@ -76,7 +147,8 @@ class Page:
     """One page of the app, as the tabs see it while they are built and wired.
 
     `comps` holds the components a tab offers the others by name (e.g. 'models_status',
-    'cmp_models', 'export_dd', 'tabs'). `outputs` are the components the session refresh updates
+    'cmp_models', 'export_dd', 'tabs'). `load_event` is the page's first event when it opens
+    (the browser's key and saved session); `on_load` runs a tab's handler after it. `outputs` are the components the session refresh updates
     and `refresh(state, form, version, request, *, key=None, group="attn", status=None)` their
     values (then the status line); `merges_outputs` / `merges_views(state, owner)` the ones that
     follow the session's list of finished merges."""
@@ -92,6 +164,14 @@ class Page:
     refresh: Callable[..., tuple] = lambda *a, **k: ()
     merges_outputs: list[Any] = field(default_factory=list)
     merges_views: Callable[[Any, str], tuple] = lambda state, owner: ()
+    load_event: Any = None
+
+    def on_load(self, fn: Callable[..., Any], inputs: Any = None, outputs: Any = None, **kwargs: Any) -> Any:
+        """Run `fn` when the page opens, once the browser's key is known and its saved session
+        is in `session_state` / `form_state` (a page without that first event: on load)."""
+        if self.load_event is None:
+            return self.blocks.load(fn, inputs, outputs, **kwargs)
+        return self.load_event.then(fn, inputs, outputs, **kwargs)
 
     @property
     def status_outputs(self) -> list[Any]:

@@ -1,7 +1,9 @@
 """Where the app writes, and the files it offers for download.
 
-    <work_dir>/sessions/<session id>/merges/<name>/   merged checkpoints (one folder per merge)
-    <work_dir>/sessions/<owner id>/searches/<name>/   search runs (checkpoint, log, recipe.yml)
+    <work_dir>/sessions/<owner digest>/session.json     the browser's session (app.session)
+    <work_dir>/sessions/<owner digest>/recipes.json     its saved recipes
+    <work_dir>/sessions/<owner digest>/merges/<name>/   merged checkpoints (one folder per merge)
+    <work_dir>/sessions/<owner digest>/searches/<name>/ search runs (checkpoint, log, recipe.yml)
     <work_dir>/exports/<random>/                      recipe YAML and checkpoint zips to download
     <work_dir>/uploads/<random>/<name>/               an export being pushed to the Hub (then removed)
 
@@ -21,7 +23,7 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Collection, Mapping, Optional
 
 from mergecore.errors import MergeError
 from mergecore.io.outdir import MARKER, write_marker
@@ -45,14 +47,20 @@ class Workspace:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def merge_dir(self, session: str, name: str) -> Path:
-        """A fresh output path for a merge called `name` (suffixed -2, -3 ... if taken); the writer
-        creates it, with the marker that lets a later merge replace it."""
+    def merges_dir(self, session: str) -> Path:
+        """The folder of a session's merged checkpoints (one folder per merge)."""
+        d = self.session_dir(session) / "merges"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def merge_dir(self, session: str, name: str, reserved: Collection[str] = ()) -> Path:
+        """A fresh output path for a merge called `name` (suffixed -2, -3 ... if taken, or among
+        `reserved`: the names of merges queued but not written yet); the writer creates it, with
+        the marker that lets a later merge replace it."""
         clean = safe_name(name) or "merge"
-        root = self.session_dir(session) / "merges"
-        root.mkdir(parents=True, exist_ok=True)
+        root = self.merges_dir(session)
         out, i = root / clean, 2
-        while out.exists() or any(root.glob(f".{out.name}.tmp-*")):
+        while out.exists() or out.name in reserved or any(root.glob(f".{out.name}.tmp-*")):
             out = root / f"{clean}-{i}"
             i += 1
         return out

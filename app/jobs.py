@@ -8,9 +8,14 @@ for a job: a `gr.Timer` polls `JobManager.snapshot(owner, job_id, since)`, which
 status, the latest progress, the log and the events added since the caller's cursor, and the
 plots are redrawn from those events. Nothing here imports Gradio.
 
-Jobs belong to an owner (the browser session); another owner's job ids are not visible. A
-failed job keeps a one-line error (`MergeError` text as is, anything else as `Type: message`),
-and the manager keeps working.
+Jobs belong to an owner (the browser, or a page without a browser key); another owner's job
+ids are not visible. A failed job keeps a one-line error (`MergeError` text as is, anything else
+as `Type: message`), and the manager keeps working.
+
+Jobs submitted with the same `queue` run one after the other in the order they were submitted
+(e.g. one browser's merges); `position(job)` is how many of them are still ahead of it.
+`listeners` are told when a job is submitted and when it has finished (`fn(event, job)` with
+event 'submit' or 'finish'), e.g. to keep a merge history on disk.
 """
 
 from __future__ import annotations
@@ -65,14 +70,18 @@ class Job:
     result: Any = None
     error: Optional[str] = None
     meta: dict[str, Any] = field(default_factory=dict)
+    queue: Optional[str] = None  # jobs of one queue run one at a time, in order
+    seq: int = 0  # submission order
     cancel: CancelToken = field(default_factory=CancelToken)
     progress: Optional[dict[str, Any]] = None  # data of the latest '*.progress' event
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _settled: bool = field(default=False, repr=False)  # set once the listeners heard it ended
     _thread: Optional[threading.Thread] = field(default=None, repr=False)
 
     @property
     def done(self) -> bool:
-        return self.status in FINISHED
+        """Ended, and the manager's listeners have been told (so what they record is there)."""
+        return self.status in FINISHED and self._settled
 
     @property
     def elapsed(self) -> float:
@@ -144,13 +153,16 @@ class JobManager:
 
     `max_running` bounds how many jobs of the same `slot` (e.g. 'heavy') run at once across all
     sessions; the rest wait in the 'queued' state. `per_owner` bounds the unfinished jobs of one
-    kind a single session may have (a second merge while one runs is refused).
+    kind a single session may have (a second merge while one runs is refused), unless the job is
+    queued (`queue=`): then up to `max_queued` unfinished jobs wait in that queue.
     """
 
     def __init__(self, max_running: int = 2, per_owner: int = 1, keep_finished: int = 50,
-                 max_age: float = 24 * 3600):
+                 max_age: float = 24 * 3600, max_queued: int = 8):
         self.max_running = max_running
         self.per_owner = per_owner
+        self.max_queued = max_queued
+        self.listeners: list[Callable[[str, Job], None]] = []
         self.keep_finished = keep_finished
         self.max_age = max_age  # finished jobs older than this are forgotten (any owner)
         self._jobs: dict[str, Job] = {}
@@ -161,20 +173,27 @@ class JobManager:
     # -- submitting ----------------------------------------------------------------------------
 
     def submit(self, owner: str, kind: str, fn: JobFn, *, title: str = "", slot: Optional[str] = "heavy",
-               meta: Optional[dict[str, Any]] = None, exclusive: bool = True) -> Job:
+               meta: Optional[dict[str, Any]] = None, exclusive: bool = True, queue: Optional[str] = None) -> Job:
         """Start `fn` on a background thread and return its Job at once.
 
         `exclusive`: refuse (MergeError) while this owner has an unfinished job of `kind`.
+        `queue`: instead, wait behind the unfinished jobs of the same queue (first come, first
+        run; `max_queued` at most).
         `slot`: jobs sharing a slot are limited to `max_running` at a time (None: unlimited).
         """
         with self._lock:
-            if exclusive:
+            if queue is not None:
+                waiting = [j for j in self._jobs.values() if j.queue == queue and not j.done]
+                if len(waiting) >= self.max_queued:
+                    raise MergeError(f"{len(waiting)} {kind} jobs are already queued; wait for one to finish")
+            elif exclusive:
                 busy = [j for j in self._jobs.values() if j.owner == owner and j.kind == kind and not j.done]
                 if len(busy) >= self.per_owner:
                     raise MergeError(f"a {kind} job is already running in this session ({busy[0].title}); "
                                      f"wait for it or cancel it first")
-            job_id = f"{kind}-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
-            job = Job(job_id, owner, kind, title or kind, meta=dict(meta or {}))
+            seq = next(self._counter)
+            job_id = f"{kind}-{seq}-{uuid.uuid4().hex[:8]}"
+            job = Job(job_id, owner, kind, title or kind, meta=dict(meta or {}), queue=queue, seq=seq)
             self._jobs[job_id] = job
             self._prune(owner)
             sem = None
@@ -182,13 +201,38 @@ class JobManager:
                 sem = self._slots.setdefault(slot, threading.Semaphore(self.max_running))
         thread = threading.Thread(target=self._run, args=(job, fn, sem), name=f"job-{job_id}", daemon=True)
         job._thread = thread
+        self._tell("submit", job)
         thread.start()
         return job
+
+    def _tell(self, event: str, job: Job) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(event, job)
+            except Exception:  # a listener never breaks a job
+                log.error("job listener failed on %s %s:\n%s", event, job.id, traceback.format_exc())
+
+    def ahead(self, job: Job) -> list[Job]:
+        """The unfinished jobs of `job`'s queue submitted before it (oldest first)."""
+        if job.queue is None:
+            return []
+        with self._lock:
+            return sorted((j for j in self._jobs.values() if j.queue == job.queue and not j.done and j.seq < job.seq),
+                          key=lambda j: j.seq)
+
+    def position(self, job: Job) -> int:
+        """How many jobs of its queue are still ahead of `job` (0: it runs, or runs next)."""
+        return len(self.ahead(job))
 
     def _run(self, job: Job, fn: JobFn, sem: Optional[threading.Semaphore]) -> None:
         ctx = JobContext(job, self)
         acquired = False
         try:
+            if self.ahead(job):
+                ctx.log(f"queued: {self.position(job)} ahead")
+                while self.ahead(job):
+                    job.cancel.check()
+                    time.sleep(0.05)
             if sem is not None:
                 if not sem.acquire(blocking=False):
                     ctx.log("waiting for another job to finish ...")
@@ -220,6 +264,8 @@ class JobManager:
             job.finished = time.time()
             if acquired and sem is not None:
                 sem.release()
+            self._tell("finish", job)
+            job._settled = True
 
     def _prune(self, owner: str) -> None:
         now = time.time()
@@ -289,4 +335,5 @@ class JobManager:
             "events": events,
             "cursor": total,
             "meta": dict(job.meta),
+            "position": self.position(job) if not job.done else 0,
         }

@@ -7,6 +7,7 @@ The session state is a plain dict (deep-copyable, so it can live in a `gr.State`
      "family": {...} | None,          # the demo family, if loaded (see demo_family.DemoFamily)
      "trust_remote_code": False}
 
+It is kept per browser on disk (`app.session`) and read back through `clean_state`.
 Opened `ModelSource`s (headers only, no weights) are cached process-wide by folder: they hold
 no session data.
 """
@@ -26,8 +27,35 @@ _SOURCES: dict[tuple[str, float], Any] = {}
 _SOURCES_LOCK = threading.Lock()
 
 
+MAX_MODELS = 64  # a restored session keeps at most this many models
+
+
 def new_session() -> dict[str, Any]:
     return {"models": [], "base": None, "family": None, "trust_remote_code": False}
+
+
+def clean_state(data: Any) -> tuple[dict[str, Any], list[str]]:
+    """A session state rebuilt from data read back from disk (`app.session`): only the known
+    keys, each of the expected type; models that are not {name, ref, path} strings (or repeat a
+    name) are dropped, and "trust remote code" starts off again. (state, notes on what was
+    dropped)."""
+    state, notes = new_session(), []
+    if not isinstance(data, dict):
+        return state, ["the saved models were not readable"]
+    seen: set[str] = set()
+    for m in data.get("models") or []:
+        ok = isinstance(m, dict) and all(isinstance(m.get(k), str) and m.get(k) for k in ("name", "ref", "path"))
+        if not ok or m["name"] in seen or len(state["models"]) >= MAX_MODELS:
+            notes.append("a saved model entry was not readable" if not ok else f"model '{m['name']}' dropped")
+            continue
+        seen.add(m["name"])
+        state["models"].append({"name": m["name"], "ref": m["ref"], "path": m["path"]})
+    base = data.get("base")
+    state["base"] = base if isinstance(base, str) and base in seen else None
+    fam = data.get("family")
+    state["family"] = fam if isinstance(fam, dict) else None
+    # "trust remote code" is not restored: the page's checkbox starts unticked, and so does the session
+    return state, notes
 
 
 def _stamp(path: Path) -> float:

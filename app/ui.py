@@ -3,10 +3,15 @@
 Tabs: Models, Recipe, Merge, Search, Compare, Export; each is one module that builds its
 components and connects its events over the shared `app.context.Page`. Long work (Hub
 downloads, merges, searches, evaluations) runs as background jobs (`app.jobs`); a `gr.Timer`
-per tab polls the job's snapshot while it runs. Per-session data lives in `gr.State` (models,
-the recipe form, job ids); the job manager keys jobs by the session's id, so two browser
-sessions never see each other's jobs. Searches are keyed by the browser instead (a random key
-in `gr.BrowserState`), so a reload or a second tab shows the running search.
+per tab polls the job's snapshot while it runs.
+
+The session belongs to the browser (a random key in `gr.BrowserState`), not to the page: when
+the page opens, its first event gives the browser a key if it has none, binds the page to it
+and restores the browser's saved session (`app.session`: models, the recipe form; the tabs read
+the merge history and evaluations themselves); every change of the models or the form is saved
+back. Jobs, merges and searches belong to the browser too, so a reload, a second tab or a
+restarted app shows the same session, and a running merge or search goes on through a reload.
+Another browser sees none of it. The page's own state (`gr.State`) is a copy for its handlers.
 
 When the session changes (models, base, recipe), every tab's views follow: the page's refresh
 asks each tab for the values of its components (`outputs` / `views`), in tab order.
@@ -20,7 +25,8 @@ import gradio as gr
 
 from app import forms
 from app import state as st
-from app.context import AppContext, Page, make_context, owner_of
+from app.context import (AppContext, Page, bind_browser, make_context, new_browser_key, owner_of, page_of, unbind_page,
+                         valid_key)
 from app.render import CSS
 from app.tabs.compare import CompareTab
 from app.tabs.export import ExportTab
@@ -62,14 +68,48 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 
         page.refresh = refresh
         page.merges_views = lambda state, owner: (compare.merges_view(state, owner), export.merges_view(state, owner))
+        wire_session(ctx, page)
         for tab in (models, recipe, merge, search, compare, export):
             tab.wire(page)
 
         def on_unload(request: gr.Request):
-            ctx.jobs.cancel_owner(owner_of(request))
+            # what belongs to the browser goes on (another tab, or this one after a reload, follows it);
+            # only jobs of a page that never got a browser key end with it
+            unbind_page(request)
+            ctx.jobs.cancel_owner(page_of(request))
 
         blocks.unload(on_unload)
     return blocks
+
+
+def wire_session(ctx: AppContext, page: Page) -> None:
+    """The page's first event (the browser's key, the page bound to it, its saved session), and
+    the saving of every change of the models or the recipe form."""
+
+    def restore(key, request: gr.Request):
+        from app.session import restore_page
+
+        if not valid_key(key):
+            key = new_browser_key()
+        owner = bind_browser(request, key)
+        state, form, warning = restore_page(ctx.sessions, owner, ctx.read_roots())
+        if warning:
+            gr.Warning(warning)
+        if state is None:
+            return key, gr.skip(), gr.skip()
+        return key, state, form
+
+    page.load_event = page.blocks.load(restore, [page.browser_key],
+                                       [page.browser_key, page.session_state, page.form_state],
+                                       api_visibility="private")
+
+    def save(key, state, form, request: gr.Request):
+        if valid_key(key) and state is not None:
+            ctx.sessions.save_page(bind_browser(request, key), state, form or {})
+
+    for comp in (page.session_state, page.form_state):
+        comp.change(save, [page.browser_key, page.session_state, page.form_state], None,
+                    api_visibility="private", trigger_mode="always_last", concurrency_limit=None)
 
 
 def launch_kwargs(ctx: AppContext) -> dict[str, Any]:

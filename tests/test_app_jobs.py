@@ -1,5 +1,6 @@
 """The app's plain parts: the job manager (events through a cursor, cancel, one-line failures,
-sessions apart), the workspace's downloads, and launch.py's flags."""
+sessions apart, queues in order with their positions, listeners), the workspace's downloads,
+and launch.py's flags."""
 
 from __future__ import annotations
 
@@ -88,6 +89,41 @@ def test_jobs_cancel_fail_and_keep_working():
     assert (j3.status, j3.result) == (DONE, 42)
 
 
+def test_queued_jobs_run_in_order_with_their_positions_and_listeners_hear_them():
+    from app.jobs import CANCELLED, DONE, JobManager
+
+    jobs = JobManager(max_queued=3)
+    heard: list[tuple[str, str, str]] = []
+    jobs.listeners.append(lambda event, job: heard.append((event, job.title, job.status)))
+    jobs.listeners.append(lambda event, job: 1 / 0)  # a failing listener breaks nothing
+    gate, order = threading.Event(), []
+
+    def work(name):
+        def fn(ctx):
+            while not gate.wait(0.01):
+                ctx.check()
+            order.append(name)
+            return name
+
+        return fn
+
+    a, b, c = (jobs.submit("alice", "merge", work(n), title=n, queue="merge:alice", exclusive=False) for n in "abc")
+    other = jobs.submit("bob", "merge", work("o"), title="o", queue="merge:bob", exclusive=False)
+    with pytest.raises(MergeError, match="already queued"):
+        jobs.submit("alice", "merge", work("d"), queue="merge:alice", exclusive=False)
+    assert [jobs.position(j) for j in (a, b, c, other)] == [0, 1, 2, 0]
+    assert jobs.snapshot("alice", c.id)["position"] == 2
+    jobs.cancel("alice", b.id)  # a queued job can be cancelled before it starts
+    _wait(b)
+    assert b.status == CANCELLED and jobs.position(c) == 1
+    gate.set()
+    for j in (a, c, other):
+        _wait(j)
+    assert [j.status for j in (a, c)] == [DONE, DONE] and order.index("a") < order.index("c")
+    assert c.started >= a.finished  # one after the other
+    assert ("submit", "a", "queued") in heard and ("finish", "a", DONE) in heard and ("finish", "b", CANCELLED) in heard
+
+
 def test_jobs_are_private_to_their_session():
     from app.jobs import JobManager, JobNotFound
 
@@ -116,6 +152,7 @@ def test_workspace_zips_only_small_checkpoints(tmp_path, model_factory):
     a = ws.merge_dir("s1", "my merge!")
     a.mkdir()
     assert ws.merge_dir("s1", "my merge!").name == "my-merge-2" and a.name == "my-merge"
+    assert ws.merge_dir("s1", "my merge!", reserved={"my-merge-2"}).name == "my-merge-3"  # queued, not written yet
     assert ws.session_dir("s1") != ws.session_dir("s2")
 
 

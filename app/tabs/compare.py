@@ -1,11 +1,16 @@
 """The Compare tab: one input (a prompt, or an image with a task's head) through the session's
 models and merges side by side, and their evaluation on a tasks file (`app.compare` does the work).
 
+Evaluations belong to the browser: a reload follows the running one, and the latest finished one
+is shown again when the page opens (its scores also go into the merge history, `app.history`).
+Compare and Evaluate are off while their work runs.
+
 Named API endpoints: /compare, /evaluate, /poll_eval.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +20,9 @@ import pandas as pd
 from mergecore.errors import MergeError
 
 from app import compare as cmp
+from app import history
 from app import state as st
-from app.context import AppContext, Page, owner_of
+from app.context import AppContext, Page, browser_owner, owner_of
 from app.jobs import DONE, FAILED
 from app.render import error_md, fmt_seconds, progress_html
 
@@ -119,13 +125,17 @@ class CompareTab:
             return (f"Reference for the distances: **{result['reference']}**.", cmp.render_html(result, merged),
                     cmp.rows_frame(result["rows"]))
 
-        self.cmp_btn.click(on_compare, [self.models, self.prompt_tb, self.new_tokens, self.image_in, self.head_dd,
-                                        self.task_dd, self.truth_tb, self.tasks_tb, page.session_state],
-                           [self.status, self.html, self.df], api_name="compare")
+        # busy: the button is off while the comparison runs, and back on after it (also after an error)
+        self.cmp_btn.click(lambda: gr.Button(interactive=False), None, [self.cmp_btn], api_visibility="private",
+                           queue=False).then(
+            on_compare, [self.models, self.prompt_tb, self.new_tokens, self.image_in, self.head_dd, self.task_dd,
+                         self.truth_tb, self.tasks_tb, page.session_state],
+            [self.status, self.html, self.df], api_name="compare").then(
+            lambda: gr.Button(interactive=True), None, [self.cmp_btn], api_visibility="private", queue=False)
         self.image_in.upload(lambda: "", None, [self.truth_tb], api_visibility="private")  # a new image: truth unknown
 
-        def on_eval(selected, tasks, subset, state, request: gr.Request):
-            owner = owner_of(request)
+        def on_eval(selected, tasks, subset, state, key=None, request: gr.Request = None):
+            owner = browser_owner(key, request)
             try:
                 tasks = (tasks or "").strip()
                 if not tasks:
@@ -137,30 +147,57 @@ class CompareTab:
                 from mergecore.eval import parse_subset
 
                 sub = parse_subset(subset) if (subset or "").strip() else None
-                job = ctx.jobs.submit(owner, "eval", lambda jc: run_eval(jc, models, tasks, sub), title="evaluation")
+                job = ctx.jobs.submit(owner, "eval", lambda jc: run_eval(jc, models, tasks, sub), title="evaluation",
+                                      meta={"tasks": tasks})
             except MergeError as err:
-                return gr.skip(), gr.Timer(active=False), progress_html(0, f"error: {err}", FAILED)
-            return job.id, gr.Timer(active=True), progress_html(0, "starting ...")
+                running = any(not j.done for j in ctx.jobs.jobs(owner, kind="eval"))
+                if running:  # the running evaluation keeps its bar, its poll and its disabled button
+                    gr.Warning(str(err))
+                    return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return gr.skip(), gr.Timer(active=False), progress_html(0, f"error: {err}", FAILED), gr.skip()
+            return job.id, gr.Timer(active=True), progress_html(0, "starting ..."), gr.Button(interactive=False)
 
-        self.eval_btn.click(on_eval, [self.models, self.tasks_tb, self.subset_tb, page.session_state],
-                            [self.eval_job, self.eval_timer, self.eval_progress], api_name="evaluate")
+        self.eval_btn.click(on_eval, [self.models, self.tasks_tb, self.subset_tb, page.session_state,
+                                      page.browser_key],
+                            [self.eval_job, self.eval_timer, self.eval_progress, self.eval_btn], api_name="evaluate")
 
-        def on_poll_eval(job_id, request: gr.Request):
-            owner = owner_of(request)
+        def on_poll_eval(job_id, key=None, request: gr.Request = None):
+            owner = browser_owner(key, request)
             job = ctx.jobs.find(owner, job_id)
             if job is None:
-                return gr.skip(), gr.skip(), gr.Timer(active=False)
+                return gr.skip(), gr.skip(), gr.Timer(active=False), gr.Button(interactive=True)
             snap = ctx.jobs.snapshot(owner, job_id)
             p = snap["progress"] or {}
             text = f"{p.get('task', '')} · {snap['meta'].get('model', '')} · {fmt_seconds(snap['elapsed'])}"
             if not job.done:
-                return progress_html(snap["meta"].get("fraction"), text), gr.skip(), gr.skip()
+                return progress_html(snap["meta"].get("fraction"), text), gr.skip(), gr.skip(), gr.skip()
+            enable = gr.Button(interactive=True)
             if job.status == DONE:
-                return progress_html(1.0, f"done in {fmt_seconds(job.elapsed)}", DONE), job.result, gr.Timer(active=False)
-            return progress_html(0, job.error or job.status, job.status), gr.skip(), gr.Timer(active=False)
+                return (progress_html(1.0, f"done in {fmt_seconds(job.elapsed)}", DONE), job.result,
+                        gr.Timer(active=False), enable)
+            return progress_html(0, job.error or job.status, job.status), gr.skip(), gr.Timer(active=False), enable
 
-        self.eval_timer.tick(on_poll_eval, [self.eval_job], [self.eval_progress, self.eval_df, self.eval_timer],
+        self.eval_timer.tick(on_poll_eval, [self.eval_job, page.browser_key],
+                             [self.eval_progress, self.eval_df, self.eval_timer, self.eval_btn],
                              api_name="poll_eval", concurrency_limit=None)
+
+        def attach_eval(key, request: gr.Request):
+            """The page (re)opens: the running evaluation, else the latest one's scores."""
+            owner = browser_owner(key, request)
+            running = [j for j in ctx.jobs.jobs(owner, kind="eval") if not j.done]
+            if running:
+                return (running[-1].id, gr.Timer(active=True), progress_html(0, "following the running evaluation ..."),
+                        gr.skip(), gr.Button(interactive=False))
+            last = history.latest_evaluation(ctx.sessions, owner)
+            if not last or not last.get("rows"):
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last.get("created") or 0))
+            return ("", gr.skip(), progress_html(1.0, f"the latest evaluation, of {when}", DONE),
+                    pd.DataFrame(last["rows"]), gr.skip())
+
+        page.on_load(attach_eval, [page.browser_key],
+                     [self.eval_job, self.eval_timer, self.eval_progress, self.eval_df, self.eval_btn],
+                     api_visibility="private")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -327,9 +327,9 @@ class SearchTab:
             return (key, job.id, -1, gr.Timer(active=True), gr.Dropdown(value=name), srch.get_search(name).summary,
                     *[gr.Column(visible=n == name) for n in self.groups], *values)
 
-        page.blocks.load(attach, [page.browser_key], [page.browser_key, self.job, self.cursor, self.timer,
-                                                      self.kind_dd, self.about_md, *self.groups.values(),
-                                                      *field_comps], api_name="attach_search")
+        page.on_load(attach, [page.browser_key], [page.browser_key, self.job, self.cursor, self.timer,
+                                                  self.kind_dd, self.about_md, *self.groups.values(),
+                                                  *field_comps], api_name="attach_search")
 
     # -- the result: to the Recipe tab, or merged and scored --------------------------------------
 
