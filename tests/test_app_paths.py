@@ -314,6 +314,8 @@ def test_browser_evaluate_tasks_field_refuses_a_server_file(app_server, secret_o
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url)
+            # the page has opened its session (the demo) before the field is typed into
+            expect(page.get_by_text("Compatible", exact=False).first).to_be_visible(timeout=30_000)
             page.get_by_role("tab", name="Compare").click()
             box = page.get_by_label("Tasks YAML (mergecore.eval)")
             box.fill(str(secret_outside))
