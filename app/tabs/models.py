@@ -33,7 +33,7 @@ from app.render import error_md, fmt_seconds, progress_html
 
 # the table's columns (app.state.MODEL_COLUMNS) get room for their header on one line; the
 # source (a folder or a Hub id) takes the rest and wraps
-COLUMN_WIDTHS = ["140px", "70px", "230px", "80px", "110px", "90px", "90px", "360px"]
+COLUMN_WIDTHS = ["180px", "60px", "235px", "75px", "105px", "90px", "90px", "330px"]
 BUILDING = "The demo models are being built (first start); add a Hub model or a local folder meanwhile."
 
 
@@ -111,7 +111,8 @@ class ModelsTab:
             """Only the status line (and `rest`): the session is left as it is."""
             return (*page.skip_refresh(), msg, *rest)
 
-        def on_load_demo(state, form, version, request):
+        def on_load_demo(state, form, version, request, toast: bool = False):
+            """The demo into the session (a toast too when the user asked for it)."""
             try:
                 state, form = load_demo(ctx, state)
             except MergeError as err:
@@ -119,12 +120,13 @@ class ModelsTab:
                 return refresh(state, form, version, request, status=error_md(err))
             build = ctx.demo_build
             note = f" ({build.note})" if build is not None and build.note else ""
-            gr.Info(f"Loaded the demo models ({ctx.demo.title}).")
+            if toast:
+                gr.Info(f"Loaded the demo models ({ctx.demo.title}).")
             return refresh(state, form, version, request, status=f"Loaded the demo models ({ctx.demo.title}){note}.")
 
         def on_demo_button(state, form, version, request: gr.Request):
             if ctx.demo is not None:
-                return (*on_load_demo(state, form, version, request), gr.Timer(active=False), gr.skip())
+                return (*on_load_demo(state, form, version, request, toast=True), gr.Timer(active=False), gr.skip())
             build = ctx.demo_build
             if build is None or (build.done and build.family is None):
                 # started with --no-demo (or the last build failed): build it now, for every page
@@ -148,7 +150,8 @@ class ModelsTab:
             if ctx.demo is None:
                 ctx.demo = build.family
             if not (state or {}).get("models"):  # a page with no models yet opens on the demo
-                return (*on_load_demo(state, form, version, request), gr.Timer(active=False), demo_html(build))
+                return (*on_load_demo(state, form, version, request, toast=True), gr.Timer(active=False),
+                        demo_html(build))
             gr.Info("The demo models are ready: 'Load the built-in demo models' adds them.")
             return said(gr.skip(), gr.Timer(active=False), demo_html(build, offer=True))
 
@@ -419,7 +422,10 @@ class HubSearches:
             n = self._latest[owner] = next(self._numbers)
         found = self._search((q or "").strip())
         with self._lock:
-            return found if self._latest.get(owner) == n else None
+            if self._latest.get(owner) != n:
+                return None
+            del self._latest[owner]
+            return found
 
     def _search(self, q: str) -> tuple[list[str], str, bool]:
         if not q:
