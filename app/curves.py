@@ -8,24 +8,76 @@ The formula and the scale ends come from the method (`MergeMethod.formula_text`,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from mergecore.errors import MergeError
 
-from app.forms import field_by_key, form_fields, get_method, per_model_targets, set_value
+from app.forms import field_by_key, form_fields, get_method, recipe_models, set_value
 from app.values import fmt, groups, is_number, is_raw, is_split, value_to_text
 
 
 def curve_targets(form: dict[str, Any], state: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, key) of every numeric field: what the curve editor can edit."""
-    return [(f["label"], f["key"]) for f in form_fields(form["method"], state) if f["numeric"]]
+    return [(f["label"], f["key"]) for f in form_fields(form["method"], state, form) if f["numeric"]]
 
 
-def get_curve(form: dict[str, Any], key: str, group: str = "all", points: int = 5) -> list[float]:
-    """The anchors the curve editor shows for a field (and tensor group)."""
+def effective(value: Any, state: Optional[dict[str, Any]]) -> Any:
+    """What a value kept as imported (a filter list) gives on the session's models: one value, or
+    one per tensor group (attention / MLP / other) when that is what it means here; None when
+    tensors of one group get different values (or none: the value falls through)."""
+    from mergecore.arch import find_architecture, tensor_group
+    from mergecore.params import UNSET
+
+    from app.state import tensor_names
+
+    if not is_raw(value):
+        return value
+    try:
+        names = tensor_names(state or {})
+    except MergeError:
+        return None
+    arch = find_architecture(names=names)
+    per_group: dict[str, set[str]] = {}
+    found: dict[str, Any] = {}
+    for n in names:
+        g = tensor_group(n, arch)
+        try:
+            v = _first_match(value["raw"], n, UNSET)
+        except MergeError:
+            return None
+        if v is UNSET or not (is_number(v) or (isinstance(v, list) and v and all(is_number(x) for x in v))):
+            return None
+        per_group.setdefault(g, set()).add(repr(v))
+        found[g] = v
+    if not found or any(len(vs) > 1 for vs in per_group.values()):
+        return None
+    if len({repr(v) for v in found.values()}) == 1:
+        return next(iter(found.values()))
+    return {g: found[g] for g in groups() if g in found}
+
+
+def _first_match(raw: Any, name: str, unset: Any) -> Any:
+    """The value (a number or a curve, unresolved over the layers) a filter list gives tensor `name`."""
+    from mergecore.params import filter_matches, is_filter_list
+
+    if not is_filter_list(raw):
+        return unset
+    for entry in raw:
+        if "value" in entry and filter_matches(entry.get("filter"), name):
+            return entry["value"]
+    return unset
+
+
+def get_curve(form: dict[str, Any], key: str, group: str = "all", points: int = 5,
+              state: Optional[dict[str, Any]] = None) -> list[float]:
+    """The anchors the curve editor shows for a field (and tensor group); a value kept as
+    imported shows what it gives on the session's models (`effective`)."""
     value = form["values"].get(key)
     if is_raw(value):
-        raise MergeError(f"'{key}' holds an imported value the curve editor cannot edit; change it in the form")
+        value = effective(value, state)
+        if value is None:
+            raise MergeError(f"'{key}' holds imported filters that give tensors of one group different values: "
+                             f"edit them in the YAML, or type a value in the form to replace them")
     if is_split(value):
         value = value.get(group if group in groups() else "attn", value.get("other", 0.0))
     if isinstance(value, list):
@@ -46,6 +98,8 @@ def set_curve(form: dict[str, Any], state: dict[str, Any], key: str, anchors: li
     anchors = [max(lo, a) if lo is not None else a for a in anchors]
     anchors = [round(a, 4) for a in anchors]
     cur = form["values"].get(key)
+    if is_raw(cur):  # imported filters: edited as what they give on these models
+        cur = effective(cur, state)
     if group == "all":
         new: Any = anchors
     else:
@@ -62,7 +116,11 @@ def set_split(form: dict[str, Any], state: dict[str, Any], key: str, split: bool
     """Turn separate attention / MLP curves on (copying the current curve) or off (keeping attn's)."""
     cur = form["values"].get(key)
     if is_raw(cur):
-        raise MergeError(f"'{key}' holds an imported value the curve editor cannot edit")
+        cur = effective(cur, state)
+        if cur is None:
+            raise MergeError(f"'{key}' holds imported filters the curve editor cannot show; edit them in the YAML")
+        if split == is_split(cur):
+            return set_value(form, state, key, cur)
     if split and not is_split(cur):
         new: Any = {"attn": cur, "mlp": cur, "other": cur[0] if isinstance(cur, list) else cur}
     elif not split and is_split(cur):
@@ -72,12 +130,14 @@ def set_split(form: dict[str, Any], state: dict[str, Any], key: str, split: bool
     return set_value(form, state, key, new)
 
 
-def endpoint_labels(field: dict[str, Any], state: dict[str, Any]) -> tuple[str, str]:
+def endpoint_labels(field: dict[str, Any], state: dict[str, Any], form: Optional[dict[str, Any]] = None
+                    ) -> tuple[str, str]:
     """What the bottom and top of a parameter's scale mean, in words (the method's labels with
     the session's names; the range's ends when it has none)."""
     if field.get("ends"):
         base = state.get("base") or "base"
-        others = [m["name"] for m in state.get("models", []) if m["name"] != base]
+        others = [m["name"] for m in state.get("models", []) if m["name"] != base
+                  and m["name"] not in (form or {}).get("left_out", ())]
         names = {"base": base, "model": field["model"] or "each model",
                  "other": others[0] if others else "the other model"}
         low, high = field["ends"]
@@ -97,17 +157,19 @@ def formula_markdown(form: dict[str, Any], state: dict[str, Any]) -> str:
     layers = sorted({0, (n - 1) // 2, n - 1})
     lines = [f"**{method.name}**: `{method.formula_text}`"]
     base = state.get("base")
+    names = [n for n in recipe_models(state, form) if n != base or method.base == "ignored"]
     if method.base != "ignored" and base:
-        lines.append(f"θ₀ = **{base}** (base)" + "".join(
-            f", θ{_sub(i + 1)} = **{m}**" for i, m in enumerate(per_model_targets(method, state))))
+        lines.append(f"θ₀ = **{base}** (base)" + "".join(f", θ{_sub(i + 1)} = **{m}**" for i, m in enumerate(names)))
     else:
-        lines.append(", ".join(f"θ{_sub(i + 1)} = **{m}**" for i, m in enumerate(per_model_targets(method, state))))
-    fields = [f for f in form_fields(form["method"], state) if f["numeric"]]
+        lines.append(", ".join(f"θ{_sub(i + 1)} = **{m}**" for i, m in enumerate(names)))
+    fields = [f for f in form_fields(form["method"], state, form) if f["numeric"]]
     if fields:
         head = "| parameter | " + " | ".join(f"layer {i}" for i in layers) + " |"
         rows = [head, "|---|" + "---|" * len(layers)]
         for f in fields:
             v = form["values"].get(f["key"], f["default"])
+            shown = effective(v, state)  # imported filters: what they give here
+            v = v if shown is None else shown
             cells = []
             for i in layers:
                 t = layer_position(i, n)
@@ -116,7 +178,7 @@ def formula_markdown(form: dict[str, Any], state: dict[str, Any]) -> str:
         lines.append("\n".join(rows))
         lines.append("Curves: anchors are spread evenly over the layers and interpolated linearly; "
                      "embeddings and heads take a curve's first value.")
-    others = [f for f in form_fields(form["method"], state) if not f["numeric"]]
+    others = [f for f in form_fields(form["method"], state, form) if not f["numeric"]]
     if others:
         lines.append("; ".join(f"{f['label']} = `{value_to_text(form['values'].get(f['key'], f['default']))}`"
                                for f in others))

@@ -49,18 +49,23 @@ def fmt(v: float) -> str:
 
 
 def value_to_text(value: Any) -> str:
-    """How a value is shown in its text field: YAML flow style (`0.5`, `[0.3, 0.7]`, ...)."""
+    """How a value is shown in its text field: a number (`0.5`), a curve's anchors (`[0.3, 0.7]`),
+    separate curves as `attn: [0, 1]; mlp: [1, 0]; other: 0.5`, an imported filter list in the
+    recipe's own (YAML flow) syntax."""
     if is_raw(value):
         value = value["raw"]
     if isinstance(value, float):
         return fmt(value)
+    if is_split(value):
+        return "; ".join(f"{g}: {value_to_text(v)}" for g, v in value.items())
     text = yaml.safe_dump(_round(value), default_flow_style=True, sort_keys=False).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
 def _round(v: Any) -> Any:
     if isinstance(v, float):
-        return float(fmt(v))
+        r = float(fmt(v))
+        return int(r) if r.is_integer() and abs(r) < 1e15 else r  # [0, 1], not [0.0, 1.0]
     if isinstance(v, list):
         return [_round(x) for x in v]
     if isinstance(v, dict):
@@ -104,22 +109,76 @@ def check_value(field: dict[str, Any], value: Any) -> Any:
     return _check_number(field, value)
 
 
-def text_to_value(field: dict[str, Any], text: str) -> Any:
-    """Parse what the user typed: a number, `[anchors]`, or `{attn: ..., mlp: ..., other: ...}`."""
+def text_to_value(field: dict[str, Any], text: str, filters: Optional[Filters] = None) -> Any:
+    """Parse what the user typed: a number, anchors (`[0.2, 0.8]` or `0.2, 0.8`), separate curves
+    (`attn: [0, 1]; mlp: [1, 0]; other: 0.5`, or the same in braces), or a recipe filter list
+    (`[{filter: self_attn, value: 1}, {value: 0}]`: with the models' `filters` it becomes separate
+    curves when it means the same, else it is kept as typed). Checked against the field's range."""
     text = (text or "").strip()
     if field["type"] == "str":
         return check_value(field, text)
     if not text:
         raise MergeError(f"{field['label']}: give a value")
+    if ";" in text or (text.split(":", 1)[0].strip() in groups() and not text.startswith("{")):
+        text = "{" + text.replace(";", ",") + "}"
     try:
         value = load_yaml(text, field["label"])  # size and alias limits: typed in the browser
     except MergeError:
         raise MergeError(f"{field['label']}: cannot read {short(text)}; write a number, [0.2, 0.8] or "
-                         f"{{attn: [0, 1], mlp: [1, 0], other: 0.5}}") from None
+                         f"attn: [0, 1]; mlp: [1, 0]; other: 0.5") from None
+    if isinstance(value, str) and "," in value:  # anchors without brackets: 0.2, 0.8
+        try:
+            value = [float(x) for x in value.split(",")]
+        except ValueError:
+            pass
+    from mergecore.params import is_filter_list
+
+    if is_filter_list(value):
+        return check_filter_list(field, value, filters)
     if isinstance(value, dict) and not is_split(value):
         raise MergeError(f"{field['label']}: separate curves use the keys {', '.join(groups()[:-1])} and "
                          f"{groups()[-1]}, got {short(list(value))}")
     return check_value(field, value)
+
+
+def check_filter_list(field: dict[str, Any], value: list, filters: Optional[Filters] = None) -> Any:
+    """A recipe filter list typed or imported for a field: every entry a `filter` (text, optional)
+    and a `value` in the field's range. Separate curves when it means the same for these models
+    (`filters`), else kept as it is (`{"raw": ...}`)."""
+    for entry in value:
+        if "value" not in entry or set(entry) - {"filter", "value"}:
+            raise MergeError(f"{field['label']}: each filter entry needs 'value' and optionally 'filter', "
+                             f"got {short(entry)}")
+        if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+            raise MergeError(f"{field['label']}: a filter is a piece of a tensor name, got {short(entry['filter'])}")
+        if isinstance(entry["value"], dict):
+            raise MergeError(f"{field['label']}: a filter's value is a number or a curve, got {short(entry['value'])}")
+        check_value(field, entry["value"])
+    return value_from_recipe(value, filters) if filters is not None else {"raw": value}
+
+
+def unmatched_filters(value: Any, names: list[str]) -> list[str]:
+    """The filters of a recipe value (a filter list, or one kept as imported) that match none of
+    the tensor `names` (their entries never apply)."""
+    from mergecore.params import filter_matches, is_filter_list
+
+    value = value["raw"] if is_raw(value) else value
+    if not is_filter_list(value) or not names:
+        return []
+    pats = [str(e["filter"]) for e in value if e.get("filter") not in (None, "*")]
+    return [p for p in dict.fromkeys(pats) if not any(filter_matches(p, n) for n in names)]
+
+
+def filter_warning(label: str, missed: list[str], filters: Filters) -> str:
+    """The warning for filters of `label`'s value that match no tensor (`unmatched_filters`), with
+    the filters that do select these models' attention and MLP tensors (`group_filters`)."""
+    attn, mlp = filters
+    these = "; ".join(x for x in (f"attention tensors match '{attn}'" if attn else "",
+                                  f"MLP tensors match {', '.join(repr(m) for m in mlp)}" if mlp else "") if x)
+    one = len(missed) == 1
+    return (f"{label}: filter{'' if one else 's'} {', '.join(repr(m) for m in missed)} match{'es' if one else ''} "
+            f"no tensor of the loaded models, so {'its value' if one else 'their values'} never appl"
+            f"{'ies' if one else 'y'}" + (f" (here {these})" if these else ""))
 
 
 def group_filters(tensor_names: list[str]) -> Filters:
