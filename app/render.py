@@ -39,6 +39,8 @@ CSS = """
 .mc-synthetic { background: #fef3c7; color: #92400e; padding: 2px 8px; border-radius: 8px; font-weight: 600; }
 .mc-field-row { align-items: end !important; }
 .mc-curve-btn { max-width: 90px !important; min-width: 60px !important; }
+.mc-field-error .info-text { color: var(--error-text-color, #b91c1c) !important; font-weight: 600; }
+.mc-field-error textarea, .mc-field-error input[type=text] { border-color: var(--error-border-color, #dc2626) !important; }
 .mc-real { background: #dcfce7; color: #166534; padding: 2px 8px; border-radius: 8px; font-weight: 600; }
 footer { display: none !important; }
 """ + COMPARE_CSS

@@ -1,8 +1,13 @@
-"""The Recipe tab: the method, its parameter form (one widget per schema field), the per-layer
-curve editor, the formula panel and the live recipe YAML (apply edits, import a file, check the
-plan).
+"""The Recipe tab: the method, the models in its recipe, its parameter form (one widget per
+schema field, each checked as it is typed, its error at the field), the per-layer curve editor,
+the formula panel and the live recipe YAML (apply edits, import a file, check the plan).
 
-Named API endpoints: /set_method, /import_yaml, /set_curve, /preset, /plan.
+Applying YAML checks it whole first (`app.recipe_yaml`): an error is shown beside the editor with
+its line and column, and the text stays; a recipe that changes the session's models, or drops
+parameters, is previewed with Apply / Cancel before anything changes.
+
+Named API endpoints: /set_method, /set_recipe_models, /import_yaml (apply, or preview), /confirm_yaml,
+/set_curve, /preset, /plan.
 """
 
 from __future__ import annotations
@@ -14,12 +19,17 @@ import gradio as gr
 
 from mergecore.errors import MergeError
 
-from app import curves, forms
-from app import state as st
+from app import curves, forms, recipe_yaml
 from app.context import AppContext, Page
 from app.curve_editor import CurveEditor
-from app.render import error_md, notes_md
-from app.values import GROUP_LABELS, fmt, is_raw, is_split, text_to_value, value_to_text
+from app.recipe_views import (ANCHORS_INFO, curve_panel, field_error, field_ok, method_text, models_box,
+                              parse_anchors, recipe_views)
+from app.render import error_md
+from app.values import check_value, is_raw, text_to_value, value_to_text
+
+# Enter in a text field leaves it, so its value is taken once, by the blur handler (submit and blur
+# both firing would check it twice, and a refused value would toast twice)
+BLUR_ON_ENTER = "() => { if (document.activeElement) document.activeElement.blur(); }"
 
 PRESETS = {"flat": "flat", "ramp up": "ramp_up", "ramp down": "ramp_down", "U-shape": "u_shape", "bell": "bell"}
 
@@ -33,9 +43,11 @@ class RecipeTab:
         with gr.Tab("Recipe", id="recipe"):
             with gr.Row():
                 self.method_dd = gr.Dropdown(label="Method", choices=forms.method_choices(), value=method,
-                                             interactive=True, scale=1)
+                                             interactive=True, scale=1, elem_id="recipe-method")
                 self.method_md = gr.Markdown(method_text(method))
-            self.recipe_status = gr.Markdown("")
+            self.recipe_status = gr.Markdown("", elem_id="recipe-status")
+            self.models_cb = gr.CheckboxGroup(label="Models in the recipe", choices=[], value=[], interactive=True,
+                                              visible=False, elem_id="recipe-models")
 
             @gr.render(inputs=[page.form_state, page.session_state], triggers=[page.form_version.change])
             def render_form(form, state):
@@ -54,7 +66,7 @@ class RecipeTab:
                     self.curve_labels = gr.Markdown("")
                     self.curve = CurveEditor([0.5, 0.5], layers=8, elem_id="curve-editor")
                     self.anchors_tb = gr.Textbox(label="Anchors (numbers, kept in sync with the points)",
-                                                 elem_id="curve-anchors")
+                                                 info=ANCHORS_INFO, interactive=True, elem_id="curve-anchors")
                 with gr.Column(scale=1):
                     self.preset_dd = gr.Dropdown(label="Preset", choices=list(PRESETS), value="ramp up")
                     self.preset_lo = gr.Number(label="low", value=0.0)
@@ -63,20 +75,31 @@ class RecipeTab:
                     self.preset_btn = gr.Button("Apply preset")
             self.formula_md = gr.Markdown("")
             with gr.Accordion("Recipe YAML (live; edit and apply, or import a file)", open=True):
-                self.yaml_code = gr.Code(label="recipe.yml", language="yaml", interactive=True, lines=14)
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        self.yaml_code = gr.Code(label="recipe.yml", language="yaml", interactive=True, lines=14,
+                                                 elem_id="recipe-yaml")
+                    with gr.Column(scale=2, min_width=260):
+                        self.yaml_status = gr.Markdown("", elem_id="yaml-status")
+                        with gr.Group(visible=False) as self.preview:
+                            self.preview_md = gr.Markdown("", elem_id="yaml-preview")
+                            with gr.Row():
+                                self.confirm_btn = gr.Button("Apply", variant="primary", elem_id="yaml-confirm")
+                                self.cancel_btn = gr.Button("Cancel", elem_id="yaml-cancel")
+                        self.pending = gr.State(None)
                 with gr.Row():
                     self.apply_yaml_btn = gr.Button("Apply YAML", elem_id="apply-yaml")
-                    self.plan_btn = gr.Button("Check plan (dry run)")
+                    self.plan_btn = gr.Button("Check plan (dry run)", elem_id="check-plan")
                 self.yaml_file = gr.File(label="Import a recipe file (.yml; mergekit recipes work)",
                                          file_types=[".yml", ".yaml"], type="filepath", height=120)
-                self.plan_tb = gr.Textbox(label="Plan", lines=8, max_lines=30, visible=False)
+                self.plan_tb = gr.Textbox(label="Plan", lines=8, max_lines=30, visible=False, elem_id="recipe-plan")
         self.curve_outputs = [self.curve, self.anchors_tb, self.curve_split, self.curve_group, self.curve_labels]
 
     # -- the session's views ----------------------------------------------------------------------
 
     def outputs(self, page: Page) -> list[Any]:
         return [self.method_dd, self.method_md, self.yaml_code, self.recipe_status, self.formula_md,
-                self.curve_key_dd, *self.curve_outputs]
+                self.curve_key_dd, *self.curve_outputs, self.models_cb]
 
     def views(self, state: dict[str, Any], form: dict[str, Any], owner: str, *, key: Optional[str] = None,
               group: str = "attn") -> list[Any]:
@@ -86,7 +109,7 @@ class RecipeTab:
         if key not in keys:
             key = next((k for k in keys if isinstance(form["values"].get(k), (list, dict))), keys[0] if keys else None)
         return [method, method_text(method), *recipe_views(form, state), gr.Dropdown(choices=targets, value=key),
-                *curve_panel(form, state, key, group)]
+                *curve_panel(form, state, key, group), models_box(form, state)]
 
     # -- the parameter form (inside gr.render) ----------------------------------------------------
 
@@ -94,7 +117,7 @@ class RecipeTab:
         if not form or not form.get("values") or not (state or {}).get("models"):
             gr.Markdown("Load the demo or add models on the **Models** tab to get a parameter form.")
             return
-        fields = forms.form_fields(form["method"], state)
+        fields = forms.form_fields(form["method"], state, form)
         if not fields:
             gr.Markdown(f"*{form['method']} has no parameters.*")
             return
@@ -114,85 +137,84 @@ class RecipeTab:
                         self.field_widget(f, form, page)
 
     def field_widget(self, f: dict[str, Any], form: dict[str, Any], page: Page) -> None:
+        """One field, interactive (a field created inside `gr.render` that listens only to blur or
+        submit is not, unless told), checked as it is typed."""
         value = form["values"].get(f["key"], f["default"])
         info = f["help"] or None
         key = f["key"]
         elem = "field-" + key.replace("@", "--").replace(".", "_")
-        if is_raw(value):
-            gr.Textbox(label=f["label"] + " (imported)", value=value_to_text(value), interactive=False,
-                       info="kept as imported; edit it in the YAML", elem_id=elem)
-            return
+        text = True
         if f["type"] == "bool":
-            comp = gr.Checkbox(label=f["label"], value=bool(value), info=info, elem_id=elem)
-            events = [comp.input]
+            comp = gr.Checkbox(label=f["label"], value=bool(value), info=info, elem_id=elem, interactive=True)
+            events, text = [comp.input], False
         elif f["choices"]:
             comp = gr.Dropdown(label=f["label"], choices=[str(c) for c in f["choices"]], value=str(value), info=info,
-                               elem_id=elem)
-            events = [comp.input]
+                               elem_id=elem, interactive=True)
+            events, text = [comp.input], False
         elif f["numeric"]:
             with gr.Row(elem_classes=["mc-field-row"]):
                 label = f["label"] + (f"  {f['range_text']}" if f["range_text"] else "")
+                if is_raw(value):
+                    label += " (imported filters)"
+                    info = "kept as imported; type a value to replace it, or edit it in the YAML"
                 comp = gr.Textbox(label=label, value=value_to_text(value), info=info, elem_id=elem, scale=4,
-                                  placeholder="0.5, [0.2, 0.8] or {attn: [0, 1], mlp: [1, 0], other: 0.5}")
+                                  interactive=True, placeholder="0.5, [0.2, 0.8] or attn: [0, 1]; mlp: [1, 0]; other: 0.5")
                 btn = gr.Button("curve", size="sm", scale=1, elem_classes=["mc-curve-btn"], elem_id=elem + "-curve")
-            events = [comp.submit, comp.blur]
+            events = [comp.blur]
 
             def pick(form, state, group, _key=key):
-                return (gr.Dropdown(value=_key), *curve_panel(form, state, _key, group))
+                return (gr.update(value=_key), *curve_panel(form, state, _key, group))
 
             btn.click(pick, [page.form_state, page.session_state, self.curve_group],
                       [self.curve_key_dd, *self.curve_outputs], api_visibility="private")
         else:
-            comp = gr.Textbox(label=f["label"], value=str(value or ""), info=info, elem_id=elem)
-            events = [comp.submit, comp.blur]
+            comp = gr.Textbox(label=f["label"], value=str(value or ""), info=info, elem_id=elem, interactive=True)
+            events = [comp.blur]
+        if text:
+            comp.submit(None, None, None, js=BLUR_ON_ENTER)
         inputs = [comp, page.form_state, page.session_state, self.curve_key_dd, self.curve_group]
-        outputs = [page.form_state, self.yaml_code, self.recipe_status, self.formula_md, self.curve, self.anchors_tb,
-                   self.curve_labels]
+        outputs = [comp, page.form_state, self.yaml_code, self.recipe_status, self.formula_md, self.curve_key_dd,
+                   *self.curve_outputs]
         for ev in events:
-            ev(on_field(key), inputs, outputs, api_visibility="private")
+            ev(on_field(key, text), inputs, outputs, api_visibility="private")
 
     # -- events -----------------------------------------------------------------------------------
 
+    def refreshed(self, page: Page, state, form, version, request) -> tuple:
+        """The session's views, without the Models tab's status line (messages stay on this tab)."""
+        return page.refresh(state, form, version, request)[:-1]
+
     def wire(self, page: Page) -> None:
-        ctx, refresh = self.ctx, page.refresh
+        ctx = self.ctx
         session = [page.session_state, page.form_state, page.form_version]
 
         def on_method(method, state, form, version, request: gr.Request):
+            if (form or {}).get("method") == method and ((form or {}).get("values") or not state.get("models")):
+                return page.skip_refresh()  # the dropdown reports a choice twice (on select, on close)
             try:
                 form = forms.new_form(method, state, form) if state.get("models") else {"method": method}
             except MergeError as err:
-                return refresh(state, form, version, request, status=error_md(err))
-            return refresh(state, form, version, request)
+                gr.Warning(str(err))
+                return self.refreshed(page, state, form, version, request)
+            for problem in forms.constraint_problems(form, state):
+                gr.Warning(problem)  # and under the method, and at "Models in the recipe"
+            return self.refreshed(page, state, form, version, request)
 
-        self.method_dd.input(on_method, [self.method_dd, *session], page.status_outputs, api_name="set_method")
+        self.method_dd.input(on_method, [self.method_dd, *session], page.outputs, api_name="set_method")
 
-        def import_recipe(text: str | bytes, where: str, state, form, version, request):
-            try:
-                state, form, notes = forms.import_recipe(text, state, ctx.read_roots(), where,
-                                                         (form or {}).get("search_dirs") or ())
-            except MergeError as err:
-                return refresh(state, form, version, request, status=error_md(err))
-            return refresh(state, form, version, request, status=notes_md("Recipe loaded.", notes))
+        def on_models(selected, state, form, version, request: gr.Request):
+            form = forms.filled(form, state)
+            if not form.get("method"):
+                return self.refreshed(page, state, form, version, request)
+            method = forms.get_method(form["method"])
+            left_out = [n for n in forms.per_model_targets(method, state) if n not in (selected or [])]
+            form = forms.new_form(method.name, state, {**form, "left_out": left_out})
+            for problem in forms.constraint_problems(form, state):
+                gr.Warning(problem)
+            return self.refreshed(page, state, form, version, request)
 
-        def on_import_text(text, state, form, version, request: gr.Request):
-            return import_recipe(text, "recipe", state, form, version, request)
-
-        self.apply_yaml_btn.click(on_import_text, [self.yaml_code, *session], page.status_outputs,
-                                  api_name="import_yaml")
-
-        def on_import_file(path, state, form, version, request: gr.Request):
-            if not path:
-                return (*page.skip_refresh(), gr.skip())
-            from app.paths import read_upload
-
-            try:
-                data = read_upload(path, "recipe file")  # over the YAML size limit: refused unread
-            except MergeError as err:
-                return refresh(state, form, version, request, status=error_md(err))
-            return import_recipe(data, f"recipe file {Path(path).name}", state, form, version, request)
-
-        self.yaml_file.upload(on_import_file, [self.yaml_file, *session], page.status_outputs,
-                              api_visibility="private")
+        self.models_cb.input(on_models, [self.models_cb, *session], page.outputs, api_name="set_recipe_models")
+        self.wire_yaml(page)
 
         def on_plan(state, form):
             try:
@@ -207,6 +229,70 @@ class RecipeTab:
         self.plan_btn.click(on_plan, [page.session_state, page.form_state], [self.plan_tb], api_name="plan")
         self.wire_curve(page)
 
+    def wire_yaml(self, page: Page) -> None:
+        """Apply YAML (typed, or a file): checked whole; an error beside the editor, the text kept; a
+        recipe that changes the session's models or drops parameters is previewed first."""
+        ctx = self.ctx
+        session = [page.session_state, page.form_state, page.form_version]
+        outputs = [*page.outputs, self.preview, self.preview_md, self.pending, self.yaml_status]
+        at_yaml = next(i for i, c in enumerate(page.outputs) if c is self.yaml_code)
+
+        def apply_text(text, where, search_dirs, state, form, version, request, *, confirmed=False, shown=None):
+            skip = list(page.skip_refresh())
+            if shown is not None:
+                skip[at_yaml] = shown  # an uploaded file's text goes into the editor: errors point into it
+            try:
+                prep = recipe_yaml.prepare(text, state, form, ctx.read_roots(), where, search_dirs)
+            except MergeError as err:
+                gr.Warning(str(err))
+                return (*skip, gr.Group(visible=False), "", None, error_md(err))
+            if prep.needs_confirm and not confirmed:
+                pending = {"text": text if isinstance(text, str) else shown, "where": where,
+                           "search_dirs": [str(d) for d in search_dirs]}
+                return (*skip, gr.Group(visible=True), prep.preview_md(), pending,
+                        "Nothing has changed yet: applying this recipe changes the session (below).")
+            gr.Info("Recipe applied.")
+            for w in prep.warnings:
+                gr.Warning(w)
+            return (*self.refreshed(page, prep.state, prep.form, version, request), gr.Group(visible=False), "",
+                    None, prep.applied_md())
+
+        def on_apply(text, state, form, version, request: gr.Request):
+            return apply_text(text or "", "recipe", (form or {}).get("search_dirs") or (), state, form, version,
+                              request)
+
+        self.apply_yaml_btn.click(on_apply, [self.yaml_code, *session], outputs, api_name="import_yaml")
+
+        def on_confirm(pending, state, form, version, request: gr.Request):
+            if not pending:
+                return (*page.skip_refresh(), gr.Group(visible=False), "", None, "Nothing to apply.")
+            return apply_text(pending["text"], pending["where"], pending["search_dirs"], state, form, version,
+                              request, confirmed=True)
+
+        self.confirm_btn.click(on_confirm, [self.pending, *session], outputs, api_name="confirm_yaml")
+
+        def on_cancel():
+            return (gr.Group(visible=False), "", None,
+                    "Cancelled: the session is as it was; your text is still in the editor.")
+
+        self.cancel_btn.click(on_cancel, None, [self.preview, self.preview_md, self.pending, self.yaml_status],
+                              api_name="cancel_yaml")
+
+        def on_import_file(path, state, form, version, request: gr.Request):
+            if not path:
+                return (*page.skip_refresh(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+            from app.paths import read_upload
+
+            where = f"recipe file {Path(path).name}"
+            try:
+                data = read_upload(path, "recipe file")  # over the YAML size limit: refused unread
+            except MergeError as err:
+                gr.Warning(str(err))
+                return (*page.skip_refresh(), gr.Group(visible=False), "", None, error_md(err))
+            shown = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else str(data)
+            return apply_text(data, where, (), state, form, version, request, shown=shown)
+
+        self.yaml_file.upload(on_import_file, [self.yaml_file, *session], outputs, api_visibility="private")
     def wire_curve(self, page: Page) -> None:
         def on_curve_key(key, group, state, form):
             return curve_panel(form, state, key, group)
@@ -222,8 +308,10 @@ class RecipeTab:
                     raise MergeError("choose a parameter under 'Curve for' first")
                 form = change(form)
                 return (form, version + 1, *recipe_views(form, state), *curve_panel(form, state, key, group))
-            except MergeError as err:
-                return (form, version, *recipe_views(form, state, error_md(err)), *curve_panel(form, state, key, group))
+            except MergeError as err:  # said above the curve, where it happened (and as a toast)
+                gr.Warning(str(err))
+                editor, anchors, split, radio, _ = curve_panel(form, state, key, group)
+                return (form, version, *recipe_views(form, state), editor, anchors, split, radio, error_md(err))
 
         outputs = [page.form_state, page.form_version, self.yaml_code, self.recipe_status, self.formula_md,
                    *self.curve_outputs]
@@ -237,16 +325,17 @@ class RecipeTab:
         self.curve.edit(on_curve_edit, [self.curve, *inputs], outputs, api_name="set_curve")
 
         def on_anchors(text, key, group, split, state, form, version):
+            """Typed anchors, each checked against the parameter's range: an error at the box, not clamped."""
             try:
-                anchors = [float(x) for x in (text or "").replace("[", " ").replace("]", " ").replace(",", " ").split()]
-            except ValueError:
-                anchors = []
-            if not anchors:
-                problem = error_md("anchors: write numbers like 0.2, 0.5, 0.8")
-                return (form, version, *recipe_views(form, state, problem), *curve_panel(form, state, key, group))
+                if not key:
+                    raise MergeError("choose a parameter under 'Curve for' first")
+                anchors = parse_anchors(text, forms.field_by_key(form, state, key))
+            except MergeError as err:
+                editor, _, split_cb, radio, labels = curve_panel(form, state, key, group)
+                return (form, version, *recipe_views(form, state), editor, field_error(err), split_cb, radio, labels)
             return on_curve_edit(anchors, key, group, split, state, form, version)
 
-        self.anchors_tb.submit(on_anchors, [self.anchors_tb, *inputs], outputs, api_visibility="private")
+        self.anchors_tb.submit(None, None, None, js=BLUR_ON_ENTER)
         self.anchors_tb.blur(on_anchors, [self.anchors_tb, *inputs], outputs, api_visibility="private")
 
         def on_split(split, key, group, state, form, version):
@@ -261,6 +350,7 @@ class RecipeTab:
             def apply(f):
                 anchors = preset_curve(PRESETS.get(name, "flat"), float(lo or 0), float(hi or 0), int(n or 5))
                 anchors = anchors * int(n or 5) if len(anchors) == 1 else anchors
+                check_value(forms.field_by_key(f, state, key), [round(a, 4) for a in anchors])  # not clamped
                 return curves.set_curve(f, state, key, anchors, group if split else "all")
 
             return changed(apply, key, group, state, form, version)
@@ -269,81 +359,26 @@ class RecipeTab:
                               outputs, api_name="preset")
 
 
-# ---------------------------------------------------------------------------------------------
-# the handlers' work (plain functions)
-
-
-def method_text(name: str) -> str:
-    m = forms.get_method(name)
-    base = {"required": "needs a base model", "optional": "base model optional", "ignored": "no base model"}[m.base]
-    return f"**{m.name}** — {m.summary} ({base})"
-
-
-def on_field(key: str):
-    """The handler of one form field: the value checked and stored, the views that follow it."""
+def on_field(key: str, text: bool = True):
+    """The handler of one form field: the value checked and stored (or its error at the field, the
+    form unchanged), the views that follow it; a curve typed into a field shows in the curve panel."""
 
     def handler(raw, form, state, curve_key, group):
+        skip = (gr.skip(),) * 10
         try:
             field = forms.field_by_key(form, state, key)
-            value = text_to_value(field, raw) if isinstance(raw, str) else raw
+            value = text_to_value(field, raw, forms.model_filters(state)) if isinstance(raw, str) else raw
+            if value == form["values"].get(key) and key in form.get("explicit", []):
+                return (field_ok(field, value, text=text), *skip)  # as it was (a dropdown reports twice)
             form = forms.set_value(form, state, key, value)
-            status = ""
         except MergeError as err:
-            status = error_md(err)
-        yaml_text, rstatus, formula = recipe_views(form, state, status)
-        if curve_key == key:
-            editor, text, _, _, labels = curve_panel(form, state, key, group)
+            return (field_error(err), *skip)
+        value = form["values"][key]
+        yaml_text, status, formula = recipe_views(form, state)
+        if curve_key == key or (field["numeric"] and isinstance(value, (list, dict))):
+            panel = (gr.update(value=key), *curve_panel(form, state, key, group))
         else:
-            editor, text, labels = gr.skip(), gr.skip(), gr.skip()
-        return form, yaml_text, rstatus, formula, editor, text, labels
+            panel = (gr.skip(),) * 6
+        return (field_ok(field, value, text=text), form, yaml_text, status, formula, *panel)
 
     return handler
-
-
-def recipe_views(form: dict[str, Any], state: dict[str, Any], status: str = "") -> tuple[Any, Any, Any]:
-    """(yaml, status, formula) for the current form."""
-    if not form or not form.get("values") and not state.get("models"):
-        return "", status or "Add models on the Models tab (or load the demo).", ""
-    try:
-        text = forms.recipe_yaml(form, state)
-        problem = ""
-    except MergeError as err:
-        text, problem = gr.skip(), error_md(err)
-    try:
-        formula = curves.formula_markdown(form, state)
-    except MergeError as err:
-        formula = error_md(err)
-    return text, status or problem, formula
-
-
-def _y_range(field: dict[str, Any], anchors: list[float]) -> tuple[float, float]:
-    lo, hi = field["range"] or (None, None)
-    vmin, vmax = min(anchors + [0.0]), max(anchors + [1.0])
-    lo = lo if lo is not None else vmin - 0.5
-    hi = hi if hi is not None else vmax + 0.5
-    if field["type"] == "int" and hi - lo > 50:
-        hi = lo + max(10, vmax - lo + 5)
-    return float(lo), float(hi)
-
-
-def curve_panel(form: dict[str, Any], state: dict[str, Any], key: Optional[str], group: str = "attn"):
-    """(editor, anchors text, split checkbox, group radio, labels) for the curve target `key`."""
-    if not form or not key or key not in form.get("values", {}):
-        return (gr.update(value=[0.5, 0.5], title="choose a parameter under 'Curve for'", label_low="",
-                          label_high="", layers=st.num_layers(state or {})), "", False, gr.Radio(visible=False), "")
-    try:
-        field = forms.field_by_key(form, state, key)
-        split = is_split(form["values"][key])
-        g = group if split else "all"
-        anchors = curves.get_curve(form, key, g)
-    except MergeError as err:
-        return (gr.skip(), "", False, gr.Radio(visible=False), error_md(err))
-    low, high = curves.endpoint_labels(field, state)
-    y_min, y_max = _y_range(field, anchors)
-    editor = gr.update(value=anchors, layers=st.num_layers(state), y_min=y_min, y_max=y_max, label_low=low,
-                       label_high=high, title=f"{field['label']} — {GROUP_LABELS[g]}")
-    labels = (f"**{field['label']}** ({GROUP_LABELS[g]}): bottom line **{low}**, top line **{high}**. "
-              f"Drag the round points; squares show the value each layer gets."
-              + (f" Range {field['range_text']}." if field["range_text"] else ""))
-    radio = gr.Radio(visible=split, value=group if split else "attn")
-    return editor, ", ".join(fmt(a) for a in anchors), split, radio, labels
