@@ -154,12 +154,18 @@ def test_mergekit_recipes_import_into_the_form(demo_family):
 def test_client_applies_recipe_yaml_and_merges_it(app_server, demo_family):
     url, _ = app_server
     c = client(url)
+    c.predict(api_name="/load_demo")
     m = {k: str(v) for k, v in demo_family.models.items()}
+    # naming one of the two variants: previewed first (variant_a leaves the recipe, not the session)
     out = c.predict(MERGEKIT_SLERP.format(a=m["base"], b=m["variant_b"]), api_name="/import_yaml")
-    assert "Recipe loaded" in out[-1]
+    assert "Nothing has changed yet" in out[-1]
+    assert "leave out of the recipe (they stay loaded): variant_a" in out[-2]
+    out = c.predict(api_name="/confirm_yaml")
+    assert out[-1].startswith("**Applied**: slerp of base, variant_b")
     assert "merge_method: slerp" in recipe_text(out)
     out = c.predict("merge_method: ties\nmodels: [", api_name="/import_yaml")
-    assert out[-1].startswith("**Error:**") and "line" in out[-1]
+    assert out[-1].startswith("**Error:** recipe: line 2, column 10: malformed YAML")
+    assert all(not (isinstance(o, str) and "merge_method" in o) for o in out)  # the editor keeps its text
     c.predict(api_name="/merge")
     assert "Merged" in poll_merge(c)[2]
 
@@ -190,3 +196,161 @@ def test_relative_artifacts_are_taken_in_the_search_folder(demo_family, tmp_path
     assert forms.sync_form(form, state)["search_dirs"] == [str(tmp_path)]
     with pytest.raises(MergeError, match="outside the folders"):  # elsewhere it is not the search's file
         forms.import_recipe(text, st.new_session(), roots[:-1], search_dirs=[tmp_path])
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14: every field checked as typed, method rules in the tab, YAML applied whole, curves
+
+
+def test_method_rules_and_the_models_in_the_recipe(demo_state):
+    from app import forms
+    from app.recipe_views import models_box
+    from mergecore.plan import plan_merge
+
+    form = forms.new_form("slerp", demo_state)  # slerp takes one model besides the base; the demo has two
+    assert forms.constraint_problems(form, demo_state) == [
+        "slerp takes exactly 1 model besides the base (base); the recipe has 2 (variant_a, variant_b): "
+        "untick all but 1 under 'Models in the recipe' (e.g. keep variant_a)"]
+    box = models_box(form, demo_state)
+    assert box.value == ["variant_a", "variant_b"] and box.info.startswith("⚠ slerp takes exactly 1 model")
+    form = forms.new_form("slerp", demo_state, {**form, "left_out": ["variant_b"]})
+    assert forms.constraint_problems(form, demo_state) == [] and models_box(form, demo_state).value == ["variant_a"]
+    recipe = forms.build_recipe(form, demo_state)
+    assert [m.model for m in recipe.models] == [demo_state["models"][1]["ref"]]
+    assert plan_merge(recipe).method.name == "slerp"
+    # the left-out model stays out for another method, and is back when it leaves the session
+    ties = forms.new_form("ties", demo_state, form)
+    assert [f["model"] for f in forms.form_fields("ties", demo_state, ties) if f["model"]] == ["variant_a"] * 2
+    fewer = {**demo_state, "models": demo_state["models"][:2]}
+    assert forms.sync_form(ties, fewer)["left_out"] == []
+    no_base = {**demo_state, "base": None}
+    assert forms.constraint_problems(forms.new_form("ties", no_base), no_base) == [
+        "method 'ties' needs a base model: choose one on the Models tab"]
+    assert forms.model_rule(forms.get_method("nuslerp")) == "nuslerp takes exactly 2 models besides the base"
+    assert forms.model_rule(forms.get_method("linear")) == "linear takes at least 1 model"
+
+
+def test_fields_are_checked_as_typed_with_the_error_at_the_field(demo_state):
+    import gradio as gr
+
+    from app import forms
+    from app.recipe_views import parse_anchors
+    from app.tabs.recipe import on_field
+
+    form = forms.new_form("ties", demo_state)
+    # out of range: the error at the field, the form and everything else as it was
+    out = on_field("density@variant_a")("2.5", form, demo_state, None, "attn")
+    assert out[0]["info"] == "⚠ density · variant_a = 2.5 is out of range (0, 1]"
+    assert out[0]["elem_classes"] == ["mc-field-error"] and all(o == gr.skip() for o in out[1:])
+    # a curve typed as anchors: taken, the YAML follows, and the curve panel moves to it
+    out = on_field("density@variant_a")("0.2, 0.8", form, demo_state, "weight@variant_a", "attn")
+    assert out[0]["value"] == "[0.2, 0.8]" and out[0]["elem_classes"] == []
+    assert out[1]["values"]["density@variant_a"] == [0.2, 0.8] and "density: [0.2, 0.8]" in out[2]
+    assert out[5]["value"] == "density@variant_a" and out[7]["value"] == "0.2, 0.8"
+    # separate curves, and a recipe filter list that means the same on these models (Llamas)
+    split = on_field("weight@variant_a")("attn: [0, 1]; mlp: [1, 0]; other: 0.5", form, demo_state, None, "attn")
+    assert split[1]["values"]["weight@variant_a"] == {"attn": [0, 1], "mlp": [1, 0], "other": 0.5}
+    assert split[0]["value"] == "attn: [0, 1]; mlp: [1, 0]; other: 0.5"  # anchors, not a dict literal
+    typed = on_field("weight@variant_a")("[{filter: self_attn, value: 1}, {value: 0}]", form, demo_state, None, "attn")
+    assert typed[1]["values"]["weight@variant_a"] == {"attn": 1, "other": 0}
+    kept = on_field("weight@variant_a")("[{filter: q_proj, value: 1}, {value: 0}]", form, demo_state, None, "attn")
+    assert kept[1]["values"]["weight@variant_a"] == {"raw": [{"filter": "q_proj", "value": 1}, {"value": 0}]}
+    bad = on_field("density@variant_a")("[{filter: mlp, value: 3}]", form, demo_state, None, "attn")
+    assert "out of range" in bad[0]["info"]
+    # a flag and a choice
+    out = on_field("normalize", text=False)(False, form, demo_state, None, "attn")
+    assert out[1]["values"]["normalize"] is False and "normalize: false" in out[2]
+    out = on_field("consensus", text=False)("count", form, demo_state, None, "attn")
+    assert "consensus: count" in out[2]
+    assert "not one of sum, count" in on_field("consensus", text=False)("median", form, demo_state, None, "attn")[0]["info"]
+    # the anchors box: out of range is refused, not clamped
+    field = forms.field_by_key(form, demo_state, "density@variant_a")
+    assert parse_anchors("0.2, 0.9", field) == [0.2, 0.9]
+    with pytest.raises(MergeError, match="out of range"):
+        parse_anchors("0, 2", field)
+
+
+def _recipe(m: dict, method: str, models: list[tuple[str, str]], base: str | None = "base", extra: str = "") -> str:
+    lines = [f"merge_method: {method}"] + ([f"base_model: {m[base]}"] if base else []) + ["models:"]
+    for name, params in models:
+        lines += [f"  - model: {m[name]}"] + ([f"    parameters: {{{params}}}"] if params else [])
+    return "\n".join(lines) + "\n" + extra
+
+
+def test_apply_yaml_is_checked_whole_with_line_and_column(demo_family, demo_state):
+    from app import forms, recipe_yaml
+
+    m = {k: str(v) for k, v in demo_family.models.items()}
+    roots = list(demo_family.models.values())
+    form = forms.new_form("ties", demo_state)
+    for text, want in [
+        ("merge_method: ties\nmodels: [", "recipe: line 2, column 10: malformed YAML"),
+        (_recipe(m, "ties", [("variant_a", "weight: 1.0"), ("variant_b", "weight: 1.0, density: 2.5")]),
+         "recipe: line 7, column 31: parameter 'density' (models[1]) = 2.5 is out of range (0, 1]"),
+        ("merge_method: tie\nmodels: [{model: x}]", "recipe: line 1, column 1: unknown merge method 'tie'"),
+        ("merge_method: ties\nmodels:\n  - modl: x\n", "recipe: line 3, column 5: models.0.model: Field required"),
+        (_recipe(m, "slerp", [("variant_a", "")], extra="parameters:\n  t: [{filter: mlp, value: [0, 2]}]\n"),
+         "recipe: line 6, column 32: parameter 't' (parameters) = 2.0 is out of range [0, 1]"),
+        ("merge_method: linear\nmodels:\n  - model: /etc\n", "recipe: line 3, column 12: model folder /etc is outside"),
+    ]:
+        with pytest.raises(MergeError) as err:
+            recipe_yaml.prepare(text, demo_state, form, roots)
+        assert str(err.value).startswith(want), str(err.value)
+
+    # a recipe naming one expert: the other stays loaded, out of the recipe; said before applying
+    prep = recipe_yaml.prepare(_recipe(m, "ties", [("variant_a", "weight: 0.7")]), demo_state, form, roots)
+    assert [x["name"] for x in prep.state["models"]] == ["base", "variant_a", "variant_b"]
+    assert prep.form["left_out"] == ["variant_b"] and prep.needs_confirm
+    assert prep.changes == ["leave out of the recipe (they stay loaded): variant_b"]
+    assert "leave out of the recipe" in prep.preview_md()
+    # a parameter the method does not read: the engine's warning, which names it
+    prep = recipe_yaml.prepare(_recipe(m, "ties", [("variant_a", "weight: 0.7"), ("variant_b", "weight: 0.3")],
+                                       extra="parameters: {nomalize: true}\n"), demo_state, form, roots)
+    assert prep.changes == [] and prep.needs_confirm
+    assert any("nomalize" in w and "did you mean 'normalize'" in w for w in prep.warnings)
+    # linear without a base: exactly the recipe's models (the session's base is not added at 0.5)
+    prep = recipe_yaml.prepare(_recipe(m, "linear", [("variant_a", "weight: 0.3"), ("variant_b", "weight: 0.7")],
+                                       base=None), demo_state, form, roots)
+    d = forms.build_recipe_dict(prep.form, prep.state)
+    assert "base_model" not in d and d["models"] == [{"model": m["variant_a"], "parameters": {"weight": 0.3}},
+                                                     {"model": m["variant_b"], "parameters": {"weight": 0.7}}]
+    # only values changed: applied at once; a global value of a per-model parameter is each model's
+    prep = recipe_yaml.prepare(_recipe(m, "ties", [("variant_a", ""), ("variant_b", "density: 0.4")],
+                                       extra="parameters: {weight: 0.25}\n"), demo_state, form, roots)
+    assert not prep.needs_confirm and prep.applied_md().startswith("**Applied**: ties of base, variant_a, variant_b")
+    assert prep.form["values"]["weight@variant_a"] == prep.form["values"]["weight@variant_b"] == 0.25
+
+
+def test_llama_filters_on_a_vit_warn_and_show_in_the_curve_panel(model_factory):
+    from app import curves, forms, recipe_yaml
+    from app import state as st
+    from app.recipe_views import curve_panel
+    from app.tabs.recipe import RecipeTab
+
+    paths = {"base": model_factory("vit", 0), "a": model_factory("vit", 1, base_seed=0),
+             "b": model_factory("vit", 2, base_seed=0)}
+    state = st.new_session()
+    for name, p in paths.items():
+        state = st.add_model(state, str(p), p, name=name)
+    form = forms.new_form("ties", state)
+    text = MERGEKIT_SLERP.format(a=paths["base"], b=paths["a"]).replace("[0, 6]", "[0, 4]")
+    prep = recipe_yaml.prepare(text, state, form, list(paths.values()))
+    assert prep.warnings == ["t: filters 'self_attn', 'mlp' match no tensor of the loaded models, so their values "
+                             "never apply (here attention tensors match 'attention'; MLP tensors match "
+                             "'intermediate', 'output.dense')"]
+    assert prep.changes == ["leave out of the recipe (they stay loaded): b"]
+    # the curve panel moves to t (it stayed on the previous parameter) and shows what t gives here
+    views = RecipeTab(None).views(prep.state, prep.form, "owner", key="density@a")
+    assert views[5].value == "t" and views[6]["value"] == [0.5] * 5 and views[6]["title"] == "t — all tensors"
+    assert views[7]["value"] == "0.5, 0.5, 0.5, 0.5, 0.5" and "imported filter list" in views[10]
+    assert "match no tensor" in views[3]  # said under the method too
+    # filters that do select ViT tensors show as separate curves; editing one replaces the import
+    vit = [{"filter": "attention", "value": [0, 1]}, {"filter": "output.dense", "value": 0.2}, {"value": 0.7}]
+    f2 = {**prep.form, "values": {"t": {"raw": vit}}}
+    assert curves.effective(f2["values"]["t"], prep.state) is None  # output.dense is in attention too
+    f2["values"]["t"] = {"raw": [vit[0], {"value": 0.7}]}
+    assert curves.effective(f2["values"]["t"], prep.state) == {"attn": [0, 1], "mlp": 0.7, "other": 0.7}
+    editor, anchors, split, _, _ = curve_panel(f2, prep.state, "t", "attn")
+    assert split and editor["value"] == [0.0, 1.0]
+    f3 = curves.set_curve(f2, prep.state, "t", [0.5, 0.6], "mlp")
+    assert f3["values"]["t"] == {"attn": [0, 1], "mlp": [0.5, 0.6], "other": 0.7}
