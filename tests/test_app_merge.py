@@ -155,6 +155,9 @@ def test_client_history_reopen_again_delete_and_saved_recipes(app_server):
     md = c.predict(rec_id, api_name="/history_delete")[0]
     assert md.startswith("Deleted `hist`") and not again["hist"].exists() and again["hist-2"].is_dir()
 
+    assert "choose a merge" in c.predict(None, api_name="/history_reopen")[-1]
+    assert "choose a merge" in c.predict(None, api_name="/history_merge_again")[-1]
+    assert "choose a saved recipe" in c.predict(None, api_name="/load_recipe")[-1]
     saved_md, saved_dd = c.predict("my ties", api_name="/save_recipe")
     assert "**my ties**" in saved_md and saved_dd["value"] == "my ties"
     c.predict([0.3, 0.3], "density@variant_a", "attn", False, api_name="/set_curve")

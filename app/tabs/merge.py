@@ -205,29 +205,32 @@ class MergeTab:
                                                   self.cancel_btn, self.history_df, self.history_dd, self.saved_dd,
                                                   self.shown], api_name="attach_merge")
 
-    def wire_history(self, page: Page) -> None:
-        ctx, refresh = self.ctx, page.refresh
-        session = [page.session_state, page.form_state, page.form_version]
+    def load_recipe(self, page: Page, text: Optional[str], where: str, search_dirs: Sequence[str], state, form,
+                    version, request):
+        """The page's refresh, the Recipe tab selected and a message, with `text` loaded (or the
+        refresh and the error)."""
+        refresh = page.refresh
+        try:
+            if not text:
+                raise MergeError(f"{where} has no recipe to load")
+            state, form, notes = forms.import_recipe(text, state, self.ctx.read_roots(), where, search_dirs)
+        except MergeError as err:
+            return (*refresh(state, form, version, request, status=error_md(err)), gr.skip(), error_md(err))
+        msg = notes_md(f"Loaded {where} into the Recipe tab.", notes)
+        return (*refresh(state, form, version, request, status=msg), gr.Tabs(selected="recipe"), msg)
 
-        def load_recipe(text: Optional[str], where: str, search_dirs: Sequence[str], state, form, version, request):
-            """The page's refresh and the Recipe tab selected, with `text` loaded (or an error)."""
-            try:
-                if not text:
-                    raise MergeError(f"{where} has no recipe to load")
-                state, form, notes = forms.import_recipe(text, state, ctx.read_roots(), where, search_dirs)
-            except MergeError as err:
-                return (*refresh(state, form, version, request, status=error_md(err)), gr.skip(), error_md(err))
-            msg = notes_md(f"Loaded {where} into the Recipe tab.", notes)
-            return (*refresh(state, form, version, request, status=msg), gr.Tabs(selected="recipe"), msg)
+    def wire_history(self, page: Page) -> None:
+        ctx = self.ctx
+        session = [page.session_state, page.form_state, page.form_version]
 
         def on_reopen(rec_id, state, form, version, key=None, request: gr.Request = None):
             owner = browser_owner(key, request)
             try:
                 rec = history.find(ctx.sessions, ctx.jobs, owner, rec_id)
-            except MergeError as err:
-                return (*page.skip_refresh(), gr.skip(), gr.skip(), gr.skip(), error_md(err))
-            return load_recipe(rec.get("recipe"), f"the recipe of `{rec['name']}`", rec.get("search_dirs") or (),
-                               state, form, version, request)
+            except MergeError as err:  # the refresh's outputs, the status line and the tabs stay
+                return (*page.skip_refresh(), gr.skip(), gr.skip(), error_md(err))
+            return self.load_recipe(page, rec.get("recipe"), f"the recipe of `{rec['name']}`",
+                                    rec.get("search_dirs") or (), state, form, version, request)
 
         self.reopen_btn.click(on_reopen, [self.history_dd, *session, page.browser_key],
                               page.status_outputs + [page.comps["tabs"], self.history_md], api_name="history_reopen")
@@ -265,8 +268,6 @@ class MergeTab:
                               [self.history_md, self.history_df, self.history_dd, self.shown, *page.merges_outputs],
                               api_name="history_delete")
 
-        self.load_recipe = load_recipe
-
     def wire_library(self, page: Page) -> None:
         ctx = self.ctx
         session = [page.session_state, page.form_state, page.form_version]
@@ -287,9 +288,9 @@ class MergeTab:
             owner = browser_owner(key, request)
             found = ctx.sessions.recipes(owner).get(name or "")
             if found is None:
-                err = error_md("choose a saved recipe first")
-                return (*page.skip_refresh(), gr.skip(), gr.skip(), gr.skip(), err)
-            return self.load_recipe(found["yaml"], f"the saved recipe **{name}**", (), state, form, version, request)
+                return (*page.skip_refresh(), gr.skip(), gr.skip(), error_md("choose a saved recipe first"))
+            return self.load_recipe(page, found["yaml"], f"the saved recipe **{name}**", (), state, form, version,
+                                    request)
 
         self.load_btn.click(on_load, [self.saved_dd, *session, page.browser_key],
                             page.status_outputs + [page.comps["tabs"], self.saved_md], api_name="load_recipe")
