@@ -260,6 +260,8 @@ def clean_form(data: Any, state: dict[str, Any], roots: Any) -> tuple[dict[str, 
     form["extra"] = data["extra"] if isinstance(data.get("extra"), dict) else {}
     form["slices"] = data["slices"] if isinstance(data.get("slices"), list) else None
     form["slices_base"] = data.get("slices_base") is True
+    left_out = data.get("left_out") if isinstance(data.get("left_out"), list) else []  # models out of the recipe
+    form["left_out"] = [n for n in left_out if isinstance(n, str)]
     dirs = []
     for d in data.get("search_dirs") or []:
         try:

@@ -218,6 +218,9 @@ def test_method_rules_and_the_models_in_the_recipe(demo_state):
     recipe = forms.build_recipe(form, demo_state)
     assert [m.model for m in recipe.models] == [demo_state["models"][1]["ref"]]
     assert plan_merge(recipe).method.name == "slerp"
+    from app.session import clean_form
+
+    assert clean_form(form, demo_state, [])[0]["left_out"] == ["variant_b"]  # kept through a reload
     # the left-out model stays out for another method, and is back when it leaves the session
     ties = forms.new_form("ties", demo_state, form)
     assert [f["model"] for f in forms.form_fields("ties", demo_state, ties) if f["model"]] == ["variant_a"] * 2
