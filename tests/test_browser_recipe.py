@@ -183,7 +183,7 @@ def test_every_method_and_field_kind_in_a_browser(page, fmnist_demo):
     expect(yaml).not_to_contain_text("expert_digits")
 
 
-def test_apply_yaml_errors_preview_and_curves(page, fmnist_demo):
+def test_apply_yaml_errors_preview_and_curves(page, fmnist_demo, tmp_path):
     from playwright.sync_api import expect
 
     yaml, yaml_status = page.locator("#recipe-yaml .cm-content"), page.locator("#yaml-status")
@@ -208,16 +208,27 @@ def test_apply_yaml_errors_preview_and_curves(page, fmnist_demo):
     expect(yaml_status).to_contain_text(re.compile(r"line 5, column \d+: .*density.* out of range"), timeout=10_000)
     expect(yaml).to_contain_text("density: 2.5")
 
-    # a mergekit slerp recipe: previewed (the other experts leave the recipe, not the session),
-    # applied; its t is in the curve panel, and its Llama filters are said to match nothing here
-    _set_yaml(page, f"slices:\n  - sources:\n      - {{model: {m['base']}, layer_range: [0, 2]}}\n"
-                    f"      - {{model: {m['fmnist_tops']}, layer_range: [0, 2]}}\nmerge_method: slerp\n"
-                    f"base_model: {m['base']}\nparameters:\n  t: [{{filter: self_attn, value: [0, 1]}}, "
-                    f"{{filter: mlp, value: [1, 0]}}, {{value: 0.5}}]\ndtype: float32\n")
+    # a mergekit slerp recipe: previewed (the other experts would leave the recipe, not the session);
+    # Cancel keeps everything as it was, the text included
+    slerp = (f"slices:\n  - sources:\n      - {{model: {m['base']}, layer_range: [0, 2]}}\n"
+             f"      - {{model: {m['fmnist_tops']}, layer_range: [0, 2]}}\nmerge_method: slerp\n"
+             f"base_model: {m['base']}\nparameters:\n  t: [{{filter: self_attn, value: [0, 1]}}, "
+             f"{{filter: mlp, value: [1, 0]}}, {{value: 0.5}}]\ndtype: float32\n")
+    _set_yaml(page, slerp)
     page.locator("#apply-yaml").click()
     preview = page.locator("#yaml-preview")
     expect(preview).to_contain_text("leave out of the recipe (they stay loaded): fmnist_footwear", timeout=10_000)
     expect(preview).to_contain_text("match no tensor")
+    page.locator("#yaml-cancel").click()
+    expect(yaml_status).to_contain_text("Cancelled", timeout=10_000)
+    expect(preview).to_be_hidden()
+    expect(yaml).to_contain_text("merge_method: slerp")
+    expect(page.get_by_label("Curve for")).not_to_have_value("t")
+    # imported as a file: the same preview, applied; its t is in the curve panel, and its Llama
+    # filters are said to match nothing here
+    (tmp_path / "slerp.yml").write_text(slerp)
+    page.locator("#recipe-file input[type=file]").set_input_files(str(tmp_path / "slerp.yml"))
+    expect(preview).to_contain_text("leave out of the recipe (they stay loaded): fmnist_footwear", timeout=10_000)
     page.locator("#yaml-confirm").click()
     expect(yaml_status).to_contain_text("Applied", timeout=10_000)
     expect(page.locator("#recipe-status")).to_contain_text("'self_attn', 'mlp' match no tensor", timeout=10_000)

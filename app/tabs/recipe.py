@@ -91,7 +91,8 @@ class RecipeTab:
                     self.apply_yaml_btn = gr.Button("Apply YAML", elem_id="apply-yaml")
                     self.plan_btn = gr.Button("Check plan (dry run)", elem_id="check-plan")
                 self.yaml_file = gr.File(label="Import a recipe file (.yml; mergekit recipes work)",
-                                         file_types=[".yml", ".yaml"], type="filepath", height=120)
+                                         file_types=[".yml", ".yaml"], type="filepath", height=120,
+                                         elem_id="recipe-file")
                 self.plan_tb = gr.Textbox(label="Plan", lines=8, max_lines=30, visible=False, elem_id="recipe-plan")
         self.curve_outputs = [self.curve, self.anchors_tb, self.curve_split, self.curve_group, self.curve_labels]
 
