@@ -3,10 +3,12 @@ on the miniature fmnist-vit demo).
 
 One browser context (one localStorage, so one browser key): change the models and the recipe,
 start a merge and queue a second one behind it, reload the page while the first runs (the Merge
-tab follows it, with the queue; both finish and are in the history), open a second tab (the
-same models, recipe and history), then restart the app on the same work dir and port (the
-history, models and recipe are still there). The merges are held at their start (a gate around
-`mergecore.merge`, in this process) so the reload really happens mid-merge.
+tab follows it, with the queue; both finish and are in the history), evaluate them (their scores
+go into the history), open a second tab (the same models, recipe, history and evaluation), then
+restart the app on the same work dir and port (the history, models and recipe are still there).
+The merges and the evaluation are held at their start (gates around `mergecore.merge` and the
+app's `evaluate_models`, in this process) so the reload really happens mid-merge and the busy
+Evaluate button is seen.
 """
 
 from __future__ import annotations
@@ -100,6 +102,15 @@ def test_session_survives_reload_second_tab_and_restart(fmnist_demo, browser, tm
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mergecore, "merge", held)
+    from app import compare as cmp
+
+    eval_gate, real_eval = threading.Event(), cmp.evaluate_models
+
+    def held_eval(*args, **kwargs):  # so is an evaluation
+        assert eval_gate.wait(60)
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(cmp, "evaluate_models", held_eval)
     t0 = time.time()
     server = Server(tmp_path / "work", fmnist_demo).start()
     try:
@@ -149,6 +160,14 @@ def test_session_survives_reload_second_tab_and_restart(fmnist_demo, browser, tm
         expect(page.get_by_role("option", name="merge", exact=True)).to_be_visible()
         expect(page.get_by_role("option", name="merge-2", exact=True)).to_be_visible()
         page.keyboard.press("Escape")
+        # evaluated on the demo's tasks (Evaluate is off while it runs): the scores go into the history
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#eval-btn").click()
+        expect(page.locator("#eval-btn")).to_be_disabled(timeout=10_000)
+        eval_gate.set()
+        expect(page.locator("#eval-progress [data-status='done']")).to_be_visible(timeout=60_000)
+        expect(page.locator("#eval-btn")).to_be_enabled()
+        expect(_history(page)).to_contain_text(re.compile(r"\b[01]\.\d{4}\b"), timeout=10_000)
         expect(_recipe(page)).to_contain_text("[0.2, 0.9]")  # and the reload kept the recipe
         expect(_recipe(page)).not_to_contain_text("digits")
 
@@ -158,6 +177,10 @@ def test_session_survives_reload_second_tab_and_restart(fmnist_demo, browser, tm
         expect(_recipe(other)).to_contain_text("[0.2, 0.9]", timeout=10_000)
         expect(_recipe(other)).not_to_contain_text("digits")
         expect(_done(_history(other))).to_have_count(2, timeout=10_000)
+        expect(_history(other)).to_contain_text(re.compile(r"\b[01]\.\d{4}\b"))  # with their scores
+        other.get_by_role("tab", name="Compare").click()
+        expect(other.locator("#eval-progress")).to_contain_text("the latest evaluation")
+        expect(other.locator("#eval-scores")).to_contain_text("merge-2")
         other.close()
 
         # the app restarts on the same work dir: the browser finds its history, models and recipe

@@ -80,10 +80,10 @@ class CompareTab:
                     self.tasks_tb = gr.Textbox(label="Tasks YAML (mergecore.eval)", scale=3,
                                                placeholder="the demo family's tasks, or a path to a tasks file")
                     self.subset_tb = gr.Textbox(label="subset (ratio or count; empty = all)", value="", scale=1)
-                    self.eval_btn = gr.Button("Evaluate", scale=1)
-                self.eval_progress = gr.HTML("")
+                    self.eval_btn = gr.Button("Evaluate", scale=1, elem_id="eval-btn")
+                self.eval_progress = gr.HTML("", elem_id="eval-progress")
                 self.eval_df = gr.Dataframe(label="Scores (one row per model)", interactive=False,
-                                            value=pd.DataFrame(columns=["model", "mean"]))
+                                            value=pd.DataFrame(columns=["model", "mean"]), elem_id="eval-scores")
                 self.eval_timer = gr.Timer(0.5, active=False)
             self.eval_job = gr.State("")
 
@@ -161,24 +161,30 @@ class CompareTab:
                                       page.browser_key],
                             [self.eval_job, self.eval_timer, self.eval_progress, self.eval_btn], api_name="evaluate")
 
+        # the Merge tab's history shows the scores once an evaluation is done
+        history_out = [page.comps["merge_history"]] if "merge_history" in page.comps else []
+
         def on_poll_eval(job_id, key=None, request: gr.Request = None):
             owner = browser_owner(key, request)
             job = ctx.jobs.find(owner, job_id)
+            skip_history = [gr.skip()] * len(history_out)
             if job is None:
-                return gr.skip(), gr.skip(), gr.Timer(active=False), gr.Button(interactive=True)
+                return gr.skip(), gr.skip(), gr.Timer(active=False), gr.Button(interactive=True), *skip_history
             snap = ctx.jobs.snapshot(owner, job_id)
             p = snap["progress"] or {}
             text = f"{p.get('task', '')} · {snap['meta'].get('model', '')} · {fmt_seconds(snap['elapsed'])}"
             if not job.done:
-                return progress_html(snap["meta"].get("fraction"), text), gr.skip(), gr.skip(), gr.skip()
+                return progress_html(snap["meta"].get("fraction"), text), gr.skip(), gr.skip(), gr.skip(), *skip_history
             enable = gr.Button(interactive=True)
             if job.status == DONE:
+                table = [history.table(history.records(ctx.sessions, ctx.jobs, owner))] if history_out else []
                 return (progress_html(1.0, f"done in {fmt_seconds(job.elapsed)}", DONE), job.result,
-                        gr.Timer(active=False), enable)
-            return progress_html(0, job.error or job.status, job.status), gr.skip(), gr.Timer(active=False), enable
+                        gr.Timer(active=False), enable, *table)
+            return (progress_html(0, job.error or job.status, job.status), gr.skip(), gr.Timer(active=False), enable,
+                    *skip_history)
 
         self.eval_timer.tick(on_poll_eval, [self.eval_job, page.browser_key],
-                             [self.eval_progress, self.eval_df, self.eval_timer, self.eval_btn],
+                             [self.eval_progress, self.eval_df, self.eval_timer, self.eval_btn, *history_out],
                              api_name="poll_eval", concurrency_limit=None)
 
         def attach_eval(key, request: gr.Request):

@@ -56,8 +56,8 @@ class MergeTab:
                                         height=320, scale=2)
             gr.Markdown("### History\nEvery merge of this browser (kept on disk): its recipe, when, size and "
                         "scores once evaluated (Compare tab).")
-            self.history_df = gr.Dataframe(headers=history.HISTORY_COLUMNS, value=[], interactive=False, wrap=True,
-                                           elem_id="merge-history")
+            page.comps["merge_history"] = self.history_df = gr.Dataframe(
+                headers=history.HISTORY_COLUMNS, value=[], interactive=False, wrap=True, elem_id="merge-history")
             with gr.Row(equal_height=True):
                 self.history_dd = gr.Dropdown(label="Merge", choices=[], value=None, scale=3, elem_id="history-pick")
                 self.reopen_btn = gr.Button("Re-open its recipe", scale=1, elem_id="history-reopen")
