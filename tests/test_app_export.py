@@ -20,7 +20,7 @@ from mergecore.cli import main
 
 pytest_plugins = ("_app_helpers",)
 
-KEY_X = "c" * 32
+KEY_X = "7" * 32  # unique among the app tests: the servers are shared per test session
 
 
 def dam_args(fam, key):
