@@ -7,6 +7,7 @@ import json
 import math
 import pickle
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -429,3 +430,22 @@ def test_cli_rmm_refuses_a_checkpoint_of_another_configuration(tiny_fmnist_famil
     cfg.write_text(yaml.safe_dump(data))
     assert main(["search", "rmm", str(cfg), str(out), "-q"]) == 0
     assert json.loads((out / "result.json").read_text())["episodes"] == 8
+
+
+@pytest.mark.parametrize("kind,flag,first,more", [("evo", "--max-evals", 2, 4), ("dam", "--steps", 2, 4),
+                                                  ("rmm", "--episodes", 4, 8)])
+def test_a_resumed_search_counts_the_whole_runs_wall_time(tiny_fmnist_family, tmp_path, capsys, kind, flag, first,
+                                                          more):
+    cfg = _configs(tiny_fmnist_family, tmp_path)[kind]
+    out = tmp_path / "out"
+    assert main(["search", kind, str(cfg), str(out), "-q", flag, str(first)]) == 0, capsys.readouterr().err
+    before = json.loads((out / "result.json").read_text())["seconds"]
+    path = out / f"{kind}_checkpoint.safetensors"
+    tensors, state = load_checkpoint(path, kind=kind)
+    assert 0 < state["seconds"] <= before
+    # as if the first part had taken 1000 s: the resumed run's total must include it
+    save_checkpoint(path, tensors, dict(state, seconds=1000.0), kind=kind)
+    t0 = time.time()
+    assert main(["search", kind, str(cfg), str(out), "-q", flag, str(more)]) == 0, capsys.readouterr().err
+    after = json.loads((out / "result.json").read_text())["seconds"]
+    assert 1000.0 < after <= 1000.0 + (time.time() - t0)

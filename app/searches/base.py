@@ -340,11 +340,9 @@ def fraction(n: int, total: Optional[int]) -> Optional[float]:
     return min(1.0, n / total) if total else None
 
 
-def since_resume(result: dict[str, Any], meta: dict[str, Any]) -> str:
-    """'N s in all', or for a resumed DAM or evo run (whose engine keeps the training and evaluation
-    times of the part before its checkpoint, not the wall time) 'N s since the Resume'."""
-    label = "since the Resume" if meta.get("resumed") else "in all"
-    return f"{result.get('seconds', 0):.1f} s {label}"
+def wall_time(result: dict[str, Any]) -> str:
+    """'N s in all': the engine counts a resumed run's wall time from its first start."""
+    return f"{result.get('seconds', 0):.1f} s in all"
 
 
 def scores_text(scores: Optional[dict[str, float]]) -> str:

@@ -11,7 +11,7 @@ from mergecore.errors import MergeError, short
 from app import plots
 from app.searches.base import (
     SEED, Field, PlotSpec, SearchSession, SearchSpec, checked_inputs, fraction, has_event, latest, mean_series, number,
-    register_search, scores_text, session_fields, since_resume, task_series, tasks_field, validated,
+    register_search, scores_text, session_fields, wall_time, task_series, tasks_field, validated,
 )
 
 REGULARISERS = ("cos", "l1", "l2")
@@ -171,7 +171,7 @@ def _summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
     out += ("\n\nThe recipe (`recipe.yml`) reads the coefficients from `dam_coefficients.safetensors` "
             "next to it; `mergecore merge` replays it."
             f"\n\n{result.get('train_seconds', 0):.1f} s training, {result.get('eval_seconds', 0):.1f} s evaluating, "
-            f"{result.get('teacher_seconds', 0):.1f} s for the teachers, {since_resume(result, meta)}.")
+            f"{result.get('teacher_seconds', 0):.1f} s for the teachers, {wall_time(result)}.")
     return out
 
 

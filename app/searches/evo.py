@@ -11,7 +11,7 @@ from mergecore.errors import MergeError, short
 from app import plots
 from app.searches.base import (
     SEED, Field, PlotSpec, SearchSession, SearchSpec, checked_inputs, fraction, has_event, latest, mean_series, number,
-    register_search, scores_text, session_fields, since_resume, starting_method, task_series, tasks_field, validated,
+    register_search, scores_text, session_fields, wall_time, starting_method, task_series, tasks_field, validated,
     yaml_mapping,
 )
 
@@ -191,7 +191,7 @@ def _summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
     out += (f"\n\nThe recipe (`recipe.yml`) is a plain `{meta.get('method', '')}` recipe with these values. "
             f"{result['generations']} generations of {result['popsize']} ({result['genes']} genes; stopped: "
             f"{result['stop'] or 'done'}), {result['eval_seconds']:.1f} s evaluating, "
-            f"{since_resume(result, meta)}.")
+            f"{wall_time(result)}.")
     return out
 
 

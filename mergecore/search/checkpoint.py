@@ -24,6 +24,7 @@ import math
 import os
 import stat
 import struct
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -359,3 +360,25 @@ class SearchCheckpoint:
             raise MergeError(f"{self.path} belongs to a different {label} search (differs in: "
                              f"{', '.join(clip(k, 40) for k in diff[:8])}); use another output folder or --restart")
         return tensors, state
+
+
+class WallClock:
+    """Seconds a search has run across its resumes: the part before its checkpoint (`prior`, kept
+    in the checkpoint as `seconds`) plus this process's part since `start()`."""
+
+    def __init__(self) -> None:
+        self.prior = 0.0
+        self.started: Optional[float] = None
+
+    def start(self) -> None:
+        self.started = time.time()
+
+    def elapsed(self) -> float:
+        return self.prior + (time.time() - self.started if self.started is not None else 0.0)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take `seconds` from a checkpoint's state (absent in checkpoints written before it was kept: 0)."""
+        seconds = state.get("seconds", 0.0)
+        if type(seconds) not in (int, float) or not seconds >= 0:
+            raise TypeError("'seconds' must be a non-negative number")
+        self.prior = float(seconds)

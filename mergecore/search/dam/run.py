@@ -272,6 +272,7 @@ class DAMRun:
 
     def train(self) -> Found:
         search, cfg = self.search, self.dam.config
+        search.clock.started = self.started  # teachers and loading count too
         if self.ctx.resume:
             search.try_resume()
         merger = search.merger
@@ -290,7 +291,7 @@ class DAMRun:
             "train_seconds": search.train_seconds,
             "teacher_seconds": self.teachers["seconds"],
             "eval_seconds": search.eval_seconds,
-            "seconds": time.time() - self.started,
+            "seconds": search.clock.elapsed(),  # the whole run's, across resumes
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "coefficients": merger.num_coefficients(),
             "tensors": [s.ckpt for s in merger.slots],

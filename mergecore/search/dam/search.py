@@ -26,7 +26,7 @@ from torch import nn
 
 from mergecore.errors import Cancelled, MergeError
 from mergecore.events import CancelToken, Event, EventCallback
-from mergecore.search.checkpoint import SearchCheckpoint, need, pack_tree, restoring, unpack_tree
+from mergecore.search.checkpoint import SearchCheckpoint, WallClock, need, pack_tree, restoring, unpack_tree
 from mergecore.search.dam import losses
 from mergecore.search.dam.data import TaskData, run_model
 from mergecore.search.dam.merger import Merger
@@ -113,6 +113,8 @@ class DAMSearch:
         self.tokens_seen = 0
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
+        self.clock = WallClock()  # the run's wall time across resumes (started by the run)
+        self.clock.start()
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.last_eval: Optional[dict[str, Any]] = None
@@ -146,6 +148,7 @@ class DAMSearch:
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
+            "seconds": self.clock.elapsed(),
             "history": self.history,
             "evals": self.evals,
         }
@@ -166,6 +169,7 @@ class DAMSearch:
             step = need(state, "step", int)
             counters = {k: need(state, k, int) for k in ("examples_seen", "tokens_seen")}
             seconds = {k: need(state, k, float) for k in ("train_seconds", "eval_seconds")}
+            self.clock.restore(state)
             history, evals = need(state, "history", list), need(state, "evals", list)
             if step < 0 or not all(isinstance(r, dict) and type(r.get("step")) is int for r in history + evals):
                 raise ValueError("the step count or a history row is malformed")

@@ -184,9 +184,8 @@ class Evo:
                 search.try_resume()
             elif search.checkpoint.path.is_file():
                 search.checkpoint.path.unlink()
-            t0 = time.time()
             result = search.run()
-            seconds = time.time() - t0
+            seconds = search.clock.elapsed()  # the whole run's, across resumes
         finally:
             backend.close()
         best = result.best

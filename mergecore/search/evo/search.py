@@ -26,7 +26,7 @@ import numpy as np
 from mergecore.errors import MergeError
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.search.backend import Backend
-from mergecore.search.checkpoint import SearchCheckpoint, load_checkpoint, need, restoring, resume_file
+from mergecore.search.checkpoint import SearchCheckpoint, WallClock, load_checkpoint, need, restoring, resume_file
 from mergecore.search.evo.genome import Genome
 
 CHECKPOINT = "evo_checkpoint.safetensors"
@@ -123,6 +123,7 @@ class EvoSearch:
         self.generation = 0
         self.evaluations = 0
         self.eval_seconds = 0.0
+        self.clock = WallClock()  # the run's wall time across resumes
         self.best: Optional[Candidate] = None
         self.history: list[dict[str, Any]] = []
         self.generations: list[dict[str, list]] = []  # asked solutions and told fitness: replayed on resume
@@ -173,6 +174,7 @@ class EvoSearch:
             "generation": self.generation,
             "evaluations": self.evaluations,
             "eval_seconds": self.eval_seconds,
+            "seconds": self.clock.elapsed(),
             "best": asdict(self.best) if self.best is not None else None,
             "history": self.history,
             "generations": self.generations,
@@ -189,6 +191,7 @@ class EvoSearch:
             generation = need(state, "generation", int)
             evaluations = need(state, "evaluations", int)
             eval_seconds = need(state, "eval_seconds", float)
+            self.clock.restore(state)
             best = state.get("best")
             best = None if best is None else _candidate(best)
             history = need(state, "history", list)
@@ -289,6 +292,7 @@ class EvoSearch:
 
     def run(self) -> EvoResult:
         start = time.time()
+        self.clock.start()
         log = None
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)

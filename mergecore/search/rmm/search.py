@@ -20,7 +20,7 @@ from mergecore.errors import MergeError
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.methods import get_method
 from mergecore.recipe import Recipe, recipe_from_dict
-from mergecore.search.checkpoint import SearchCheckpoint, need, pack_tree, restoring, unpack_tree
+from mergecore.search.checkpoint import SearchCheckpoint, WallClock, need, pack_tree, restoring, unpack_tree
 from mergecore.search.rmm.dar import DynamicAverageReward
 from mergecore.search.rmm.env import LayerWalk
 from mergecore.search.rmm.layers import Assembler, LayerBank, Operator, PrefixCache
@@ -149,8 +149,7 @@ class RMMSearch:
         self.build_seconds = 0.0  # of which: assembling the candidate model
         # the run's time before this process took it over (up to its checkpoint), so a resumed run's
         # seconds, like its episodes and evaluations, count the whole run
-        self.prior_seconds = 0.0
-        self._started: Optional[float] = None
+        self.clock = WallClock()
         self.memo: dict[tuple, tuple[float, dict[str, float]]] = {}
         self.top: list[Trajectory] = []
         self.history: list[dict[str, Any]] = []
@@ -202,12 +201,13 @@ class RMMSearch:
             if episode < 0 or evaluations < 0:
                 raise ValueError(f"episode {episode} / evaluations {evaluations} out of range")
             # times up to the checkpoint (absent from checkpoints written before they were kept: 0)
-            times = {k: state.get(k, 0.0) for k in ("eval_seconds", "build_seconds", "seconds")}
+            times = {k: state.get(k, 0.0) for k in ("eval_seconds", "build_seconds")}
             if not all(type(v) in (int, float) and v >= 0 for v in times.values()):
-                raise TypeError("'eval_seconds', 'build_seconds' and 'seconds' must be non-negative numbers")
+                raise TypeError("'eval_seconds' and 'build_seconds' must be non-negative numbers")
+            self.clock.restore(state)
             self.agent.load_state_dict(unpack_tree(need(state, "agent", dict), tensors))
         self.episode, self.evaluations = episode, evaluations
-        self.eval_seconds, self.build_seconds, self.prior_seconds = (float(times[k]) for k in times)
+        self.eval_seconds, self.build_seconds = (float(times[k]) for k in times)
         self.dar.last = last
         self.top, self.history, self.memo = top, history, memo
         if self.replay_history:  # the episodes before the checkpoint, so a plot starts at the first
@@ -220,7 +220,7 @@ class RMMSearch:
 
     def elapsed(self) -> float:
         """Seconds the run has taken: before its checkpoint, plus this process's part."""
-        return self.prior_seconds + (time.time() - self._started if self._started is not None else 0.0)
+        return self.clock.elapsed()
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.on_event:
@@ -348,7 +348,7 @@ class RMMSearch:
         del self.top[self.settings.keep_top:]
 
     def run(self) -> RMMResult:
-        self._started = time.time()
+        self.clock.start()
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         log = None
