@@ -193,42 +193,24 @@ MODEL_COLUMNS = ["name", "role", "architecture", "layers", "parameters", "dtype"
 
 
 def compatibility(state: dict[str, Any], limit: int = 6) -> tuple[bool, str]:
-    """Whether the session's models can be merged tensor by tensor, and exactly what differs."""
+    """Whether the session's models can be merged tensor by tensor, and exactly what differs (the
+    engine's `mergecore.compat`, shown as markdown)."""
+    from mergecore.compat import compatibility as engine_compatibility
+
     models = state.get("models", [])
     if len(models) < 2:
         return False, "Add at least two models to merge."
     srcs = {m["name"]: open_source(m["path"]) for m in models}
-    names = list(srcs)
-    ref = state.get("base") if state.get("base") in srcs else names[0]
-    problems: list[str] = []
-    archs = {n: s.architecture for n, s in srcs.items()}
-    if len(set(archs.values())) > 1:
-        problems.append("architectures differ: " + ", ".join(f"`{n}` is {a}" for n, a in archs.items()))
-    ref_t = srcs[ref].tensors
-    for n in names:
-        if n == ref:
-            continue
-        other = srcs[n].tensors
-        missing = [t for t in ref_t if t not in other]
-        extra = [t for t in other if t not in ref_t]
-        shapes = [(t, ref_t[t].shape, other[t].shape) for t in ref_t if t in other and ref_t[t].shape != other[t].shape]
-        if missing:
-            problems.append(f"`{n}` lacks {len(missing)} tensor(s) `{ref}` has, e.g. " +
-                            ", ".join(f"`{t}`" for t in missing[:3]))
-        if extra:
-            problems.append(f"`{n}` has {len(extra)} tensor(s) `{ref}` lacks, e.g. " +
-                            ", ".join(f"`{t}`" for t in extra[:3]))
-        for t, a, b in shapes[:3]:
-            problems.append(f"`{t}` is {list(a)} in `{ref}` but {list(b)} in `{n}`")
-        if len(shapes) > 3:
-            problems.append(f"... and {len(shapes) - 3} more tensors differ in shape between `{ref}` and `{n}`")
+    ref = state.get("base") if state.get("base") in srcs else next(iter(srcs))
+    verdict = engine_compatibility(srcs, ref)
+    problems = [p.replace("'", "`") for p in verdict.problems]
     if problems:
         shown = problems[:limit] + ([f"... and {len(problems) - limit} more differences"] if len(problems) > limit else [])
         return False, "**Not compatible** (a tensor-by-tensor merge needs the same architecture and shapes):\n" + \
             "\n".join(f"- {p}" for p in shown)
     info = model_info(srcs[ref].path)
-    return True, (f"**Compatible**: {len(names)} models, all {archs[ref]} with the same "
-                  f"{info['tensors']} tensors and shapes ({info['layers']} layers).")
+    return True, (f"**Compatible**: {len(srcs)} models, all {verdict.architecture} with the same "
+                  f"{verdict.tensors} tensors and shapes ({info['layers']} layers).")
 
 
 def num_layers(state: dict[str, Any]) -> int:
