@@ -230,3 +230,25 @@ def playwright():
     except ImportError:
         _missing("playwright")
     return sync_playwright
+
+
+# the number of lines each header cell's label of a table is laid out on (distinct line tops of
+# its text), with the label and the cell's width
+_HEADER_LINES = """(id) => Array.from(document.querySelectorAll('#' + id + ' thead th')).map(th => {
+  const walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
+  const tops = new Set();
+  let text = '';
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    if (!n.textContent.trim() || n.parentElement.offsetParent === null) continue;
+    text += n.textContent.trim();
+    const range = document.createRange();
+    range.selectNodeContents(n);
+    for (const r of range.getClientRects()) if (r.width > 0) tops.add(Math.round(r.top));
+  }
+  return [text, tops.size, Math.round(th.getBoundingClientRect().width)];
+})"""
+
+
+def header_lines(page: Any, elem_id: str) -> list[list[Any]]:
+    """[label, lines it is laid out on, width] for each header cell of table `elem_id` in the page."""
+    return page.evaluate(_HEADER_LINES, elem_id)

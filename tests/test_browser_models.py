@@ -15,25 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from _app_helpers import CHROMIUM_ARGS, chromium, playwright
+from _app_helpers import CHROMIUM_ARGS, chromium, header_lines, playwright
 from test_app_models import gated_app
 
 pytest_plugins = ("_app_helpers",)
 
-# the number of lines each header cell's label is laid out on (distinct line tops of its text)
-HEADER_LINES = """() => Array.from(document.querySelectorAll('#models-table thead th')).map(th => {
-  const walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
-  const tops = new Set();
-  let text = '';
-  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
-    if (!n.textContent.trim() || n.parentElement.offsetParent === null) continue;
-    text += n.textContent.trim();
-    const range = document.createRange();
-    range.selectNodeContents(n);
-    for (const r of range.getClientRects()) if (r.width > 0) tops.add(Math.round(r.top));
-  }
-  return [text, tops.size, Math.round(th.getBoundingClientRect().width)];
-})"""
+
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +74,7 @@ def test_first_start_progress_an_already_loaded_folder_and_one_line_headers(brow
         page.wait_for_timeout(300)
         page.screenshot(path=str(tmp_path / "2-demo.png"), full_page=True)
 
-        headers = page.evaluate(HEADER_LINES)
+        headers = header_lines(page, 'models-table')
         assert [h[0] for h in headers] == MODEL_COLUMNS, headers
         assert all(lines == 1 for _, lines, _ in headers), headers  # each label on one line
         assert all(width >= 60 for _, _, width in headers), headers

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from _app_helpers import CHROMIUM_ARGS, chromium, free_port, playwright
+from _app_helpers import CHROMIUM_ARGS, chromium, free_port, header_lines, playwright
 
 pytest_plugins = ("_app_helpers",)
 
@@ -151,6 +151,8 @@ def test_session_survives_reload_second_tab_and_restart(fmnist_demo, browser, tm
         gate.set()
         expect(page.locator("#merge-summary")).to_contain_text(re.compile(r"Merged .*merge-2"), timeout=30_000)
         expect(_done(history)).to_have_count(2, timeout=10_000)
+        headers = header_lines(page, "merge-history")
+        assert headers and all(lines == 1 for _, lines, _ in headers), headers  # no header wrapped letter by letter
         expect(history).not_to_contain_text("running")
         expect(history).not_to_contain_text("queued")
         expect(page.locator("#merge-cancel")).to_be_disabled()

@@ -30,6 +30,9 @@ from app.render import error_md, fmt_seconds, notes_md, progress_html
 IDLE = progress_html(0, "idle", "idle")
 
 
+# room for each header of app.history.HISTORY_COLUMNS on one line; the folder takes the rest and wraps
+HISTORY_WIDTHS = ["130px", "90px", "170px", "130px", "90px", "80px", "70px", "110px", "330px"]
+
 class MergeTab:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
@@ -57,7 +60,8 @@ class MergeTab:
             gr.Markdown("### History\nEvery merge of this browser (kept on disk): its recipe, when, size and "
                         "scores once evaluated (Compare tab).")
             page.comps["merge_history"] = self.history_df = gr.Dataframe(
-                headers=history.HISTORY_COLUMNS, value=[], interactive=False, wrap=True, elem_id="merge-history")
+                headers=history.HISTORY_COLUMNS, value=[], interactive=False, wrap=True, elem_id="merge-history",
+                column_widths=HISTORY_WIDTHS)
             with gr.Row(equal_height=True):
                 self.history_dd = gr.Dropdown(label="Merge", choices=[], value=None, scale=3, elem_id="history-pick")
                 self.reopen_btn = gr.Button("Re-open its recipe", scale=1, elem_id="history-reopen")
