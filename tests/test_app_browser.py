@@ -88,6 +88,11 @@ def test_drag_curve_merge_search_compare_export(fmnist_server, browser, tmp_path
     expect(page.locator("#search-status")).to_contain_text("Started", timeout=15_000)
     markers = page.locator("#search-plot-0 .scatterlayer .point")
     expect(markers.first).to_be_attached(timeout=60_000)
+    # busy state: while it runs, Start and Resume are off and Stop is on (one poll sets all, read at once)
+    done, start_off, stop_off, resume_off = page.evaluate("""() => [
+        !!document.querySelector("#search-progress [data-status='done']"),
+        ...['#search-start', '#search-stop', '#search-resume'].map(id => document.querySelector(id).disabled)]""")
+    assert done or (start_off and not stop_off and resume_off), (done, start_off, stop_off, resume_off)
     # a reload (or a second tab of this browser) finds the search and keeps plotting it
     page.reload()
     expect(page.get_by_text("Compatible", exact=False).first).to_be_visible(timeout=30_000)
@@ -95,6 +100,8 @@ def test_drag_curve_merge_search_compare_export(fmnist_server, browser, tmp_path
     expect(page.locator("#search-plot-0 .scatterlayer .point").first).to_be_attached(timeout=30_000)
     expect(page.locator("#search-result")).to_contain_text("Best merge", timeout=300_000)
     expect(page.locator("#search-progress [data-status='done']")).to_be_visible()
+    expect(page.locator("#search-start")).to_be_enabled()
+    expect(page.locator("#search-stop")).to_be_disabled()
     n = page.locator("#search-plot-0 .scatterlayer .trace").first.locator(".point").count()
     assert n == (30 if SCREENSHOT_DIR else 16), n
     expect(page.locator("#search-plot-3 .heatmaplayer, #search-plot-3 .hm")).not_to_have_count(0)

@@ -269,7 +269,13 @@ class SearchTab:
         self.resume_btn.click(on_resume, [page.browser_key], start_outputs, api_name="resume_search")
 
         poll_outputs = [self.progress, self.log_tb, *self.plots, self.result_md, self.recipe_code, self.result_row,
-                        self.status_md, self.timer, self.cursor, self.data_json]
+                        self.status_md, self.start_btn, self.stop_btn, self.resume_btn, self.timer, self.cursor,
+                        self.data_json]
+
+        def buttons(running: bool) -> tuple[Any, Any, Any]:
+            """Start and Resume while nothing runs, Stop while the search runs."""
+            return (gr.Button(interactive=not running), gr.Button(interactive=running),
+                    gr.Button(interactive=not running))
 
         def poll(job_id, seen, key, request: gr.Request):
             owner = runs.search_owner(key, request)
@@ -293,7 +299,7 @@ class SearchTab:
                     "out": meta.get("out"), "error": job.error}
             if not done:
                 return (progress_html(frac, f"{text} · {fmt_seconds(job.elapsed)}"), log_text, *figs,
-                        *[gr.skip()] * 5, snap["cursor"], data)
+                        *[gr.skip()] * 4, *buttons(True), gr.skip(), snap["cursor"], data)
             out = Path(meta["out"])
             if status == DONE:
                 recipe = out / runs.RECIPE_FILE
@@ -301,14 +307,14 @@ class SearchTab:
                 bar = progress_html(1.0, f"done in {fmt_seconds(job.elapsed)} · {text}", DONE)
                 return (bar, log_text, *figs, summary,
                         gr.Code(value=recipe.read_text() if recipe.is_file() else "", visible=True),
-                        gr.Row(visible=True), "", gr.Timer(active=False), snap["cursor"], data)
+                        gr.Row(visible=True), "", *buttons(False), gr.Timer(active=False), snap["cursor"], data)
             if status == CANCELLED:
                 bar = progress_html(frac, f"stopped · {text}", CANCELLED)
                 msg = f"Stopped. **Resume** continues from the last checkpoint in `{out}`."
             else:
                 bar = progress_html(frac, f"failed: {job.error}", FAILED)
                 msg = f"**Failed:** {job.error}"
-            return (bar, log_text, *figs, "", gr.Code(visible=False), gr.Row(visible=False), msg,
+            return (bar, log_text, *figs, "", gr.Code(visible=False), gr.Row(visible=False), msg, *buttons(False),
                     gr.Timer(active=False), snap["cursor"], data)
 
         self.timer.tick(poll, [self.job, self.cursor, page.browser_key], poll_outputs, api_name="poll_search",
