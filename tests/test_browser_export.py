@@ -92,8 +92,10 @@ def test_export_a_dam_merge_download_replay_and_push(fmnist_server, browser, tmp
     hub = FakeHub()
     monkeypatch.setattr(huggingface_hub, "create_repo", hub.create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", hub.upload_folder)
+    expect(page.locator("#export-push")).to_be_enabled()  # on again once the failed push ended
     page.locator("#export-push").click()
     expect(push_status).to_contain_text("Pushed", timeout=20_000)
+    expect(page.locator("#export-push")).to_be_enabled()
     expect(page.locator("#export-push-log textarea")).to_have_value(re.compile("uploaded to"), timeout=5_000)
     (_, repo, created), (_, _, uploaded) = hub.calls
     assert repo == "me/browser-merge" and created["private"] is True and created["exist_ok"] is True

@@ -85,27 +85,30 @@ class ExportTab:
             try:
                 job = start_push(ctx, owner_of(request), name, repo, bool(private))
             except MergeError as err:
-                return error_md(err), gr.skip(), gr.Timer(active=False), ""
-            return f"Pushing `{job.meta['name']}` to `{job.meta['repo']}` ...", job.id, gr.Timer(active=True), ""
+                return error_md(err), gr.skip(), gr.Timer(active=False), "", gr.skip()
+            return (f"Pushing `{job.meta['name']}` to `{job.meta['repo']}` ...", job.id, gr.Timer(active=True), "",
+                    gr.Button(interactive=False))  # off until this push ends
 
         self.push_btn.click(on_push, [self.merge_dd, self.repo_tb, self.private_cb],
-                            [self.push_status, self.push_job, self.push_timer, self.push_log], api_name="push_hub")
+                            [self.push_status, self.push_job, self.push_timer, self.push_log, self.push_btn],
+                            api_name="push_hub")
 
         def on_poll(job_id, request: gr.Request):
             owner = owner_of(request)
             job = ctx.jobs.find(owner, job_id)
             if job is None:
-                return gr.skip(), gr.skip(), gr.Timer(active=False)
+                return gr.skip(), gr.skip(), gr.Timer(active=False), gr.Button(interactive=True)
             log_text = "\n".join(ctx.jobs.snapshot(owner, job_id)["log"][-200:])
             if not job.done:
-                return gr.skip(), log_text, gr.skip()
+                return gr.skip(), log_text, gr.skip(), gr.skip()
             if job.status == DONE:
                 status = f"Pushed `{job.meta['name']}` to [{job.result}]({job.result})."
             else:
                 status = error_md(MergeError(job.error or job.status))
-            return status, log_text, gr.Timer(active=False)
+            return status, log_text, gr.Timer(active=False), gr.Button(interactive=True)
 
-        self.push_timer.tick(on_poll, [self.push_job], [self.push_status, self.push_log, self.push_timer],
+        self.push_timer.tick(on_poll, [self.push_job],
+                             [self.push_status, self.push_log, self.push_timer, self.push_btn],
                              api_name="poll_push", concurrency_limit=None)
 
 
