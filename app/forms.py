@@ -118,25 +118,6 @@ def field_key(param: str, model: Optional[str] = None) -> str:
     return f"{param}@{model}" if model else param
 
 
-def default_value(spec, n_models: int) -> Any:
-    """A starting value for a parameter (its default, or a sensible one if it is required)."""
-    if not spec.required:
-        return spec.default
-    if spec.choices:
-        return spec.choices[0]
-    if spec.type is bool:
-        return False
-    if spec.type is str:
-        return ""
-    if spec.name == "weight":
-        return round(1.0 / max(1, n_models), 4)
-    rng = spec.range
-    if rng is not None and rng.lo is not None and rng.hi is not None:
-        v = (rng.lo + rng.hi) / 2
-        return int(v) if spec.type is int else v
-    return 1 if spec.type is int else 0.5
-
-
 def form_fields(method_name: str, state: dict[str, Any], form: Optional[dict[str, Any]] = None
                 ) -> list[dict[str, Any]]:
     """One dict per widget: key, param, model, type, numeric, default, range, choices, help, label,
@@ -156,7 +137,7 @@ def form_fields(method_name: str, state: dict[str, Any], form: Optional[dict[str
                 "type": spec.type.__name__,
                 "numeric": spec.type in (float, int),
                 "required": spec.required,
-                "default": default_value(spec, len(targets)),
+                "default": spec.first_value(len(targets)),
                 "range": None if rng is None else [rng.lo, rng.hi],
                 "range_text": str(rng) if rng else "",
                 "choices": list(spec.choices) if spec.choices else None,

@@ -94,3 +94,13 @@ def test_a_copy_tagged_method_at_its_defaults_is_planned_as_a_byte_copy(llama_fa
     plan = plan_merge(recipe_from_dict({"merge_method": "passthrough", "slices": scaled}))
     layer_jobs = [j for j in plan.jobs if j.layer is not None]
     assert layer_jobs and not any(j.copy for j in layer_jobs)
+
+
+def test_first_values_of_form_fields():
+    ties, slerp = get_method("ties"), get_method("slerp")
+    assert ties.param("weight").first_value(4) == 0.25  # required: an equal share
+    assert ties.param("density").first_value(4) == ties.param("density").default  # optional: its default
+    t = slerp.param("t")
+    assert t.required and t.first_value(1) == 0.5  # the middle of [0, 1]
+    consensus = ties.param("consensus")
+    assert consensus.first_value(2) == consensus.default

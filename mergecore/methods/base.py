@@ -137,6 +137,25 @@ class ParamSpec:
     help: str = ""
     ends: Ends | None = None  # what the scale's ends mean (falls back to COMMON_ENDS by name)
 
+    def first_value(self, n_models: int) -> Any:
+        """The value a form field starts at: the default, or for a required parameter its first
+        choice, False, "", an equal share for a weight (1/n), the middle of its range, 0.5 or 1."""
+        if not self.required:
+            return self.default
+        if self.choices:
+            return self.choices[0]
+        if self.type is bool:
+            return False
+        if self.type is str:
+            return ""
+        if self.name == "weight":
+            return round(1.0 / max(1, n_models), 4)
+        rng = self.range
+        if rng is not None and rng.lo is not None and rng.hi is not None:
+            v = (rng.lo + rng.hi) / 2
+            return int(v) if self.type is int else v
+        return 1 if self.type is int else 0.5
+
     @property
     def end_labels(self) -> Ends | None:
         """The labels of this parameter's scale ends (its own, else the common ones for its name)."""
