@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mergecore.errors import MergeError, short
+from mergecore.search.evo.genome import default_bounds, template_methods as evo_methods  # noqa: F401 (re-exported)
 
 from app import plots
 from app.searches.base import (
@@ -14,31 +15,6 @@ from app.searches.base import (
     register_search, scores_text, session_fields, wall_time, starting_method, task_series, tasks_field, validated,
     yaml_mapping,
 )
-
-
-def evo_methods() -> list[str]:
-    """Merge methods a template can use: operator methods with a real-valued parameter to search."""
-    from mergecore.methods import all_methods
-
-    return [name for name, m in all_methods().items()
-            if m.operator and any(p.type is float and not p.choices for p in m.params)]
-
-
-def default_bounds(method_name: str) -> dict[str, dict[str, float]]:
-    """The method's required real parameters, searched within [0, 1] (cut to their range)."""
-    from mergecore.methods import get_method
-
-    out = {}
-    for p in get_method(method_name).params:
-        if p.type is float and not p.choices and p.required:
-            lo, hi, r = 0.0, 1.0, p.range
-            if r is not None and r.lo is not None and r.lo >= lo:
-                lo = r.lo + (0.01 if r.lo_open else 0.0)
-            if r is not None and r.hi is not None and r.hi <= hi:
-                hi = r.hi - (0.01 if r.hi_open else 0.0)
-            if lo < hi:
-                out[p.name] = {"min": lo, "max": hi}
-    return out
 
 
 def parse_bounds(text: str, method_name: str) -> dict[str, dict[str, Any]]:
