@@ -67,14 +67,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def model_kind(path: str | Path) -> str:
-    """'causal-lm', 'image-classification' or 'other' (from config.json's architectures)."""
-    archs = read_config(path).get("architectures") or []
-    arch = archs[0] if archs else ""
-    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
-        return "causal-lm"
-    if arch.endswith("ForImageClassification"):
-        return "image-classification"
-    return "other"
+    """'causal-lm', 'image-classification' or 'other' (the engine's rule, on the folder's config.json)."""
+    from mergecore.arch import model_kind as kind_of
+
+    return kind_of(read_config(path))
 
 
 def _stamp(path: Path) -> float:

@@ -204,3 +204,15 @@ def relayer_config(config: dict[str, Any], source_layers: list[int], old_count: 
     if "max_window_layers" in out and isinstance(out["max_window_layers"], int):
         out["max_window_layers"] = min(out["max_window_layers"], new_count)
     return out
+
+
+def model_kind(config: dict[str, Any]) -> str:
+    """What a checkpoint's head does, from config.json's `architectures`: 'causal-lm',
+    'image-classification' or 'other' (the app compares and evaluates each kind its own way)."""
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs and isinstance(archs[0], str) else ""
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return "causal-lm"
+    if arch.endswith("ForImageClassification"):
+        return "image-classification"
+    return "other"

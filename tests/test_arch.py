@@ -76,3 +76,12 @@ def test_layer_names_of_every_entry_are_recognised():
             assert ref is not None and (ref.stack, ref.index, ref.rest) == (stack, 7, "x.weight")
     assert arch.layer_of("encoder.block.2.x.weight").stack == "encoder.block"
     assert arch.layer_of("model.embed_tokens.weight") is None
+
+
+def test_model_kind_from_the_config():
+    from mergecore.arch import model_kind
+
+    assert model_kind({"architectures": ["LlamaForCausalLM"]}) == "causal-lm"
+    assert model_kind({"architectures": ["GPT2LMHeadModel"]}) == "causal-lm"
+    assert model_kind({"architectures": ["ViTForImageClassification"]}) == "image-classification"
+    assert model_kind({"architectures": ["BertModel"]}) == model_kind({}) == model_kind({"architectures": [3]}) == "other"
