@@ -252,3 +252,15 @@ _HEADER_LINES = """(id) => Array.from(document.querySelectorAll('#' + id + ' the
 def header_lines(page: Any, elem_id: str) -> list[list[Any]]:
     """[label, lines it is laid out on, width] for each header cell of table `elem_id` in the page."""
     return page.evaluate(_HEADER_LINES, elem_id)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium driven by Playwright, one per test module (a failure with
+    MERGECORE_REQUIRE_BROWSER=1 when either is missing, a skip otherwise)."""
+    with playwright()() as p:
+        b = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

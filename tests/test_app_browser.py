@@ -15,21 +15,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
-from _app_helpers import CHROMIUM_ARGS, SCREENSHOT_DIR, chromium, playwright
+from _app_helpers import SCREENSHOT_DIR
 
 pytest_plugins = ("_app_helpers",)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright()() as p:
-        b = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _shot(page, out: Path, name: str) -> None:

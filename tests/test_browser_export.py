@@ -11,22 +11,9 @@ import re
 import time
 from pathlib import Path
 
-import pytest
-
-from _app_helpers import CHROMIUM_ARGS, chromium, playwright
 from test_app_export import FakeHub, assert_identical, front_matter, unzip_and_replay
 
 pytest_plugins = ("_app_helpers",)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright()() as p:
-        b = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_export_a_dam_merge_download_replay_and_push(fmnist_server, browser, tmp_path, monkeypatch):

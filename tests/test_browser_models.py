@@ -13,24 +13,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
-from _app_helpers import CHROMIUM_ARGS, chromium, header_lines, playwright
+from _app_helpers import header_lines
 from test_app_models import gated_app
 
 pytest_plugins = ("_app_helpers",)
-
-
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright()() as p:
-        b = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_first_start_progress_an_already_loaded_folder_and_one_line_headers(browser, tmp_path, model_factory):

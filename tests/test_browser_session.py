@@ -18,9 +18,7 @@ import re
 import threading
 import time
 
-import pytest
-
-from _app_helpers import CHROMIUM_ARGS, chromium, free_port, header_lines, playwright
+from _app_helpers import free_port, header_lines
 
 pytest_plugins = ("_app_helpers",)
 
@@ -56,16 +54,6 @@ class Server:
         if self.demo is not None:
             self.demo.close()
             self.demo = None
-
-
-@pytest.fixture
-def browser():
-    with playwright()() as p:
-        b = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _opened(page, url):
