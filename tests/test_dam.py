@@ -448,3 +448,18 @@ def test_bench_rows_on_the_miniature_family(tiny_fmnist_family, tmp_path):
     assert 0 <= row["train_s"] <= row["search_s"] and row["search_s"] > 0 and row["peak_rss_mib"] > 50
     assert 0 <= row["mean"] <= 1
     assert abl is None and any("best data-free row, weight averaging" in n for n in notes)
+
+
+def test_models_pair_with_their_tasks_by_name_then_by_head(tiny_fmnist_family):
+    from mergecore.errors import MergeError
+    from mergecore.search.dam.run import pair_models_with_tasks
+
+    fam = tiny_fmnist_family
+    names = list(fam.experts)
+    paths = [str(p) for p in fam.experts.values()]
+    tasks = str(fam.val_tasks_file)
+    assert pair_models_with_tasks(names, paths, tasks) == [{"model": p, "task": n} for n, p in zip(names, paths)]
+    renamed = [f"model{i}" for i in range(len(names))]  # no task of that name: the task scored with its head
+    assert [d["task"] for d in pair_models_with_tasks(renamed, paths, tasks)] == names
+    with pytest.raises(MergeError, match="no task for stranger"):
+        pair_models_with_tasks(["stranger"], [str(fam.base)], tasks)

@@ -3,10 +3,10 @@ Search tab entry."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
-from mergecore.errors import MergeError, short
+from mergecore.errors import MergeError
+from mergecore.search.dam.run import pair_models_with_tasks
 
 from app import plots
 from app.searches.base import (
@@ -15,31 +15,6 @@ from app.searches.base import (
 )
 
 REGULARISERS = ("cos", "l1", "l2")
-
-
-def _task_pairs(names: list[str], paths: list[str], tasks_file: str) -> list[Any]:
-    """Each model's D_i: the task of its name, else the task scored with its head (`head_from`),
-    else the tasks in order when there are as many as models."""
-    from mergecore.eval.tasks import load_tasks
-
-    tasks = load_tasks(tasks_file)
-    heads: dict[str, str] = {}
-    for t in tasks:
-        try:
-            head = t.head_path() if hasattr(t, "head_path") else None
-        except MergeError:
-            head = None
-        if head is not None:
-            heads.setdefault(str(Path(head).resolve()), t.name)
-    task_names = [t.name for t in tasks]
-    paired = [n if n in task_names else heads.get(str(Path(p).resolve())) for n, p in zip(names, paths)]
-    if all(paired):
-        return [{"model": p, "task": t} for p, t in zip(paths, paired)]
-    if len(tasks) == len(names):
-        return list(paths)
-    lost = ", ".join(n for n, t in zip(names, paired) if not t)
-    raise MergeError(f"no task for {lost}: DAM trains each model's coefficients on its own task's inputs; the tasks "
-                     f"file has {short(task_names)} (a task pairs with the model of its name or its head_from)")
 
 
 def _config(values: dict[str, Any], session: SearchSession):
@@ -52,7 +27,7 @@ def _config(values: dict[str, Any], session: SearchSession):
         raise MergeError("eval_subset: the part of the tasks scored by the periodic evaluations must be in (0, 1]")
     eval_every = number(values, "eval_every", int, 0)
     return validated(DAMConfig, {
-        "base_model": session.path(base), "models": _task_pairs(names, paths, tasks),
+        "base_model": session.path(base), "models": pair_models_with_tasks(names, paths, tasks),
         "train_tasks": tasks, "eval_tasks": tasks, "eval_subset": None if ratio >= 1 else ratio,
         "granularity": values.get("granularity") or "column",
         "loss": {"kind": values.get("loss") or "kl", "temperature": number(values, "temperature", float, 2.0),
