@@ -65,3 +65,34 @@ def test_first_start_progress_an_already_loaded_folder_and_one_line_headers(brow
         assert all(lines == 1 for _, lines, _ in headers), headers  # each label on one line
         assert all(width >= 60 for _, _, width in headers), headers
         assert not errors, errors
+
+
+def test_add_model_is_off_while_a_hub_fetch_runs(app_server, demo_family, browser, monkeypatch):
+    """A Hub id is fetched in the background: the Add button is off until the fetch has ended."""
+    import threading
+
+    from playwright.sync_api import expect
+
+    import app.tabs.models as models_tab
+
+    url, _ = app_server
+    gate = threading.Event()
+
+    def gated_fetch(jc, ref):  # the Hub "download": held until the page has been looked at
+        assert gate.wait(60)
+        return str(demo_family.models["base"])
+
+    monkeypatch.setattr(models_tab, "fetch", gated_fetch)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url)
+    page.locator("#demo-btn").click()
+    status = page.locator("#models-status")
+    expect(status).to_contain_text("Loaded the demo models", timeout=30_000)
+    page.locator("#models-ref textarea").fill("some-org/some-model")
+    page.locator("#models-add").click()
+    expect(status).to_contain_text("Fetching", timeout=15_000)
+    expect(page.locator("#models-add")).to_be_disabled()
+    gate.set()
+    expect(status).to_contain_text("is already loaded, as base", timeout=15_000)  # the fetched folder (rendered)
+    expect(page.locator("#models-add")).to_be_enabled()
+    page.close()

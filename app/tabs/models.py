@@ -103,8 +103,8 @@ class ModelsTab:
     def wire(self, page: Page) -> None:
         ctx, refresh = self.ctx, page.refresh
         session = [page.session_state, page.form_state, page.form_version]
-        status = page.comps["models_status"]
-        fetch_outputs = page.status_outputs + [self.fetch_job, self.fetch_timer, self.fetch_progress]
+        # Add model is off while a Hub fetch runs (first, so the status stays third from the end)
+        fetch_outputs = [self.add_btn] + page.status_outputs + [self.fetch_job, self.fetch_timer, self.fetch_progress]
         demo_outputs = page.status_outputs + [self.demo_timer, self.demo_progress]
 
         def said(msg: str, *rest: Any) -> tuple:
@@ -165,7 +165,7 @@ class ModelsTab:
             gr.Info(f"{ref} is already loaded, as {m['name']}.")
             return f"`{ref}` is already loaded, as `{m['name']}` ({m['path']}); nothing changed."
 
-        def on_add(ref, state, form, version, request: gr.Request):
+        def add(ref, state, form, version, request: gr.Request):
             ref = (ref or "").strip()
             try:
                 if not ref:
@@ -194,11 +194,16 @@ class ModelsTab:
             except MergeError as err:
                 return failed(err)
 
+        def on_add(ref, state, form, version, request: gr.Request):
+            out = add(ref, state, form, version, request)
+            fetching = isinstance(out[-4], str) and out[-4].startswith("Fetching")  # the status (before job, timer, bar)
+            return (gr.Button(interactive=not fetching), *out)
+
         add_evt = dict(fn=on_add, inputs=[self.ref_tb, *session], outputs=fetch_outputs)
         self.add_btn.click(**add_evt, api_name="add_model")
         self.ref_tb.submit(**add_evt, api_visibility="private")
 
-        def on_poll_fetch(job_id, state, form, version, request: gr.Request):
+        def poll_fetch(job_id, state, form, version, request: gr.Request):
             job = ctx.jobs.find(owner_of(request), job_id)
             if job is None:
                 return said(gr.skip(), gr.Timer(active=False), "")
@@ -225,8 +230,14 @@ class ModelsTab:
             gr.Info(f"Added {ref}.")
             return (*refresh(state, form, version, request, status=f"Added `{ref}`."), gr.Timer(active=False), "")
 
+        def on_poll_fetch(job_id, state, form, version, request: gr.Request):
+            out = poll_fetch(job_id, state, form, version, request)
+            job = ctx.jobs.find(owner_of(request), job_id)  # after: a fetch shown finished is finished here
+            return (gr.skip() if job is not None and not job.done else gr.Button(interactive=True), *out)
+
         self.fetch_timer.tick(on_poll_fetch, [self.fetch_job, *session],
-                              page.status_outputs + [self.fetch_timer, self.fetch_progress], api_name="poll_models",
+                              [self.add_btn] + page.status_outputs + [self.fetch_timer, self.fetch_progress],
+                              api_name="poll_models",
                               concurrency_limit=None)
 
         def on_hub_search(q, request: gr.Request):
