@@ -264,3 +264,19 @@ def browser():
             yield b
         finally:
             b.close()
+
+
+def start_dam_in_page(page: Any, settings: dict[str, str]) -> None:
+    """In the Search tab: choose DAM, wait for its form on the session's models, type `settings`
+    (field key -> text) and press Start."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#search-kind input").click()
+    page.get_by_role("option", name="DAM: trained merge coefficients").click()
+    expect(page.locator("#search-dam-models")).to_contain_text("fmnist_tops", timeout=10_000)
+    for key, value in settings.items():
+        box = page.locator(f"#search-dam-{key} input")
+        box.fill(value)
+        box.press("Tab")
+    page.locator("#search-start").click()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from _app_helpers import SCREENSHOT_DIR
+from _app_helpers import SCREENSHOT_DIR, start_dam_in_page
 
 pytest_plugins = ("_app_helpers",)
 
@@ -127,17 +127,9 @@ def test_drag_curve_merge_search_compare_export(fmnist_server, browser, tmp_path
     _shot(page, out, "6-export")
 
     # Search again, DAM this time (picked from the dropdown): the loss and each of its terms per step
-    page.get_by_role("tab", name="Search").click()
-    page.locator("#search-kind input").click()
-    page.get_by_role("option", name="DAM: trained merge coefficients").click()
-    expect(page.locator("#search-dam-models")).to_contain_text("fmnist_tops", timeout=10_000)
+    # the form's defaults on the real demo; a few steps on the miniature one
+    start_dam_in_page(page, {} if SCREENSHOT_DIR else {"steps": "4", "examples_per_task": "32"})
     expect(page.locator("#search-rmm-models")).to_be_hidden()
-    if not SCREENSHOT_DIR:  # the form's defaults on the real demo; a few steps on the miniature one
-        for key, value in (("steps", "4"), ("examples_per_task", "32")):
-            box = page.locator(f"#search-dam-{key} input")
-            box.fill(value)
-            box.press("Tab")
-    page.locator("#search-start").click()
     expect(page.locator("#search-result")).to_contain_text("Trained", timeout=300_000)
     expect(page.locator("#search-progress [data-status='done']")).to_be_visible()
     expect(page.locator("#search-recipe")).to_contain_text("merge_method: dam")

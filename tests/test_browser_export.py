@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+from _app_helpers import start_dam_in_page
 from test_app_export import FakeHub, assert_identical, front_matter, unzip_and_replay
 
 pytest_plugins = ("_app_helpers",)
@@ -29,15 +30,7 @@ def test_export_a_dam_merge_download_replay_and_push(fmnist_server, browser, tmp
     expect(page.get_by_text("Compatible", exact=False).first).to_be_visible(timeout=30_000)
 
     # Search: a short DAM run, its recipe to the Recipe tab, merged from the Merge tab
-    page.get_by_role("tab", name="Search").click()
-    page.locator("#search-kind input").click()
-    page.get_by_role("option", name="DAM: trained merge coefficients").click()
-    expect(page.locator("#search-dam-models")).to_contain_text("fmnist_tops", timeout=10_000)
-    for key, value in (("steps", "3"), ("examples_per_task", "16")):
-        box = page.locator(f"#search-dam-{key} input")
-        box.fill(value)
-        box.press("Tab")
-    page.locator("#search-start").click()
+    start_dam_in_page(page, {"steps": "3", "examples_per_task": "16"})
     expect(page.locator("#search-result")).to_contain_text("Trained", timeout=120_000)
     page.locator("#search-use").click()
     expect(page.get_by_role("tab", name="Recipe", selected=True)).to_be_visible(timeout=15_000)
