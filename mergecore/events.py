@@ -30,8 +30,23 @@ class CancelToken:
         return self._event.is_set()
 
     def check(self) -> None:
-        if self._event.is_set():
+        if self.cancelled:
             raise Cancelled()
+
+    def child(self) -> "CancelToken":
+        """A token cancelled with this one that can also be cancelled alone: a piece of work stops
+        its own workers on failure without cancelling the caller's token."""
+        return _ChildToken(self)
+
+
+class _ChildToken(CancelToken):
+    def __init__(self, parent: CancelToken) -> None:
+        super().__init__()
+        self._parent = parent
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set() or self._parent.cancelled
 
 
 @dataclass

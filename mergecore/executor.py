@@ -227,11 +227,13 @@ def execute_plan(
                        sources=sources, protect=protect) as writer:
         total_bytes = writer.total_bytes
 
+        workers = cancel.child()  # a failed job stops the workers, not the caller's token
+
         def run(job: TensorJob) -> int:
-            cancel.check()
-            held = budget.acquire(job.working_bytes(), cancel)
+            workers.check()
+            held = budget.acquire(job.working_bytes(), workers)
             try:
-                cancel.check()
+                workers.check()
                 out = compute_tensor(plan, job, device, source_nonfinite=tally)
                 return writer.write(job.out_name, out)
             finally:
@@ -259,7 +261,7 @@ def execute_plan(
                         # stops here: nothing has been renamed into place yet
                         cancel.check()
             except BaseException:
-                cancel.cancel()
+                workers.cancel()
                 for fut in pending:
                     fut.cancel()
                 raise

@@ -180,9 +180,39 @@ def test_failure_in_a_job_leaves_nothing(llama_family, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ex, "compute_tensor", flaky)
     out = tmp_path / "o"
+    cancel = CancelToken()
     with pytest.raises(MergeError, match="simulated failure"):
-        merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), out, threads=3)
+        merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), out, threads=3, cancel=cancel)
     assert list(tmp_path.iterdir()) == []
+    assert not cancel.cancelled  # the failure stopped the merge's workers, not the caller's token
+    monkeypatch.setattr(ex, "compute_tensor", real)
+    merge(recipe_from_dict(linear_recipe(llama_family["a"], llama_family["b"])), out, threads=3, cancel=cancel)
+    assert (out / "model.safetensors").is_file()  # the same token serves the next merge
+
+
+def test_bin_sources_are_not_changed_by_a_streaming_merge(llama_family, tmp_path):
+    """A `.bin` state dict is kept after its first read; TIES overwrites the tensors it is handed,
+    so each read must be a copy (else the second merge of a tensor starts from the first's result)."""
+    from safetensors.torch import load_file
+
+    import mergecore.executor as ex
+
+    binned = {}
+    for name in ("a", "b"):
+        d = tmp_path / f"{name}-bin"
+        d.mkdir()
+        (d / "config.json").write_text((llama_family[name] / "config.json").read_text())
+        torch.save(load_file(str(llama_family[name] / "model.safetensors")), d / "pytorch_model.bin")
+        binned[name] = d
+    recipe = recipe_from_dict({"merge_method": "ties", "base_model": str(llama_family["base"]),
+                               "models": [{"model": str(binned[n]), "parameters": {"weight": 1.0, "density": 0.5}}
+                                          for n in ("a", "b")]})
+    plan = plan_merge(recipe)
+    job = next(j for j in plan.jobs if j.out_name == "model.layers.1.mlp.up_proj.weight")
+    first, second = ex.compute_tensor(plan, job), ex.compute_tensor(plan, job)
+    assert torch.equal(first, second)
+    original = load_file(str(llama_family["a"] / "model.safetensors"))[job.out_name]
+    assert torch.equal(plan.sources[str(binned["a"])].read(job.out_name), original)
 
 
 def test_file_truncated_after_planning_leaves_nothing(llama_family, tmp_path):

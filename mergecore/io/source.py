@@ -370,7 +370,9 @@ class ModelSource:
         """Read one tensor into a fresh CPU tensor (its own memory, nothing mapped)."""
         info = self.info(name)
         if info.offset < 0:
-            return self._load_bin(info.file)[name]
+            # a copy: the state dict is kept for the next read, and streaming methods overwrite
+            # what they are handed (a shared tensor would carry one merge's arithmetic into the next)
+            return self._load_bin(info.file)[name].clone()
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
