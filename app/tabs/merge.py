@@ -14,6 +14,7 @@ Named API endpoints: /merge, /poll_merge, /cancel_merge, /attach_merge, /history
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -328,18 +329,23 @@ def finished_text(job: Job, frac: Optional[float], text: str) -> tuple[str, str]
     return f"**Failed:** {job.error}", progress_html(frac, f"failed: {job.error}", FAILED)
 
 
+_NAMING = threading.Lock()  # naming a merge's folder and queueing it happen together
+
+
 def submit_merge(ctx: AppContext, owner: str, recipe, name: str, dtype: Optional[str], nthreads: Any,
                  search_dirs: Sequence[Path] = ()) -> tuple[Job, Path]:
     """Queue a merge of `recipe` for `owner` (it starts when the owner's earlier merges ended);
     (its job, its output folder). The recipe's YAML goes into the merge history."""
-    reserved = {Path(j.meta.get("out", "")).name for j in ctx.jobs.jobs(owner, kind="merge") if not j.done}
-    reserved |= {str(r.get("name")) for r in history.records(ctx.sessions, ctx.jobs, owner)}
-    out_dir = ctx.workspace.merge_dir(owner, name or "merge", reserved=reserved)
     nthreads = int(nthreads or 1)
-    meta = {"name": out_dir.name, "out": str(out_dir), "recipe": recipe.to_yaml(),
-            "search_dirs": [str(d) for d in search_dirs]}
-    job = ctx.jobs.submit(owner, "merge", lambda jc: run_merge(jc, recipe, out_dir, dtype, nthreads, search_dirs),
-                          title=out_dir.name, meta=meta, exclusive=False, queue=f"merge:{owner}")
+    # one at a time per process: two tabs (or Merge and Merge again) must not pick the same folder
+    with _NAMING:
+        reserved = {Path(j.meta.get("out", "")).name for j in ctx.jobs.jobs(owner, kind="merge") if not j.done}
+        reserved |= {str(r.get("name")) for r in history.records(ctx.sessions, ctx.jobs, owner)}
+        out_dir = ctx.workspace.merge_dir(owner, name or "merge", reserved=reserved)
+        meta = {"name": out_dir.name, "out": str(out_dir), "recipe": recipe.to_yaml(),
+                "search_dirs": [str(d) for d in search_dirs]}
+        job = ctx.jobs.submit(owner, "merge", lambda jc: run_merge(jc, recipe, out_dir, dtype, nthreads, search_dirs),
+                              title=out_dir.name, meta=meta, exclusive=False, queue=f"merge:{owner}")
     return job, out_dir
 
 
@@ -379,8 +385,6 @@ def merge_progress_text(p: Optional[dict[str, Any]], status: str, elapsed: float
 def run_merge(jc, recipe, out_dir: Path, dtype: Optional[str], nthreads: int, search_dirs: Sequence[Path] = ()):
     """The merge job: `mergecore.merge`, the one call the CLI makes too; the plan's summary and
     warnings and every tenth of the progress go to the job's log."""
-    import torch
-
     import mergecore
 
     out_dtype = None if dtype in (None, "", "as in recipe") else dtype
@@ -392,7 +396,6 @@ def run_merge(jc, recipe, out_dir: Path, dtype: Optional[str], nthreads: int, se
                 break
             jc.log(line)  # method, models, output size, peak memory, warnings
 
-    torch.set_num_threads(max(1, nthreads))
     last = [-1]
 
     def progress(p):
