@@ -207,3 +207,19 @@ def test_client_search_stop_resume_and_a_second_page(fmnist_server, fmnist_demo)
     assert ctx.jobs.jobs("browser-" + "c" * 32) == []
     c2.predict(KEY_B, api_name="/stop_search")
     assert poll_search(c2, KEY_B)[-1]["status"] == "cancelled"
+
+
+def test_resume_of_a_damaged_search_state_is_one_line(tmp_path):
+    from app.context import make_context
+    from app.searches.runs import STATE_FILE, resumable
+    from mergecore.errors import MergeError
+
+    ctx = make_context(tmp_path / "work")
+    run = ctx.workspace.searches_dir("browser-x") / "rmm-1"
+    run.mkdir()
+    for damage in ("{not json", '{"search": "rmm"}', '{"search": "nope", "config": {}}',
+                   '{"search": "rmm", "config": {"models": 3}}'):
+        (run / STATE_FILE).write_text(damage)
+        with pytest.raises(MergeError) as err:
+            resumable(ctx, "browser-x")
+        assert "\n" not in str(err.value) and ("unreadable" in str(err.value) or "unknown" in str(err.value)), err.value

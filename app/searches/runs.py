@@ -108,9 +108,17 @@ def resumable(ctx: AppContext, owner: str) -> tuple[SearchSpec, Any, dict[str, A
         out = runs[-1]
         if (out / RESULT_FILE).is_file():
             raise MergeError("the last search finished; start a new one")
-    data = json.loads((out / STATE_FILE).read_text())
-    spec = get_search(data["search"])
-    return spec, spec.load_config(data["config"]), dict(data.get("meta") or {}), out
+    try:  # written by the app, but a crash or an older version may have left it unreadable
+        data = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
+        spec = get_search(data["search"])
+        config = spec.load_config(data["config"])
+        meta = dict(data.get("meta") or {})
+    except MergeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any damage: one line, not a traceback in the page
+        raise MergeError(f"cannot resume the search in {out}: its {STATE_FILE} is unreadable "
+                         f"({type(err).__name__}); start a new search") from None
+    return spec, config, meta, out
 
 
 def jsonable(values: dict[str, Any]) -> dict[str, Any]:
