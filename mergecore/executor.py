@@ -152,7 +152,7 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu
     def loader(model: str, name: str):
         return lambda: note(model, name, plan.sources[model].read(name).to(dev)).to(plan.compute_dtype)
 
-    if "streaming" in method.tags and not job.vocab:  # read each input when the method gets to it
+    if job.streaming:  # planned: the method reads each input when it gets to it (not for vocab rows)
         tensors = OwnedInputs([loader(m, n) for m, n in job.inputs])
     else:
         tensors = [loader(m, n)() for m, n in job.inputs]
