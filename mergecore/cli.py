@@ -38,7 +38,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.dry_run:  # the plan only: no output-path check, nothing written
         plan = plan_merge(load_recipe(args.recipe), out_dtype=args.dtype, search_dirs=(Path(args.recipe).resolve().parent,),
                           allow_nonfinite=args.allow_nonfinite)
-        print(plan_to_json(plan) if args.json else plan.describe(budget))
+        print(plan_to_json(plan) if args.json else plan.describe(budget, args.threads or 1, args.device))
         return 0
 
     def warn(plan: Plan) -> None:

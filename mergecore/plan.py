@@ -30,6 +30,8 @@ from mergecore.arch import (
 from mergecore.errors import MergeError
 from mergecore.io.source import ModelSource, dtype_from_name, dtype_name
 from mergecore.methods import MergeMethod, ParamSpec, get_method
+from mergecore.methods._cost import Cost
+from mergecore.methods._cost import summarize as summarize_cost
 from mergecore.params import UNSET, layer_position, resolve
 from mergecore.recipe import InputSlice, OutputSlice, Recipe, validate_parameters
 from mergecore.vocab import VocabPlan, plan_vocabulary
@@ -53,6 +55,7 @@ class TensorJob:
     method: str = ""  # merge method of this tensor (slices may override the recipe's)
     streaming: bool = False  # the method reads inputs one at a time (see methods.base)
     vocab: bool = False  # token-indexed rows, permuted into the output vocabulary (Plan.vocab) first
+    cost: Optional[Cost] = None  # the method's extra work on this tensor (SVDs, solves), for --dry-run
 
     @property
     def numel(self) -> int:
@@ -61,11 +64,12 @@ class TensorJob:
     def working_bytes(self) -> int:
         """Rough peak bytes while this job runs (inputs, float32 copies, temporaries)."""
         n_in = len(self.inputs) + (1 if self.base else 0)
+        extra = self.cost.extra_bytes if self.cost is not None else 0
         if self.copy:
             return self.numel * 4
         if self.streaming:  # base + the one input being read + accumulators
-            return self.numel * 4 * 8
-        return self.numel * 4 * (2 * n_in + 3)
+            return self.numel * 4 * 8 + extra
+        return self.numel * 4 * (2 * n_in + 3) + extra
 
 
 @dataclass
@@ -104,7 +108,7 @@ class Plan:
         budget = memory_budget or default_memory_budget(self)
         return PROCESS_BASELINE_BYTES + max(largest, budget)
 
-    def describe(self, memory_budget: Optional[int] = None) -> str:
+    def describe(self, memory_budget: Optional[int] = None, threads: int = 1, device: str = "cpu") -> str:
         """Human-readable plan: models, tensors, per-layer parameters, memory estimate."""
         lines = [
             f"method: {self.method.name} -- {self.method.summary}",
@@ -114,6 +118,7 @@ class Plan:
             f"reads {self.in_bytes / 1e9:.3f} GB",
         ]
         lines.append(f"estimated peak memory: {self.peak_memory_estimate(memory_budget) / 2**30:.2f} GiB")
+        lines += summarize_cost([j.cost for j in self.jobs if j.cost is not None], threads, device)
         if self.vocab is not None:
             lines.append(self.vocab.describe())
         lines += [f"warning: {w}" for w in self.warnings]
@@ -174,6 +179,8 @@ def plan_to_json(plan: Plan) -> str:
             for j in plan.jobs
         ],
         "estimated_peak_bytes": plan.peak_memory_estimate(),
+        "extra_flops": sum(j.cost.flops for j in plan.jobs if j.cost is not None),
+        "svd_shapes": [list(s) for j in plan.jobs if j.cost is not None for s in j.cost.svd],
         "vocab_size": plan.vocab.size if plan.vocab is not None else None,
     }, indent=1)
 
@@ -354,9 +361,10 @@ class _Planner:
                     for p in method.params)
             and sources[inputs[0][0]].info(inputs[0][1]).dtype == dtype
         )
+        cost = None if copy or method.cost is None else method.cost(tuple(shape), len(inputs), params)
         self.jobs.append(TensorJob(out_name, shape, dtype, inputs, base_in, params, layer, t, copy=copy,
                                    method=method.name, streaming="streaming" in method.tags and not vocab_like,
-                                   vocab=vocab_like))
+                                   vocab=vocab_like, cost=cost))
 
     def add_copy(self, name: str, model: str) -> None:
         """A tensor copied unchanged from `model` (`non_layer_from`)."""

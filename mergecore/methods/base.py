@@ -266,6 +266,7 @@ class MergeMethod:
     formula: str = ""  # one line of math shown beside the form (falls back to `summary`)
     operator: bool = True  # usable as an RMM layer operator and as an evolutionary template
     starting: tuple[tuple[str, Any], ...] = ()  # parameter values a new operator/template starts from
+    cost: Optional[Callable[..., Any]] = None  # (shape, n_models, params) -> methods._cost.Cost, for --dry-run
 
     @property
     def formula_text(self) -> str:
@@ -425,6 +426,7 @@ def merge_method(
     formula: str = "",
     operator: bool = True,
     starting: dict[str, Any] | None = None,
+    cost: Optional[Callable[..., Any]] = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register `func` as merge method `name` (default: the function's name); its keyword-only
     parameters are its schema.
@@ -434,7 +436,8 @@ def merge_method(
     docstring (equation and paper) is the long description. `formula` is one line of math for
     the app; `operator=False` keeps the method out of RMM operators and evolutionary templates;
     `starting` gives the values a new operator or template starts from (required parameters
-    without one start at 0.5 / their first choice).
+    without one start at 0.5 / their first choice). `cost` estimates the extra work of one
+    tensor for `--dry-run` (see `methods._cost`).
     """
 
     def decorate(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -467,6 +470,7 @@ def merge_method(
             formula=formula,
             operator=operator,
             starting=tuple((starting or {}).items()),
+            cost=cost,
         )
         return func
 
