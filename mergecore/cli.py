@@ -69,6 +69,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         m = get_method(args.name)
         print(f"{m.name}: {m.summary}")
         print(f"formula: {m.formula_text}")
+        if m.paper:
+            print(f"paper: {m.paper}")
         print(f"base model: {m.base}")
         for p in m.params:
             print(f"  {p.describe()}" + (f" -- {p.help}" if p.help else ""))

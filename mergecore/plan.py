@@ -136,6 +136,17 @@ class Plan:
         return "\n".join(lines)
 
 
+def _check_matrices(jobs: list[TensorJob]) -> None:
+    """A method tagged `matrices` (its core works on weight matrices: an SVD, a Gram solve) is
+    refused when none of the tensors it merges is 2-D, instead of silently taking its fallback
+    on every tensor."""
+    merged = [j for j in jobs if j.method and not j.copy]
+    for name in dict.fromkeys(j.method for j in merged):
+        if "matrices" in get_method(name).tags and not any(len(j.shape) == 2 for j in merged if j.method == name):
+            raise MergeError(f"method '{name}' works on 2-D weight matrices, but every tensor it would merge here is "
+                             f"1-D or scalar (its per-matrix step would never run)")
+
+
 def default_memory_budget(plan: Plan) -> int:
     """Bytes of job working memory allowed in flight: the largest job, and at least 1 GiB."""
     largest = max((j.working_bytes() for j in plan.jobs), default=0)
@@ -477,6 +488,7 @@ def plan_merge(
     planner.add_non_layer([n for n in non_layer if not is_pre_weight(n, arch)], slices[-1],
                           f"slices[{len(slices) - 1}]")
     src_count = _depth(ref_src)
+    _check_matrices(planner.jobs)
     config = _output_config(planner, layer_sources, src_count, warnings)
     return Plan(
         recipe=recipe, method=method, sources=sources, jobs=planner.jobs, reference=reference,
