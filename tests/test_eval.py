@@ -431,11 +431,12 @@ def test_progress_and_cancel(vits, images):
 
 
 def test_cli_eval_table_json_recipe_and_errors(vits, images, capsys):
-    d, _ = images
+    d, x = images
+    np.save(d / "cli_y.npy", np.arange(len(x)) % 3)  # its own labels: the test runs alone too
     (d / "cli_tasks.yml").write_text("""
 tasks:
-  - {name: all, data: {images: x.npy, labels: y.npy}}
-  - {name: sub, data: {images: x.npy, labels: y.npy}, classes: [0, 1]}
+  - {name: all, data: {images: x.npy, labels: cli_y.npy}}
+  - {name: sub, data: {images: x.npy, labels: cli_y.npy}, classes: [0, 1]}
 """)
     assert main(["eval", str(vits["a"]), "--tasks", str(d / "cli_tasks.yml"), "-q"]) == 0
     out = capsys.readouterr().out
