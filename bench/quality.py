@@ -29,6 +29,12 @@ its own expert's classifier head on the evaluated body, as in the RMM paper):
   drop-and-rescale instead of magnitude trimming; DARE-linear is DARE in front of task
   arithmetic, with task arithmetic's lambda.
 
+After them, one row per method past mergekit at its own defaults (the paper's): TSV-M, Iso-C,
+Iso-CTS, CART, Consensus TA, MagMax, PCB, WUDI (data-free) and Fisher, RegMean, RegMean++
+(data-informed: their statistics are collected once per kind over the family's validation tasks,
+`tasks-val.yml`, 256 examples per expert; the test split is only scored). `--methods tsv_m,regmean`
+runs a subset.
+
 Rows are printed as a table (tasks, mean, merge / eval / wall seconds per row) and saved as CSV.
 Later rows (RMM, DAM, evolutionary search) append to `ROWS` a function returning a model or a
 checkpoint folder (see `Row`).
@@ -68,14 +74,17 @@ class MergeRow:
             params["seed"] = self.seed
         return f"{self.method}(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
 
-    def recipe(self, base: Path, experts: list[Path]):
+    def recipe(self, base: Path, experts: list[Path], artifacts: Optional[dict[str, str]] = None):
         from mergecore.recipe import recipe_from_dict
 
         data: dict[str, Any] = {
             "merge_method": self.method,
-            "models": [{"model": str(p), "parameters": dict(self.per_model)} for p in experts],
+            "models": [{"model": str(p), "parameters": dict(self.per_model)} if self.per_model else {"model": str(p)}
+                       for p in experts],
             "dtype": "float32",
         }
+        if artifacts:
+            data["artifacts"] = dict(artifacts)
         if self.with_base:
             data["base_model"] = str(base)
         if self.global_params:
@@ -91,6 +100,19 @@ MERGE_ROWS: list[MergeRow] = [
     MergeRow("TIES", "ties", {"weight": 1.0, "density": 0.5}, {"normalize": True, "lambda": 1.0}),
     MergeRow("DARE-TIES", "dare_ties", {"weight": 1.0, "density": 0.5}, {"normalize": True, "lambda": 1.0}, seed=0),
     MergeRow("DARE-linear", "dare_linear", {"weight": 1.0, "density": 0.5}, {"lambda": 0.3}, seed=0),
+    # methods past mergekit, each at its paper's defaults (the method's own parameter defaults)
+    MergeRow("TSV-M", "tsv_m", {}),
+    MergeRow("Iso-C", "iso_c", {}),
+    MergeRow("Iso-CTS", "iso_cts", {}),
+    MergeRow("CART", "cart", {}),
+    MergeRow("Consensus TA", "consensus_ta", {}),
+    MergeRow("MagMax", "magmax", {}),
+    MergeRow("PCB", "pcb", {}),
+    MergeRow("WUDI", "wudi", {}),
+    # data-informed: statistics collected on the validation split (the tasks-val.yml file), never test
+    MergeRow("Fisher", "fisher", {}),
+    MergeRow("RegMean", "regmean", {}),
+    MergeRow("RegMean++", "regmean_plusplus", {}),
 ]
 
 
@@ -173,13 +195,14 @@ def run(family_name: str, *, quick: bool = False, split: str = "test", subset=No
             out = work_dir / m.method
             if out.exists():
                 shutil.rmtree(out)
-            recipe = m.recipe(fam.base, list(experts.values()))
             t = time.time()
+            artifacts, how = collected_stats(known[m.method], fam, experts, work_dir, log)
+            recipe = m.recipe(fam.base, list(experts.values()), artifacts)
             merge(recipe, out, threads=threads)
             merge_s = time.time() - t
             t = time.time()
             r = ev.evaluate(out)
-            add(m.label, r.scores, merge_s, time.time() - t, m.describe())
+            add(m.label, r.scores, merge_s, time.time() - t, m.describe() + how)
             shutil.rmtree(out, ignore_errors=True)
         for row in ROWS:
             t = time.time()
@@ -192,6 +215,25 @@ def run(family_name: str, *, quick: bool = False, split: str = "test", subset=No
         if work is None:
             shutil.rmtree(work_dir, ignore_errors=True)
     return pd.DataFrame(rows).set_index("row"), notes
+
+
+STATS_EXAMPLES = 256  # examples per expert's task for Gram / Fisher statistics (mergecore's default)
+
+
+def collected_stats(method, fam, experts: dict[str, Path], work_dir: Path, log) -> tuple[dict[str, str], str]:
+    """For a data-informed method: its statistics, collected once per kind on the family's
+    validation tasks (never the test split) -> (recipe artifacts, note for the row's `how`)."""
+    if not getattr(method, "stats", None):
+        return {}, ""
+    from mergecore.stats import collect_stats
+
+    path = work_dir / f"stats-{method.stats}.safetensors"
+    if not path.is_file():
+        t = time.time()
+        collect_stats(method.stats, fam.val_tasks_file, [str(p) for p in experts.values()], path, base=str(fam.base),
+                      examples=STATS_EXAMPLES)
+        log(f"  collected {method.stats} statistics on the validation split in {time.time() - t:.1f} s")
+    return {"stats": str(path)}, f"; {method.stats} statistics from {STATS_EXAMPLES} validation examples per expert"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
