@@ -97,7 +97,8 @@ def wudi(tensors: Tensors, base: BaseTensor, *,
     matmul, not one per model; each input is read once, in order. Every 2-D tensor is optimised
     (as in FusionBench; embeddings included); any other tensor takes FusionBench's fallback, the
     mean of the task vectors: θ0 + λ·(1/n)Σ_i τ_i. A zero task vector gets weight 0 (the reference
-    divides 0 by 0 there).
+    divides 0 by 0 there). Cost: about steps·2·rows·cols² flops, e.g. ~5 TFLOP for a 2048 x 2048
+    matrix at 300 steps: 1-2 min on 2 CPU cores, a fraction of a second with `--device cuda`.
     """
     base = need_base("wudi", base)
     need_count("wudi", tensors, 2, None, "at least two fine-tuned models besides the base_model")
