@@ -45,6 +45,27 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         for w in plan.warnings:
             print(f"warning: {w}", file=sys.stderr)
 
+    if args.collect_stats:  # a data-informed method: its statistics first, then the merge with them
+        from mergecore.stats.cli import merge_collecting
+
+        with interruptible("merge cancelled; nothing was written") as cancel:
+            with TerminalBar("merging", quiet=args.quiet, unit="B", unit_scale=True, leave=False) as bar:
+
+                def run_merge(recipe, out_dir, search_dirs):
+                    return merge(recipe, out_dir, search_dirs=search_dirs, cancel=cancel, out_dtype=args.dtype,
+                                 progress=lambda p: bar.show(p.bytes_done, p.bytes_total),
+                                 shard_size=args.shard_size, threads=args.threads, device=args.device,
+                                 memory_budget=budget, overwrite=args.overwrite,
+                                 allow_nonfinite=args.allow_nonfinite, on_plan=warn)
+
+                result = merge_collecting(args.recipe, args.out_dir, args.collect_stats, device=args.device,
+                                          examples=args.stats_examples, overwrite=args.overwrite, quiet=args.quiet,
+                                          cancel=cancel, merge=run_merge)
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(result.summary())
+        return 0
+
     # leave=False: a failure's one `error:` line is not preceded by a half-filled bar
     with interruptible("merge cancelled; nothing was written") as cancel, \
             TerminalBar("merging", quiet=args.quiet, unit="B", unit_scale=True, leave=False) as bar:
@@ -105,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace OUT_DIR if an earlier merge wrote it (other non-empty folders are refused)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="write merged tensors that turn inf/NaN from finite inputs instead of stopping")
+    p.add_argument("--collect-stats", metavar="TASKS", default=None,
+                   help="for a data-informed method (regmean, fisher, ...): collect its statistics on these tasks "
+                        "first and merge with them (they are kept in OUT_DIR/artifacts/)")
+    p.add_argument("--stats-examples", type=int, default=256, help="with --collect-stats: examples per model (256)")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")
@@ -118,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add subcommands (eval, search, bench): each has `register(subparsers)`, which
 # adds its parser(s) with `set_defaults(func=...)`; heavy imports stay inside the handlers.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("mergecore.eval.cli", "mergecore.families.cli", "mergecore.search.cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("mergecore.eval.cli", "mergecore.families.cli", "mergecore.search.cli",
+                                       "mergecore.stats.cli")
 
 
 _OS_HINTS = {

@@ -167,7 +167,8 @@ def compute_tensor(plan: Plan, job: TensorJob, device: torch.device | str = "cpu
     if method.randomized:
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed_for_tensor(plan.recipe.seed or 0, job.inputs[0][1]))
-    merged = method(tensors, base, job.params, generator=gen, tensor_name=job.out_name, artifacts=plan.artifacts)
+    merged = method(tensors, base, job.params, generator=gen, tensor_name=job.out_name, artifacts=plan.artifacts,
+                    input_models=[m for m, _ in job.inputs])
     del tensors, base
     if tuple(merged.shape) != job.shape:
         raise MergeError(f"method '{method.name}' returned shape {list(merged.shape)} for '{job.out_name}', expected {list(job.shape)}")

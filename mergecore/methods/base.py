@@ -9,9 +9,11 @@ The decorator reads the function's keyword-only parameters and turns each into a
 * `Annotated[..., Range(lo, hi), "help text"]` adds a range check and a help line;
 * a trailing underscore is dropped from the YAML name (`lambda_` is `lambda` in recipes);
 * a parameter without a default is required;
-* three keyword names are *context*, not parameters: `generator` (a `torch.Generator` seeded per
-  tensor, for randomised methods), `tensor_name` (the output tensor's name) and `artifacts`
-  (the recipe's `artifacts:` as a dict name -> resolved file path, e.g. DAM's coefficients).
+* four keyword names are *context*, not parameters: `generator` (a `torch.Generator` seeded per
+  tensor, for randomised methods), `tensor_name` (the output tensor's name), `artifacts`
+  (the recipe's `artifacts:` as a dict name -> resolved file path, e.g. DAM's coefficients) and
+  `input_models` (the model refs of `tensors`, in order: a data-informed method matches its
+  statistics to its inputs by model, never by position).
 
 Tag `streaming` (in `merge_method(..., tags=("streaming",))`) says the method reads each entry
 of `tensors` once, in order. The executor then hands it an `OwnedInputs` sequence that reads
@@ -58,7 +60,7 @@ class _Required:
 
 REQUIRED: Any = _Required()
 
-CONTEXT_ARGS = ("generator", "tensor_name", "artifacts")
+CONTEXT_ARGS = ("generator", "tensor_name", "artifacts", "input_models")
 
 # The two positional arguments of every method, as annotations: `def m(tensors: Tensors, base: BaseTensor, *, ...)`.
 Tensors = list[torch.Tensor]  # the inputs: float tensors of one shape, in recipe order
@@ -267,6 +269,9 @@ class MergeMethod:
     operator: bool = True  # usable as an RMM layer operator and as an evolutionary template
     starting: tuple[tuple[str, Any], ...] = ()  # parameter values a new operator/template starts from
     cost: Optional[Callable[..., Any]] = None  # (shape, n_models, params) -> methods._cost.Cost, for --dry-run
+    # the statistics a data-informed method reads from its artifact ("gram", "fisher", "gram_plusplus"),
+    # so the CLI and the app know it needs a tasks file and which collection to run; None: none
+    stats: Optional[str] = None
 
     @property
     def formula_text(self) -> str:
@@ -346,6 +351,7 @@ class MergeMethod:
         generator: torch.Generator | None = None,
         tensor_name: str = "",
         artifacts: dict[str, Any] | None = None,
+        input_models: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Call the method with recipe-named parameters (already resolved and coerced)."""
         kwargs = {p.arg: params[p.name] for p in self.params if p.name in params}
@@ -355,6 +361,8 @@ class MergeMethod:
             kwargs["tensor_name"] = tensor_name
         if "artifacts" in self.context:
             kwargs["artifacts"] = dict(artifacts or {})
+        if "input_models" in self.context:
+            kwargs["input_models"] = list(input_models or ())
         if not owns_inputs(tensors):
             tensors = list(tensors)
         return self.func(tensors, base, **kwargs)
@@ -427,6 +435,7 @@ def merge_method(
     operator: bool = True,
     starting: dict[str, Any] | None = None,
     cost: Optional[Callable[..., Any]] = None,
+    stats: Optional[str] = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register `func` as merge method `name` (default: the function's name); its keyword-only
     parameters are its schema.
@@ -437,7 +446,8 @@ def merge_method(
     the app; `operator=False` keeps the method out of RMM operators and evolutionary templates;
     `starting` gives the values a new operator or template starts from (required parameters
     without one start at 0.5 / their first choice). `cost` estimates the extra work of one
-    tensor for `--dry-run` (see `methods._cost`).
+    tensor for `--dry-run` (see `methods._cost`). `stats` names the statistics a data-informed
+    method reads from its artifact ("gram", "fisher", "gram_plusplus"; `mergecore collect-stats`).
     """
 
     def decorate(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -471,6 +481,7 @@ def merge_method(
             operator=operator,
             starting=tuple((starting or {}).items()),
             cost=cost,
+            stats=stats,
         )
         return func
 

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
-from mergecore.errors import MergeError, short
+from mergecore.errors import MergeError
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.search.base import EvalSpec, Found, Program, SearchRun, run_search
 from mergecore.search.config import config_file, load_config, model_ref
+from mergecore.eval.training import pair_models_with_tasks  # noqa: F401 - moved down; re-exported for the app
 from mergecore.search.dam.config import COEF_FILE, DAMConfig, ModelSpec, TaskList, dam_recipe
 
 __all__ = ["COEF_FILE", "DAM", "DAMConfig", "DAMJob", "DAMRun", "dam_recipe", "load_dam_config",
@@ -66,32 +67,6 @@ def _pair_tasks(cfg: DAMConfig, tasks: list) -> list:
         else:
             out.append(by_name[name])
     return out
-
-
-def pair_models_with_tasks(names: list[str], paths: list[str], tasks_file: str) -> list[Any]:
-    """A config's `models:` for models `names` (folders `paths`) from a tasks file, when the user
-    named no task per model (the app's form): each model's D_i is the task of its name, else the
-    task scored with its head (`head_from`), else the tasks in order when there are as many."""
-    from mergecore.eval.tasks import load_tasks
-
-    tasks = load_tasks(tasks_file)
-    heads: dict[str, str] = {}
-    for t in tasks:
-        try:
-            head = t.head_path() if hasattr(t, "head_path") else None
-        except MergeError:
-            head = None
-        if head is not None:
-            heads.setdefault(str(Path(head).resolve()), t.name)
-    task_names = [t.name for t in tasks]
-    paired = [n if n in task_names else heads.get(str(Path(p).resolve())) for n, p in zip(names, paths)]
-    if all(paired):
-        return [{"model": p, "task": t} for p, t in zip(paths, paired)]
-    if len(tasks) == len(names):
-        return list(paths)
-    lost = ", ".join(n for n, t in zip(names, paired) if not t)
-    raise MergeError(f"no task for {lost}: DAM trains each model's coefficients on its own task's inputs; the tasks "
-                     f"file has {short(task_names)} (a task pairs with the model of its name or its head_from)")
 
 
 def _output_width(module) -> int:
