@@ -1,0 +1,260 @@
+"""tsv_m, iso_c, iso_cts and cart against the reference code transcribed below (FusionBench and the
+CART authors' repository, run in float64 with plain torch.linalg.svd), against the papers'
+equations on rank-deficient inputs, plus fallbacks, errors, streaming, cost, --dry-run and a full
+merge of tiny checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _merge_helpers import load_weights, write_recipe
+from mergecore.cli import main
+from mergecore.errors import MergeError
+from mergecore.merging import merge
+from mergecore.methods import get_method
+from mergecore.methods._spectral import thin_svd
+from mergecore.methods.base import OwnedInputs
+from mergecore.recipe import recipe_from_dict
+
+SHAPES = [(9, 7), (7, 9), (8, 8), (12, 5)]
+
+
+def run(name, tensors, base=None, **params):
+    return get_method(name)(tensors, base, params)
+
+
+def family(n, shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [base + scale * torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def low_rank(shape, rank, g):
+    return torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+
+
+def close(actual, expected, atol=2e-5):
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=1e-5)
+
+
+# --------------------------------------------------------------- transcribed reference code
+
+
+def ref_tsvm(task_vectors):
+    """tanganke/fusion_bench: fusion_bench/method/task_singular_vector/utils/TSVM_utils.py,
+    `compute_and_sum_svd_mem_reduction`, the lines for one 2-D key (then × alpha, + θ0)."""
+    num_tasks = len(task_vectors)
+    sv_reduction = 1 / num_tasks
+    for i, vec in enumerate(task_vectors):
+        u, s, vh = torch.linalg.svd(vec, full_matrices=False)
+        if i == 0:
+            sum_u = torch.zeros_like(u)
+            sum_s = torch.zeros_like(s)
+            sum_vh = torch.zeros_like(vh)
+        reduced_index_s = int(s.shape[0] * sv_reduction)
+        sum_u[:, i * reduced_index_s: (i + 1) * reduced_index_s] = u[:, :reduced_index_s]
+        sum_s[i * reduced_index_s: (i + 1) * reduced_index_s] = s[:reduced_index_s]
+        sum_vh[i * reduced_index_s: (i + 1) * reduced_index_s, :] = vh[:reduced_index_s, :]
+    u_u, s_u, vh_u = torch.linalg.svd(sum_u, full_matrices=False)
+    u_vh, s_vh, vh_vh = torch.linalg.svd(sum_vh, full_matrices=False)
+    return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_vh, vh_vh))
+
+
+def ref_iso_c(tvs):
+    """tanganke/fusion_bench: fusion_bench/method/isotropic_merging/iso_utils.py, `iso_c`, one 2-D key."""
+    num_tvs = len(tvs)
+    new_vector = sum(tvs) / num_tvs
+    new_vector *= num_tvs
+    U, S, V = torch.linalg.svd(new_vector, full_matrices=False)
+    S_mean = torch.ones_like(S) * S.mean()
+    return torch.linalg.multi_dot((U, torch.diag(S_mean), V))
+
+
+def ref_iso_cts(task_vectors, common_space_fraction):
+    """tanganke/fusion_bench: fusion_bench/method/isotropic_merging/iso_utils.py, `iso_cts`, one 2-D key."""
+    shape_ = task_vectors[0].shape
+    combined_w = sum(task_vectors)
+    common_space_index_s = int(min(shape_) * common_space_fraction)
+    _task_specific_total_space_index_s = round((min(shape_) - common_space_index_s) / len(task_vectors)) * len(
+        task_vectors)
+    common_space_index_s = min(shape_) - _task_specific_total_space_index_s
+    u, s, v = torch.linalg.svd(combined_w, full_matrices=False)
+    common_space_u = u[:, :common_space_index_s]
+    common_space_s = s[:common_space_index_s]
+    common_space_v = v[:common_space_index_s, :]
+    n_dims_per_task = int((min(shape_) - common_space_index_s) / len(task_vectors))
+    for i, w in enumerate(task_vectors):
+        w_ts = w - common_space_u @ common_space_u.T @ w
+        u_ts, s_ts, v_ts = torch.linalg.svd(w_ts, full_matrices=False)
+        if i == 0:
+            combined_space_u = torch.zeros_like(u_ts)
+            combined_space_s = torch.zeros_like(s_ts)
+            combined_space_v = torch.zeros_like(v_ts)
+        combined_space_u[:, i * n_dims_per_task: (i + 1) * n_dims_per_task] = u_ts[:, :n_dims_per_task]
+        combined_space_s[i * n_dims_per_task: (i + 1) * n_dims_per_task] = s_ts[:n_dims_per_task]
+        combined_space_v[i * n_dims_per_task: (i + 1) * n_dims_per_task, :] = v_ts[:n_dims_per_task, :]
+    t = len(task_vectors) * n_dims_per_task
+    combined_space_u[:, t: t + common_space_index_s] = common_space_u
+    combined_space_s[t: t + common_space_index_s] = common_space_s
+    combined_space_v[t: t + common_space_index_s, :] = common_space_v
+    u_combined_space_u, s_combined_space_u, v_combined_space_u = torch.linalg.svd(combined_space_u, full_matrices=False)
+    u_combined_space_v, s_combined_space_v, v_combined_space_v = torch.linalg.svd(combined_space_v, full_matrices=False)
+    combined_space_u = u_combined_space_u @ v_combined_space_u
+    combined_space_v = u_combined_space_v @ v_combined_space_v
+    combined_space_s = torch.ones_like(combined_space_s) * combined_space_s.mean()
+    return torch.linalg.multi_dot((combined_space_u, torch.diag(combined_space_s), combined_space_v))
+
+
+def ref_cart(finetuned, pretrained, prior, rank_ratio):
+    """JH-GEECS/CART: src/merging.py, `_merge_weights("CART")` with `_get_origin` and
+    `_get_truncated_task_vectors(move_origin)` for one attn/mlp matrix."""
+    task_vectors = [f - pretrained for f in finetuned]
+    avg_coeff = 1.0 / len(finetuned)
+    _theta_avg = pretrained + avg_coeff * sum(task_vectors)
+    lowrank = 0
+    for value in task_vectors:
+        _val = value + pretrained - _theta_avg
+        U, s, V_T = torch.linalg.svd(_val, full_matrices=False)
+        dim = s.shape[0]
+        parsed_dim = max(1, int(rank_ratio * dim))
+        lowrank = lowrank + (U[:, :parsed_dim] * s[:parsed_dim]) @ V_T[:parsed_dim, :]
+    return _theta_avg + prior * lowrank
+
+
+def polar(x):
+    """Nearest matrix with orthonormal columns (or rows), U Vᵀ of a plain SVD."""
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+# --------------------------------------------------------------- against the reference code
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [2, 3])
+def test_tsv_m_matches_fusion_bench(shape, n):
+    base, models = family(n, shape, seed=n)
+    taus = [(m - base).double() for m in models]
+    expected = base.double() + 0.7 * ref_tsvm(taus)
+    close(run("tsv_m", models, base, alpha=0.7, fraction=0.0), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tsv_m_fraction_keeps_that_share_of_each_rank(shape):
+    base, models = family(3, shape, seed=5)
+    taus = [(m - base).double() for m in models]
+    k = int(min(shape) * 0.25)
+    svds = [torch.linalg.svd(t, full_matrices=False) for t in taus]
+    u = torch.cat([s.U[:, :k] for s in svds], 1)
+    v = torch.cat([s.Vh[:k] for s in svds], 0)
+    sigma = torch.cat([s.S[:k] for s in svds])
+    close(run("tsv_m", models, base, alpha=1.0, fraction=0.25), base + polar(u) @ torch.diag(sigma) @ polar(v))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [2, 3])
+def test_iso_c_matches_fusion_bench(shape, n):
+    base, models = family(n, shape, seed=10 + n)
+    expected = base.double() + 1.3 * ref_iso_c([(m - base).double() for m in models])
+    close(run("iso_c", models, base, alpha=1.3), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(16, 11)])
+@pytest.mark.parametrize("n, fraction", [(2, 0.8), (3, 0.8), (3, 0.5), (2, 1.0)])
+def test_iso_cts_matches_fusion_bench(shape, n, fraction):
+    base, models = family(n, shape, seed=20 + n)
+    expected = base.double() + 0.9 * ref_iso_cts([(m - base).double() for m in models], fraction)
+    close(run("iso_cts", models, base, alpha=0.9, common_space_fraction=fraction), expected)
+
+
+def test_iso_cts_at_fraction_one_is_iso_c():
+    base, models = family(3, (10, 6), seed=4)
+    close(run("iso_cts", models, base, common_space_fraction=1.0), run("iso_c", models, base).double())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n, lam, ratio", [(3, 2.0, 0.12), (4, 1.5, 0.3), (3, 0.5, 1.0), (2, 2.0, 0.3)])
+def test_cart_matches_the_authors_code(shape, n, lam, ratio):
+    base, models = family(n, shape, seed=30 + n)
+    expected = ref_cart([m.double() for m in models], base.double(), lam, ratio)
+    close(run("cart", models, None, **{"lambda": lam, "rank_fraction": ratio}), expected, atol=5e-5)
+
+
+def test_cart_of_two_models_is_their_average():
+    _, (a, b) = family(2, (9, 6), seed=3)
+    assert torch.equal(run("cart", [a, b], None, **{"lambda": 2.0}), (a + b) / 2)
+
+
+# --------------------------------------------------------------- rank-deficient inputs: the papers' equations
+
+
+def test_thin_svd_matches_torch_svd_and_drops_the_null_space():
+    g = torch.Generator().manual_seed(1)
+    for shape in [(9, 6), (6, 9)]:
+        x = low_rank(shape, 3, g)
+        u, s, v = thin_svd(x)
+        ref = torch.linalg.svd(x.double(), full_matrices=False)
+        assert s.shape == (3,) and u.shape == (shape[0], 3) and v.shape == (shape[1], 3)
+        torch.testing.assert_close(s, ref.S[:3], atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(u @ torch.diag(s) @ v.T, x.double(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(u.T @ u, torch.eye(3, dtype=torch.float64), atol=1e-9, rtol=0)
+        u2, s2, v2 = thin_svd(x, 2)
+        torch.testing.assert_close(u2 @ torch.diag(s2) @ v2.T, ref.U[:, :2] @ torch.diag(ref.S[:2]) @ ref.Vh[:2])
+    zero = thin_svd(torch.zeros(4, 3))
+    assert zero[1].numel() == 0
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (7, 9)])
+def test_tsv_m_on_rank_deficient_task_vectors(shape):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(shape, generator=g)
+    taus = [low_rank(shape, 4, g), low_rank(shape, 2, g)]  # k = 3: the second has fewer directions
+    svds = [torch.linalg.svd(t.double(), full_matrices=False) for t in taus]
+    keep = [3, 2]  # the top min(k, rank) triplets; the rest are the null space's arbitrary vectors
+    u = torch.cat([s.U[:, :k] for s, k in zip(svds, keep)], 1)
+    v = torch.cat([s.Vh[:k] for s, k in zip(svds, keep)], 0)
+    sigma = torch.cat([s.S[:k] for s, k in zip(svds, keep)])
+    expected = base + polar(u) @ torch.diag(sigma) @ polar(v)
+    close(run("tsv_m", [base + t for t in taus], base, alpha=1.0), expected)
+    # rank 4 ≥ k: well defined, so FusionBench's code gives the same
+    taus = [low_rank(shape, 4, g), low_rank(shape, 5, g)]
+    close(run("tsv_m", [base + t for t in taus], base), base + ref_tsvm([t.double() for t in taus]))
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (7, 9)])
+def test_iso_c_on_a_rank_deficient_sum(shape):
+    g = torch.Generator().manual_seed(3)
+    base = torch.zeros(shape)
+    taus = [low_rank(shape, 2, g), low_rank(shape, 2, g)]
+    svd = torch.linalg.svd((taus[0] + taus[1]).double(), full_matrices=False)
+    expected = svd.S.sum() / 7 * svd.U[:, :4] @ svd.Vh[:4]  # σ̄ over all 7; the 4 nonzero directions
+    close(run("iso_c", taus, base), expected)
+    assert torch.equal(run("iso_c", [base, base], base), base)  # Δ = 0
+
+
+def test_iso_cts_on_rank_deficient_task_vectors():
+    g = torch.Generator().manual_seed(4)
+    shape = (10, 8)
+    base = torch.randn(shape, generator=g)
+    # r = 8, three models: 5 common dimensions and 1 per task; Δ = Σ τᵢ has rank 2 (3 null directions)
+    taus = [low_rank(shape, 2, g), low_rank(shape, 2, g)]
+    taus.append(low_rank(shape, 2, g) - taus[0] - taus[1])
+    svd = torch.linalg.svd(sum(taus).double(), full_matrices=False)
+    uc, sc, vc = svd.U[:, :2], svd.S[:2], svd.Vh[:2]
+    us, ss, vs = [uc], [sc], [vc]
+    for t in taus:
+        proj = t.double() - uc @ (uc.T @ t.double())
+        p = torch.linalg.svd(proj, full_matrices=False)
+        us.append(p.U[:, :1]), ss.append(p.S[:1]), vs.append(p.Vh[:1])
+    mean = torch.cat(ss).sum() / 8
+    expected = base + mean * polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 0))
+    close(run("iso_cts", [base + t for t in taus], base, common_space_fraction=0.8), expected)
+
+
+def test_cart_on_rank_deficient_deviations():
+    g = torch.Generator().manual_seed(5)
+    models = [low_rank((8, 6), 1, g) for _ in range(3)]  # deviations of rank ≤ 3 < k = 6·0.6
+    expected = ref_cart([m.double() for m in models], torch.zeros(8, 6, dtype=torch.float64), 1.5, 0.6)
+    close(run("cart", models, None, **{"lambda": 1.5, "rank_fraction": 0.6}), expected)
