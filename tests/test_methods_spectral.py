@@ -258,3 +258,133 @@ def test_cart_on_rank_deficient_deviations():
     models = [low_rank((8, 6), 1, g) for _ in range(3)]  # deviations of rank ≤ 3 < k = 6·0.6
     expected = ref_cart([m.double() for m in models], torch.zeros(8, 6, dtype=torch.float64), 1.5, 0.6)
     close(run("cart", models, None, **{"lambda": 1.5, "rank_fraction": 0.6}), expected)
+
+
+# --------------------------------------------------------------- fallbacks, errors, streaming, inputs
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 3, 4), ()])
+def test_other_tensors_take_the_mean_task_vector(shape):
+    base, models = family(3, shape, seed=6)
+    mean_tau = sum(m - base for m in models) / 3
+    for name in ("tsv_m", "iso_c", "iso_cts"):
+        close(run(name, models, base, alpha=0.5), base + 0.5 * mean_tau, atol=1e-6)
+    close(run("cart", models, None), sum(models) / 3, atol=1e-6)  # Σ of full centred vectors is 0
+
+
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts"])
+def test_one_line_errors(name):
+    base, models = family(2, (4, 3), seed=7)
+    with pytest.raises(MergeError, match=f"^{name} needs a base_model$"):
+        run(name, models, None)
+    with pytest.raises(MergeError, match=f"^{name} takes at least two fine-tuned models .*, got 1$"):
+        run(name, models[:1], base)
+    assert get_method(name).base == "required" and get_method(name).min_models == 2
+
+
+def test_cart_needs_no_base_and_two_models():
+    m = get_method("cart")
+    assert m.base == "ignored" and m.min_models == 2
+    with pytest.raises(MergeError, match="^cart takes at least two models, got 1$"):
+        run("cart", [torch.ones(3, 2)])
+
+
+def test_schema_and_tags():
+    expect = {"tsv_m": {"alpha": 1.0, "fraction": 0.0}, "iso_c": {"alpha": 1.0},
+              "iso_cts": {"alpha": 1.0, "common_space_fraction": 0.8}, "cart": {"lambda": 2.0, "rank_fraction": 0.12}}
+    for name, defaults in expect.items():
+        m = get_method(name)
+        assert {p.name: p.default for p in m.params} == defaults
+        assert "matrices" in m.tags and m.cost is not None and "arXiv:" in m.paper and "θ" in m.formula
+        assert ("streaming" in m.tags) == (name in ("tsv_m", "iso_c"))
+
+
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c"])
+@pytest.mark.parametrize("shape", [(7, 5), (5,)])
+def test_streaming_methods_read_each_input_once_and_may_overwrite_it(name, shape):
+    base, models = family(3, shape, seed=8)
+    reads = []
+
+    def loader(i):
+        def load():
+            reads.append(i)
+            return models[i].clone()
+        return load
+
+    owned = OwnedInputs([loader(i) for i in range(3)])
+    torch.testing.assert_close(run(name, owned, base), run(name, models, base), atol=1e-6, rtol=0)
+    assert reads == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name, with_base", [("tsv_m", True), ("iso_c", True), ("iso_cts", True), ("cart", False)])
+def test_inputs_are_not_modified(name, with_base):
+    base, models = family(3, (6, 8), seed=9)
+    before = [m.clone() for m in models] + [base.clone()]
+    out = run(name, models, base if with_base else None)
+    assert out.shape == (6, 8) and torch.isfinite(out).all()
+    assert all(torch.equal(a, b) for a, b in zip(models + [base], before))
+
+
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts", "cart"])
+def test_tensors_stay_on_their_device_and_dtype(name):
+    base, models = family(3, (6, 5), seed=10)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = run(name, [m.to(device) for m in models], base.to(device) if name != "cart" else None)
+    assert out.device.type == device and out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), run(name, models, base if name != "cart" else None), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------- cost, dry run, full merge
+
+
+def test_costs_list_the_decompositions():
+    tsv, iso_c, iso_cts, cart = (get_method(n).cost for n in ("tsv_m", "iso_c", "iso_cts", "cart"))
+    for cost in (tsv, iso_c, iso_cts):
+        assert cost((10,), 2, {}) is None
+    assert tsv((2048, 5632), 2, {"fraction": 0.0}).svd == ((2048, 2048),) * 2 + ((2048, 2048),) * 2
+    assert tsv((64, 32), 4, {"fraction": 0.25}).svd == ((32, 32),) * 4 + ((32, 32),) * 2
+    assert iso_c((5632, 2048), 2, {}).svd == ((2048, 2048),)
+    assert iso_cts((64, 32), 3, {"common_space_fraction": 0.8}).svd == ((32, 32),) * 6
+    assert cart((64, 32), 2, {}) is None  # two models: the low-rank parts cancel, no SVD
+    assert cart((64, 32), 3, {}).svd == ((32, 32),) * 3
+    c = iso_c((2048, 2048), 2, {})
+    assert c.flops > 9 * 2048**3 and c.extra_bytes >= 8 * 2 * 2048 * 2048 and "eigh" in c.note
+
+
+def _recipe(fam, method, **params):
+    models = [{"model": str(fam["a"])}, {"model": str(fam["b"])}]
+    out = {"merge_method": method, "models": models, "parameters": params, "dtype": "float32"}
+    if method != "cart":
+        out["base_model"] = str(fam["base"])
+    else:
+        models.append({"model": str(fam["base"])})
+    return out
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "cart"])
+def test_dry_run_lists_the_svds(llama_family, tmp_path, capsys, method):
+    recipe = write_recipe(tmp_path / "r.yml", _recipe(llama_family, method))
+    assert main(["merge", str(recipe), str(tmp_path / "o"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert f"method: {method}" in text and f"extra cost: {method}: per matrix" in text
+    assert "extra cost: " in text and " SVDs (" in text and "[32, 32]" in text
+    assert "extra compute:" in text and "extra working memory:" in text
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method, params", [("tsv_m", {"alpha": 0.8}), ("iso_c", {"alpha": 1.2}),
+                                            ("iso_cts", {"common_space_fraction": 0.5}), ("cart", {"lambda": 1.5})])
+def test_full_merge_of_tiny_models(llama_family, tmp_path, method, params):
+    merge(recipe_from_dict(_recipe(llama_family, method, **params)), tmp_path / "out")
+    out = load_weights(tmp_path / "out")
+    base, a, b = (load_weights(llama_family[k]) for k in ("base", "a", "b"))
+    assert set(out) == set(base)
+    m = get_method(method)
+    values = m.resolve_params(params, 3 if method == "cart" else 2)[0]
+    for key in out:
+        inputs = [a[key].float(), b[key].float()] + ([base[key].float()] if method == "cart" else [])
+        expected = m(inputs, None if method == "cart" else base[key].float(), values)
+        torch.testing.assert_close(out[key], expected, atol=1e-6, rtol=0, msg=key)
+    matrix = "model.layers.0.self_attn.q_proj.weight"
+    mean = (a[matrix] + b[matrix] + base[matrix]) / 3 if method == "cart" else (a[matrix] + b[matrix]) / 2
+    assert not torch.allclose(out[matrix], mean, atol=1e-5)  # the spectral step changed the matrix
