@@ -83,6 +83,7 @@ class Genome:
     dtype: Optional[str] = "float32"
     seed: Optional[int] = None  # recipe seed (randomised methods: DARE, DELLA)
     name: str = "evo"
+    artifacts: tuple[tuple[str, str], ...] = ()  # files a data-informed template reads (statistics)
     genes: tuple[Gene, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -191,6 +192,8 @@ class Genome:
             data["dtype"] = self.dtype
         if self.seed is not None:
             data["seed"] = self.seed
+        if self.artifacts:
+            data["artifacts"] = dict(self.artifacts)
         data["name"] = self.name
         return data
 
@@ -212,7 +215,8 @@ class Genome:
         return {"method": self.method, "models": list(self.models), "base_model": self.base_model,
                 "parameters": [[n, [b.min, b.max, b.init]] for n, b in self.parameters],
                 "layer_groups": self.layer_groups, "filters": list(self.filters),
-                "fixed": [[k, v] for k, v in self.fixed], "dtype": self.dtype, "seed": self.seed}
+                "fixed": [[k, v] for k, v in self.fixed], "dtype": self.dtype, "seed": self.seed,
+                **({"artifacts": [list(a) for a in self.artifacts]} if self.artifacts else {})}
 
 
 def template_methods() -> list[str]:

@@ -66,6 +66,7 @@ class EvoConfig(BackendSpec):
     filters: list[str] = Field(default_factory=list)
     dtype: Optional[str] = "float32"
     recipe_seed: Optional[int] = None  # seed written into the recipe (randomised methods); default: seed
+    artifacts: dict[str, str] = Field(default_factory=dict)  # files a data-informed template reads (statistics)
     tasks: str
     final_tasks: Optional[str] = None
     data_ratio: Union[float, int] = 0.1  # ratio in (0, 1] or an example count per task
@@ -110,6 +111,7 @@ class EvoConfig(BackendSpec):
             parameters=tuple((n, Bounds(b.min, b.max, b.init)) for n, b in self.parameters.items()),
             layer_groups=self.layer_groups, filters=tuple(self.filters), fixed=tuple(self.fixed.items()),
             dtype=self.dtype, seed=self.seed if self.recipe_seed is None else self.recipe_seed,
+            artifacts=tuple((k, str(config_file(v, root, f"artifact '{k}'"))) for k, v in self.artifacts.items()),
         )
 
     def eval_spec(self, root: Path, genome: Genome) -> EvalSpec:

@@ -62,13 +62,19 @@ class LayerBank:
     """Modules for every (layer, action) pair, built on first use and kept."""
 
     def __init__(self, models: list[nn.Module], base: nn.Module, operators: list[Operator], seed: int = 0,
-                 names: Optional[dict[str, str]] = None):
+                 names: Optional[dict[str, str]] = None, artifacts: Optional[dict[str, str]] = None,
+                 model_refs: Optional[list[str]] = None):
         """`names` maps the base's in-memory parameter names to its checkpoint names
         (`mergecore.io.names.checkpoint_names`): randomised operators are seeded by checkpoint
-        name, as the executor does, so a replayed recipe draws the same masks."""
+        name, as the executor does, so a replayed recipe draws the same masks, and operators are
+        told the checkpoint name of the tensor (a data-informed operator looks its statistics up
+        by it). `artifacts` (name -> file) and `model_refs` (the models' refs, in order) are what
+        a data-informed operator (regmean, fisher) reads, as a recipe's merge gives them."""
         if names is None:
             names = _names_from_checkpoint(base)
         self.names = names
+        self.artifacts = dict(artifacts or {})
+        self.model_refs = list(model_refs or [])
         self.models = models
         self.base = base
         self.operators = operators
@@ -108,11 +114,12 @@ class LayerBank:
                 continue
             tensors = [st[layer].state_dict()[rel].float() for st in self.stacks]
             gen = None
+            name = self.names.get(prefix + rel, prefix + rel)
             if method.randomized:
-                full = prefix + rel
-                gen = torch.Generator().manual_seed(seed_for_tensor(self.seed, self.names.get(full, full)))
+                gen = torch.Generator().manual_seed(seed_for_tensor(self.seed, name))
             b = base_t.float() if method.base != "ignored" else None
-            merged = method(tensors, b, params, generator=gen, tensor_name=prefix + rel)
+            merged = method(tensors, b, params, generator=gen, tensor_name=name, artifacts=self.artifacts,
+                            input_models=self.model_refs)
             out[rel] = merged.to(base_t.dtype)
         return out
 

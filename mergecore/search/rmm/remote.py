@@ -28,6 +28,7 @@ class RMMWorkerSpec:
     prefix_cache: bool = True
     cache_bytes: int = 1 << 30
     reward_scale: float = 100.0
+    artifacts: tuple[tuple[str, str], ...] = ()  # what data-informed operators read (name, file)
 
 
 class RMMWorker:
@@ -42,7 +43,8 @@ class RMMWorker:
         base = pool.model(spec.base)
         models = [pool.model(r) for r in spec.models]
         ops = [Operator(n, m, dict(p)) for n, m, p in spec.operators]
-        self.bank = LayerBank(models, base, ops, seed=spec.seed)
+        self.bank = LayerBank(models, base, ops, seed=spec.seed, artifacts=dict(spec.artifacts),
+                              model_refs=list(spec.models))
         self.cache: Optional[PrefixCache] = PrefixCache(spec.cache_bytes) if spec.prefix_cache else None
         self.assembler = Assembler(base, self.bank, self.cache)
         self.evaluator = spec.scoring.evaluator(pool)

@@ -71,6 +71,7 @@ class RMMConfig(BackendSpec):
     ])
     tasks: str
     final_tasks: Optional[str] = None  # scored once on the result (e.g. the test split); never used to choose
+    artifacts: dict[str, str] = Field(default_factory=dict)  # files data-informed operators read (statistics)
     data_ratio: Ratio = 0.1
     episodes: Positive = 700
     max_steps: Optional[int] = None
@@ -127,6 +128,7 @@ class RMM:
         self.base = model_ref(config.base_model, root)
         self.models = [model_ref(m, root) for m in config.models]
         self.tasks = str(config_file(config.tasks, root))
+        self.artifacts = {k: str(config_file(v, root, f"artifact '{k}'")) for k, v in config.artifacts.items()}
         self.final = None if config.final_tasks is None else EvalSpec(
             str(config_file(config.final_tasks, root, "final_tasks file")), seed=config.seed,
             batch_size=config.batch_size, label=str(config.final_tasks))
@@ -142,7 +144,7 @@ class RMM:
                 "tasks": self.tasks, "data_ratio": c.data_ratio, "max_steps": c.max_steps,
                 "update_every": c.update_every, "dar": c.dar, "dar_lambda": c.dar_lambda,
                 "back_penalty": c.back_penalty, "seed": c.seed, "reward_scale": c.reward_scale,
-                "ppo": c.ppo.model_dump()}
+                "ppo": c.ppo.model_dump(), **({"artifacts": self.artifacts} if self.artifacts else {})}
 
     def scoring(self, subset: Union[None, int, float], subset_index: int = 0) -> EvalSpec:
         from mergecore.io.source import resolve_model_path
@@ -176,11 +178,12 @@ class RMM:
             ops = tuple((o.name, o.method, tuple(o.parameters.items())) for o in config.operator_list())
             paths = tuple(str(resolve_model_path(r)) for r in self.models)
             spec = RMMWorkerSpec(str(resolve_model_path(self.base)), paths, ops, sampled, seed=config.seed,
-                                 prefix_cache=config.prefix_cache, cache_bytes=config.cache_bytes(), reward_scale=scale)
+                                 prefix_cache=config.prefix_cache, cache_bytes=config.cache_bytes(), reward_scale=scale,
+                                 artifacts=tuple(self.artifacts.items()))
             backend = make_backend(config, WorkerFactory(RMMWorker, (spec,)))
         search = RMMSearch(base, models, config.operator_list(), _Scorer(), config.settings(), out_dir=run.out,
                            on_event=run.emit, cancel=run.cancel, model_names=self.models, pool=backend,
-                           identity=self.identity(), replay_history=run.replay_history)
+                           identity=self.identity(), replay_history=run.replay_history, artifacts=self.artifacts)
         if run.resume:
             search.try_resume()
         try:
@@ -211,7 +214,8 @@ class RMM:
             "cache": {"hits": search.cache.hits, "misses": search.cache.misses} if search.cache else None,
             "config": config.model_dump(),
         }
-        recipe = trajectory_recipe(best.emitted, self.base, self.models, config.operator_list(), seed=config.seed)
+        recipe = trajectory_recipe(best.emitted, self.base, self.models, config.operator_list(), seed=config.seed,
+                                   artifacts=self.artifacts)
         # the rmm.done event names the result (after the re-ranking, which may pick another trajectory
         # than the episodes' subset-best), so a UI draws the same trajectory the recipe holds
         done = {"best_reward": best.reward, "best_trajectory": summary["best"]["emitted"],

@@ -80,9 +80,10 @@ class RMMResult:
 
 
 def trajectory_recipe(emitted: list[tuple[int, int]], base: str, models: list[str], operators: list[Operator],
-                      seed: int = 0, name: str = "rmm") -> Recipe:
+                      seed: int = 0, name: str = "rmm", artifacts: Optional[dict[str, str]] = None) -> Recipe:
     """Replayable recipe: one slice per emitted layer; consecutive layers of one model are joined.
-    Embeddings, final norm and heads come from the base (`non_layer_from`)."""
+    Embeddings, final norm and heads come from the base (`non_layer_from`); `artifacts` are the
+    files data-informed operators read."""
     slices: list[dict[str, Any]] = []
     n = len(models)
     for layer, action in emitted:
@@ -104,14 +105,17 @@ def trajectory_recipe(emitted: list[tuple[int, int]], base: str, models: list[st
             slices.append(block)
     if not slices:
         raise MergeError("the trajectory emitted no layer; nothing to replay")
-    return recipe_from_dict({
+    data: dict[str, Any] = {
         "merge_method": "passthrough",
         "base_model": base,
         "non_layer_from": base,
         "slices": slices,
         "seed": seed,
         "name": name,
-    })
+    }
+    if artifacts:
+        data["artifacts"] = dict(artifacts)
+    return recipe_from_dict(data)
 
 
 class RMMSearch:
@@ -121,7 +125,8 @@ class RMMSearch:
                  settings: RMMSettings, out_dir: Optional[Path] = None,
                  on_event: Optional[EventCallback] = None, cancel: Optional[CancelToken] = None,
                  model_names: Optional[list[str]] = None, pool: Optional[Any] = None,
-                 identity: Optional[dict[str, Any]] = None, replay_history: bool = False):
+                 identity: Optional[dict[str, Any]] = None, replay_history: bool = False,
+                 artifacts: Optional[dict[str, str]] = None):
         self.settings = settings
         # what a checkpoint must agree on to be resumed (models, operators, data, seeds)
         self.checkpoint = SearchCheckpoint(out_dir, "rmm", identity or {}, legacy=LEGACY_CHECKPOINT)
@@ -133,7 +138,8 @@ class RMMSearch:
         self.pool = pool
         self.scorer = scorer
         self.operators = operators
-        self.bank = LayerBank(models, base, operators, seed=settings.seed)
+        self.bank = LayerBank(models, base, operators, seed=settings.seed, artifacts=artifacts,
+                              model_refs=model_names)
         self.cache = PrefixCache(settings.cache_bytes) if settings.prefix_cache else None
         self.assembler = Assembler(base, self.bank, self.cache)
         self.walk = LayerWalk(len(models), len(operators), self.bank.n_layers, settings.max_steps)
