@@ -7,7 +7,8 @@ its line and column, and the text stays; a recipe that changes the session's mod
 parameters, is previewed with Apply / Cancel before anything changes.
 
 Named API endpoints: /set_method, /set_recipe_models, /import_yaml (apply, or preview), /confirm_yaml,
-/set_curve, /preset, /plan.
+/set_curve, /preset, /plan; the statistics panel of data-informed methods (`app.stats_panel`):
+/collect_stats, /poll_stats, /cancel_stats.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from app.curve_editor import CurveEditor
 from app.recipe_views import (ANCHORS_INFO, curve_panel, field_error, field_ok, method_text, models_box,
                               parse_anchors, recipe_views)
 from app.render import error_md
+from app.stats_panel import StatsPanel
 from app.values import check_value, is_raw, text_to_value, value_to_text
 
 # Enter in a text field leaves it, so its value is taken once, by the blur handler (submit and blur
@@ -37,6 +39,7 @@ PRESETS = {"flat": "flat", "ramp up": "ramp_up", "ramp down": "ramp_down", "U-sh
 class RecipeTab:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
+        self.stats = StatsPanel(ctx)  # shown for data-informed methods (`MergeMethod.stats`)
 
     def build(self, page: Page) -> None:
         method = forms.default_method()
@@ -46,6 +49,7 @@ class RecipeTab:
                                              interactive=True, scale=1, elem_id="recipe-method")
                 self.method_md = gr.Markdown(method_text(method))
             self.recipe_status = gr.Markdown("", elem_id="recipe-status")
+            self.stats.build()
             self.models_cb = gr.CheckboxGroup(label="Models in the recipe", choices=[], value=[], interactive=True,
                                               visible=False, elem_id="recipe-models")
 
@@ -100,7 +104,7 @@ class RecipeTab:
 
     def outputs(self, page: Page) -> list[Any]:
         return [self.method_dd, self.method_md, self.yaml_code, self.recipe_status, self.formula_md,
-                self.curve_key_dd, *self.curve_outputs, self.models_cb]
+                self.curve_key_dd, *self.curve_outputs, self.models_cb, *self.stats.outputs()]
 
     def views(self, state: dict[str, Any], form: dict[str, Any], owner: str, *, key: Optional[str] = None,
               group: str = "attn") -> list[Any]:
@@ -110,7 +114,7 @@ class RecipeTab:
         if key not in keys:
             key = next((k for k in keys if isinstance(form["values"].get(k), (list, dict))), keys[0] if keys else None)
         return [method, method_text(method), *recipe_views(form, state), gr.Dropdown(choices=targets, value=key),
-                *curve_panel(form, state, key, group), models_box(form, state)]
+                *curve_panel(form, state, key, group), models_box(form, state), *self.stats.views(state, form)]
 
     # -- the parameter form (inside gr.render) ----------------------------------------------------
 
@@ -229,6 +233,7 @@ class RecipeTab:
 
         self.plan_btn.click(on_plan, [page.session_state, page.form_state], [self.plan_tb], api_name="plan")
         self.wire_curve(page)
+        self.stats.wire(page, lambda state, form, version, request: self.refreshed(page, state, form, version, request))
 
     def wire_yaml(self, page: Page) -> None:
         """Apply YAML (typed, or a file): checked whole; an error beside the editor, the text kept; a
