@@ -234,11 +234,17 @@ def yaml_mapping(text: str, where: str) -> dict[str, Any]:
 # merge methods as operators and templates (what the method registry says they are)
 
 
+def needs_stats(method) -> bool:
+    """Whether a method reads statistics collected over data (`MergeMethod.stats`): a search has
+    none to give it, so it is not offered as an operator or a template."""
+    return bool(getattr(method, "stats", None))
+
+
 def operator_methods(n_models: int = 2) -> list[str]:
     """Merge methods usable as per-layer operators over `n_models` models (registry order)."""
     from mergecore.methods import all_methods
 
-    return [name for name, m in all_methods().items() if m.operator and m.accepts(n_models)]
+    return [name for name, m in all_methods().items() if m.operator and m.accepts(n_models) and not needs_stats(m)]
 
 
 def starting_method() -> str:
@@ -297,6 +303,9 @@ def parse_operators(text: str, n_models: int) -> list[dict[str, Any]]:
         if not isinstance(params, dict):
             raise MergeError(f"operators: entry {i + 1}: parameters must be a mapping")
         method, _ = Operator(name, str(item["method"]), dict(params)).resolved(n_models)  # unknown, out of range
+        if needs_stats(method):
+            raise MergeError(f"operators: {method.name} needs {method.stats} statistics collected over data, "
+                             f"which a search cannot give it")
         if not method.accepts(n_models):
             most = "" if method.max_models is None else f" and at most {method.max_models}"
             raise MergeError(f"operators: {method.name} takes at least {method.min_models}{most} model(s); "

@@ -7,14 +7,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mergecore.errors import MergeError, short
-from mergecore.search.evo.genome import default_bounds, template_methods as evo_methods  # noqa: F401 (re-exported)
+from mergecore.search.evo.genome import default_bounds, template_methods
 
 from app import plots
 from app.searches.base import (
     SEED, Field, PlotSpec, SearchSession, SearchSpec, checked_inputs, fraction, has_event, latest, mean_series, number,
-    register_search, scores_text, session_fields, wall_time, starting_method, task_series, tasks_field, validated,
-    yaml_mapping,
+    needs_stats, register_search, scores_text, session_fields, wall_time, starting_method, task_series, tasks_field,
+    validated, yaml_mapping,
 )
+
+
+def evo_methods() -> list[str]:
+    """The methods a template can use (the engine's), but those that need statistics collected over
+    data: the search has none to give them."""
+    from mergecore.methods import get_method
+
+    return [name for name in template_methods() if not needs_stats(get_method(name))]
 
 
 def parse_bounds(text: str, method_name: str) -> dict[str, dict[str, Any]]:
@@ -42,6 +50,10 @@ def _config(values: dict[str, Any], session: SearchSession):
 
     base, names, tasks = checked_inputs(values, session)
     method = values.get("method") or starting_method()
+    from mergecore.methods import get_method
+
+    if needs_stats(get_method(str(method))):
+        raise MergeError(f"method: {method} needs statistics collected over data, which the search cannot give it")
     filters = [f.strip() for f in str(values.get("filters") or "").split(",") if f.strip()]
     popsize = number(values, "popsize", int, 0)
     config = validated(EvoConfig, {
