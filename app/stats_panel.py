@@ -260,7 +260,7 @@ class StatsPanel:
         self.ctx = ctx
 
     def build(self) -> None:
-        with gr.Group(visible=False, elem_id="stats-panel") as self.group:
+        with gr.Column(visible=False, variant="panel", elem_id="stats-panel") as self.group:
             self.head = gr.Markdown("", elem_id="stats-head")
             with gr.Row(equal_height=True):
                 self.tasks_tb = gr.Textbox(label="Tasks file (each model's inputs)", info=TASKS_INFO, scale=4,
@@ -283,7 +283,7 @@ class StatsPanel:
         fam = (state or {}).get("family") or {}
         default = fam.get("val_tasks") or fam.get("tasks")
         placeholder = f"empty: {default}" if default else "path of a tasks YAML"
-        return [gr.Group(visible=bool(kind)), panel_text(form, state, self.ctx.read_roots()) if kind else "",
+        return [gr.Column(visible=bool(kind)), panel_text(form, state, self.ctx.read_roots()) if kind else "",
                 gr.update(placeholder=placeholder)]
 
     def wire(self, page: Page, refreshed) -> None:
