@@ -97,7 +97,7 @@ def test_fallback_and_refusals(tmp_path):
     with pytest.raises(MergeError, match="needs fisher statistics, but g.safetensors holds gram"):
         _call(params["w"], gram, "w")
     m = get_method("fisher")
-    assert m.stats == "fisher" and not m.operator and "θ" in m.formula and "arXiv:2111.09832" in m.paper
+    assert m.stats == "fisher" and m.operator and "θ" in m.formula and "arXiv:2111.09832" in m.paper
 
 
 def test_a_recipe_merges_collected_fisher(tmp_path, model_factory):

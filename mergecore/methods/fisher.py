@@ -11,7 +11,7 @@ from mergecore.methods.base import BaseTensor, PerModel, Range, Tensors, merge_m
 from mergecore.stats.store import stats_for_method, tensor_key
 
 
-@merge_method(operator=False, stats="fisher", min_models=1,
+@merge_method(stats="fisher", min_models=1,
               summary="entry-wise average weighted by each model's Fisher information on its own task",
               formula="θ = Σᵢ λᵢ cᵢ (Fᵢ + ε) θᵢ / Σᵢ λᵢ cᵢ (Fᵢ + ε),  cᵢ ∝ 1/‖Fᵢ‖ when normalised",
               paper="Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging (NeurIPS 2022, "

@@ -105,7 +105,7 @@ _PAPER = ("Jin, Ren, Preotiuc-Pietro, Cheng 2023, Dataless Knowledge Fusion by M
           "Models (ICLR 2023, arXiv:2212.09849)")
 
 
-@merge_method(tags=("matrices",), operator=False, stats="gram", cost=_cost, min_models=1,
+@merge_method(tags=("matrices",), stats="gram", cost=_cost, min_models=1,
               summary="closed-form merge of linear layers that best reproduces each model's outputs on its data",
               formula="θ = (Σᵢ G̃ᵢ)⁻¹ Σᵢ G̃ᵢ θᵢᵀ,  G̃ᵢ = α Gᵢ + (1−α) diag(Gᵢ),  Gᵢ = XᵢᵀXᵢ/Nᵢ",
               paper=_PAPER)
@@ -134,7 +134,7 @@ def regmean(
                             artifacts, input_models)
 
 
-@merge_method(tags=("matrices",), operator=False, stats="gram_plusplus", cost=_cost, min_models=1,
+@merge_method(tags=("matrices",), stats="gram_plusplus", cost=_cost, min_models=1,
               summary="RegMean with each layer's inputs taken through the already merged earlier layers",
               formula="θ = (Σᵢ G̃ᵢ)⁻¹ Σᵢ G̃ᵢ θᵢᵀ,  Gᵢ from inputs through the merged layers < l",
               paper="Nguyen et al. 2025, RegMean++: Enhancing Effectiveness and Generalization of Regression "
