@@ -13,7 +13,7 @@ from mergecore.cli import main
 from mergecore.errors import MergeError
 from mergecore.merging import merge
 from mergecore.methods import get_method
-from mergecore.methods._spectral import thin_svd
+from mergecore.methods._spectral import inv_sqrt_gram, thin_svd
 from mergecore.methods.base import OwnedInputs
 from mergecore.recipe import recipe_from_dict
 
@@ -206,6 +206,26 @@ def test_thin_svd_matches_torch_svd_and_drops_the_null_space():
     assert zero[1].numel() == 0
 
 
+@pytest.mark.parametrize("k1, k2, shared", [(4, 4, 0), (5, 3, 0), (3, 5, 0), (4, 4, 2), (6, 6, 0)])
+def test_two_block_polar_factor_matches_the_plain_one(k1, k2, shared):
+    """[A₁ A₂] with orthonormal blocks (sharing `shared` directions, or spanning all of R^12 at
+    6 + 6): the k₂ x k₂ path gives the same pseudo-inverse square root as the full eigh and the
+    polar factor of an SVD."""
+    g = torch.Generator().manual_seed(k1 * 10 + k2 + shared)
+    a1 = torch.linalg.qr(torch.randn(12, k1, generator=g, dtype=torch.float64)).Q
+    a2 = torch.randn(12, k2, generator=g, dtype=torch.float64)
+    a2[:, :shared] = a1[:, :shared]
+    a2 = torch.linalg.qr(a2).Q  # orthonormal, its first `shared` columns ± those of a1
+    a = torch.cat([a1, a2], 1)
+    fast, plain = inv_sqrt_gram(a, 1e-6, k1), inv_sqrt_gram(a, 1e-6)
+    torch.testing.assert_close(fast, plain, atol=1e-9, rtol=1e-9)
+    if not shared:
+        torch.testing.assert_close(a @ fast, polar(a), atol=1e-9, rtol=0)
+    else:  # dependent columns: a partial isometry that maps a's range onto itself
+        p = a @ fast
+        torch.testing.assert_close(p @ p.T @ a, a, atol=1e-9, rtol=0)
+
+
 @pytest.mark.parametrize("shape", [(9, 7), (7, 9)])
 def test_tsv_m_on_rank_deficient_task_vectors(shape):
     g = torch.Generator().manual_seed(2)
@@ -341,10 +361,11 @@ def test_costs_list_the_decompositions():
     tsv, iso_c, iso_cts, cart = (get_method(n).cost for n in ("tsv_m", "iso_c", "iso_cts", "cart"))
     for cost in (tsv, iso_c, iso_cts):
         assert cost((10,), 2, {}) is None
-    assert tsv((2048, 5632), 2, {"fraction": 0.0}).svd == ((2048, 2048),) * 2 + ((2048, 2048),) * 2
+    assert tsv((2048, 5632), 2, {"fraction": 0.0}).svd == ((2048, 2048),) * 2 + ((1024, 1024),) * 2
     assert tsv((64, 32), 4, {"fraction": 0.25}).svd == ((32, 32),) * 4 + ((32, 32),) * 2
     assert iso_c((5632, 2048), 2, {}).svd == ((2048, 2048),)
-    assert iso_cts((64, 32), 3, {"common_space_fraction": 0.8}).svd == ((32, 32),) * 6
+    assert iso_cts((64, 32), 3, {"common_space_fraction": 0.8}).svd == ((32, 32),) * 5 + ((6, 6),)  # 25 + 3·2
+    assert iso_cts((64, 32), 2, {"common_space_fraction": 0.8}).svd == ((32, 32),) * 4 + ((4, 4),)  # 24 + 2·4
     assert cart((64, 32), 2, {}) is None  # two models: the low-rank parts cancel, no SVD
     assert cart((64, 32), 3, {}).svd == ((32, 32),) * 3
     c = iso_c((2048, 2048), 2, {})

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Optional
 import torch
 
 from mergecore.methods._cost import Cost, matmul_flops
-from mergecore.methods._spectral import (eigh_flops, gram_svd_flops, rtol, thin_svd, whitened_product,
-                                         whitened_product_flops)
+from mergecore.methods._spectral import (eigh_flops, gram_svd_flops, inv_sqrt_flops, inv_sqrt_gram, rtol,
+                                         thin_svd, whitened_product, whitened_product_flops)
 from mergecore.methods.base import (BaseTensor, Ends, Range, Tensors, merge_method, need_base, need_count,
                                     owns_inputs)
 from mergecore.methods.tsv import mean_task_vector
@@ -78,16 +78,19 @@ def split_ranks(shape: tuple[int, ...], n_models: int, common_space_fraction: fl
 
 
 def _iso_cts_cost(shape: tuple[int, ...], n_models: int, params: dict[str, Any]) -> Optional[Cost]:
-    """Eigh of Σ τᵢ's Gram, one Gram eigh per projected task vector, two r x r eighs to whiten."""
+    """Eigh of Σ τᵢ's Gram, one Gram eigh per projected task vector, one for the task-specific left
+    vectors (T·s square; s x s for two tasks) and one r x r for the right ones."""
     if len(shape) != 2:
         return None
     m, n = shape
     r = min(m, n)
     common, per_task = split_ranks(shape, n_models, float(params.get("common_space_fraction", 0.8)))
+    q, two = n_models * per_task, n_models == 2
     flops = (gram_svd_flops(m, n, common) + n_models * (2 * matmul_flops(m, common, n) + gram_svd_flops(m, n, per_task))
-             + whitened_product_flops(m, n, r))
+             + inv_sqrt_flops(m, q, two) + inv_sqrt_flops(n, r) + whitened_product_flops(m, n, r))
+    left = ((per_task, per_task),) if two else ((q, q),)
     return Cost(flops=flops, extra_bytes=8 * (3 * m * n + (m + n) * r + 5 * r * r),
-                svd=((r, r),) * (n_models + 3),
+                svd=((r, r),) * (n_models + 2) + (left if q else ()),
                 note="iso_cts: per matrix float64 Gram eighs of Σ τᵢ, of each projected τᵢ, and two to whiten")
 
 
@@ -109,7 +112,9 @@ def iso_cts(tensors: Tensors, base: BaseTensor, *, alpha: Alpha = 1.0,
     Δ = Σ_i τ_i; each task contributes the top s triplets of its task vector projected off the
     common left subspace, (I − UᶜUᶜᵀ)τ_i; the stacked U = [U_1 … U_T, Uᶜ] and V are replaced by
     their polar factors, and every singular value by σ̄, the mean of the r stacked singular
-    values: θ = θ0 + α·σ̄·U⊥ V⊥ᵀ. Exact, from float64 Gram eigendecompositions (`_spectral`);
+    values: θ = θ0 + α·σ̄·U⊥ V⊥ᵀ. Exact, from float64 Gram eigendecompositions (`_spectral`; the
+    projected tasks' left vectors are orthogonal to Uᶜ, so only theirs are whitened, for two tasks
+    through the s x s matrix U₁ᵀU₂);
     triplets at the float32 noise floor are dropped (σ̄ still divides by r). Tensors that are
     not 2-D take the reference's fallback, the mean task vector: θ0 + α·(1/T) Σ_i τ_i.
     """
@@ -133,8 +138,13 @@ def iso_cts(tensors: Tensors, base: BaseTensor, *, alpha: Alpha = 1.0,
             u, s, v = thin_svd(tau, per_task)
             us.append(u), ss.append(s), vs.append(v)
         del tau
+    tol = rtol(m, n)
+    # the task-specific left vectors are orthogonal to Uᶜ, so polar([U₁ … U_T, Uᶜ]) = [polar([U₁ … U_T]), Uᶜ]
+    u_ts = torch.cat(us, 1) if us else uc[:, :0]
+    f_ts = inv_sqrt_gram(u_ts, tol, us[0].shape[1] if len(us) == 2 else None)
+    fa = torch.block_diag(f_ts, torch.eye(uc.shape[1], dtype=uc.dtype, device=uc.device))
     us.append(uc), ss.append(sc), vs.append(vc)
-    s = torch.cat(ss)
+    s, b = torch.cat(ss), torch.cat(vs, 1)
     mean_s = float(s.sum()) / r
-    merged = whitened_product(torch.cat(us, 1), torch.full_like(s, mean_s), torch.cat(vs, 1), rtol(m, n))
+    merged = whitened_product(torch.cat(us, 1), fa, torch.full_like(s, mean_s), b, inv_sqrt_gram(b, tol))
     return merged.mul_(alpha).to(base.dtype).add_(base)

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Optional
 import torch
 
 from mergecore.methods._cost import Cost
-from mergecore.methods._spectral import (gram_svd_flops, rtol, thin_svd, whitened_product,
-                                         whitened_product_flops)
+from mergecore.methods._spectral import (gram_svd_flops, inv_sqrt_flops, inv_sqrt_gram, rtol, thin_svd,
+                                         whitened_product, whitened_product_flops)
 from mergecore.methods.base import (BaseTensor, Ends, Range, Tensors, merge_method, need_base, need_count,
                                     owns_inputs)
 
@@ -33,16 +33,20 @@ def mean_task_vector(tensors: Tensors, base: torch.Tensor) -> torch.Tensor:
 
 
 def _tsv_cost(shape: tuple[int, ...], n_models: int, params: dict[str, Any]) -> Optional[Cost]:
-    """Per matrix: one Gram eigh per task, then two p x p eighs (p = T·k) to decorrelate U and V."""
+    """Per matrix: one Gram eigh per task, then two p x p eighs (p = T·k; k x k for two tasks) to
+    decorrelate U and V."""
     if len(shape) != 2:
         return None
     m, n = shape
     k = min(task_rank(shape, n_models, float(params.get("fraction", 0.0))), min(m, n))
     p = n_models * k
     small = min(m, n)
-    flops = n_models * gram_svd_flops(m, n, k) + whitened_product_flops(m, n, p)
+    two = n_models == 2
+    flops = (n_models * gram_svd_flops(m, n, k) + inv_sqrt_flops(m, p, two) + inv_sqrt_flops(n, p, two)
+             + whitened_product_flops(m, n, p))
     extra = 8 * (2 * m * n + (m + n) * p + 3 * p * p + 2 * small * small)
-    return Cost(flops=flops, extra_bytes=extra, svd=((small, small),) * n_models + ((p, p),) * 2,
+    whiten = (k, k) if two else (p, p)
+    return Cost(flops=flops, extra_bytes=extra, svd=((small, small),) * n_models + (whiten,) * 2,
                 note="tsv_m: per matrix one float64 Gram eigh per model and two to decorrelate U and V")
 
 
@@ -67,7 +71,7 @@ def tsv_m(tensors: Tensors, base: BaseTensor, *,
     its polar factor X⊥ = P Qᵀ (X = P S Qᵀ), and θ = θ0 + α·U⊥ Σ V⊥ᵀ. α = 1 is FusionBench's
     default (config/method/task_singular_vector/TaskSingularVectorMerging.yaml) and the paper's.
     Computed exactly from float64 Gram matrices (`_spectral`): Σ_i, V_i from eigh(τ_iᵀτ_i) and
-    X⊥ = X (XᵀX)^(-1/2). Singular values at the float32 noise floor (a rank-deficient τ_i) are
+    X⊥ = X (XᵀX)^(-1/2) (for two tasks from the k x k matrix U₁ᵀU₂, not the 2k x 2k Gram). Singular values at the float32 noise floor (a rank-deficient τ_i) are
     dropped rather than filled with arbitrary vectors, and the polar factor of dependent columns
     is the pseudo-inverse one; k is at least 1. Tensors that are not 2-D take the reference's
     fallback, the mean task vector: θ0 + α·(1/T) Σ_i τ_i. Reads each input once (streaming).
@@ -85,5 +89,7 @@ def tsv_m(tensors: Tensors, base: BaseTensor, *,
         u, s, v = thin_svd(x.sub_(base) if owned else x - base, k)
         del x
         us.append(u), ss.append(s), vs.append(v)
-    merged = whitened_product(torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1), rtol(m, n))
+    a, b, tol = torch.cat(us, 1), torch.cat(vs, 1), rtol(m, n)
+    split = us[0].shape[1] if len(us) == 2 else None  # two tasks: the k x k form of the polar factors
+    merged = whitened_product(a, inv_sqrt_gram(a, tol, split), torch.cat(ss), b, inv_sqrt_gram(b, tol, split))
     return merged.mul_(alpha).to(base.dtype).add_(base)
