@@ -254,9 +254,9 @@ def test_iso_c_on_a_rank_deficient_sum(shape):
     assert torch.equal(run("iso_c", [base, base], base), base)  # Δ = 0
 
 
-def test_iso_cts_on_rank_deficient_task_vectors():
+@pytest.mark.parametrize("shape", [(10, 8), (8, 10)])
+def test_iso_cts_on_rank_deficient_task_vectors(shape):
     g = torch.Generator().manual_seed(4)
-    shape = (10, 8)
     base = torch.randn(shape, generator=g)
     # r = 8, three models: 5 common dimensions and 1 per task; Δ = Σ τᵢ has rank 2 (3 null directions)
     taus = [low_rank(shape, 2, g), low_rank(shape, 2, g)]
@@ -366,6 +366,8 @@ def test_costs_list_the_decompositions():
     assert iso_c((5632, 2048), 2, {}).svd == ((2048, 2048),)
     assert iso_cts((64, 32), 3, {"common_space_fraction": 0.8}).svd == ((32, 32),) * 5 + ((6, 6),)  # 25 + 3·2
     assert iso_cts((64, 32), 2, {"common_space_fraction": 0.8}).svd == ((32, 32),) * 4 + ((4, 4),)  # 24 + 2·4
+    # rows ≤ cols: each projected task vector through the Gram of its 32 − 24 coordinates off Uᶜ
+    assert iso_cts((32, 64), 2, {"common_space_fraction": 0.8}).svd == ((32, 32),) * 2 + ((8, 8),) * 2 + ((4, 4),)
     assert cart((64, 32), 2, {}) is None  # two models: the low-rank parts cancel, no SVD
     assert cart((64, 32), 3, {}).svd == ((32, 32),) * 3
     c = iso_c((2048, 2048), 2, {})

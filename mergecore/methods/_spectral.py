@@ -34,9 +34,17 @@ def thin_svd(x: torch.Tensor, k: Optional[int] = None) -> tuple[torch.Tensor, to
     """The top `k` (default: all) nonzero singular triplets of a 2-D `x`, in float64 on x's device:
     x ≈ U diag(S) Vᵀ with S descending, U (m x r), V (n x r), r ≤ min(k, rank). One eigh of the
     Gram matrix of the smaller side."""
+    u, s, v, _ = thin_svd_rest(x, k)
+    return u, s, v
+
+
+def thin_svd_rest(x: torch.Tensor, k: Optional[int] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """`thin_svd`, plus, when x has no more rows than columns (its Gram matrix is then the rows'),
+    an orthonormal basis of the rest of R^rows: the columns orthogonal to U (else None)."""
     m, n = x.shape
     a = x.to(torch.float64)
-    flip = m < n
+    flip = m <= n
     if flip:  # work on the tall orientation: the Gram matrix is min(m, n) square
         a = a.T
     lam, w = torch.linalg.eigh(a.T @ a)
@@ -45,9 +53,10 @@ def thin_svd(x: torch.Tensor, k: Optional[int] = None) -> tuple[torch.Tensor, to
     keep = int((s > s[0] * rtol(m, n)).sum()) if s.numel() and s[0] > 0 else 0
     if k is not None:
         keep = min(keep, k)
+    rest = w[:, keep:] if flip else None
     s, w = s[:keep], w[:, :keep]
     u = (a @ w).div_(s)
-    return (w, s, u) if flip else (u, s, w)
+    return (w, s, u, rest) if flip else (u, s, w, None)
 
 
 def inv_sqrt_gram(a: torch.Tensor, tol: float, split: Optional[int] = None) -> torch.Tensor:

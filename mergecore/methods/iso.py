@@ -8,7 +8,7 @@ import torch
 
 from mergecore.methods._cost import Cost, matmul_flops
 from mergecore.methods._spectral import (eigh_flops, gram_svd_flops, inv_sqrt_flops, inv_sqrt_gram, rtol,
-                                         thin_svd, whitened_product, whitened_product_flops)
+                                         thin_svd, thin_svd_rest, whitened_product, whitened_product_flops)
 from mergecore.methods.base import (BaseTensor, Ends, Range, Tensors, merge_method, need_base, need_count,
                                     owns_inputs)
 from mergecore.methods.tsv import mean_task_vector
@@ -86,11 +86,18 @@ def _iso_cts_cost(shape: tuple[int, ...], n_models: int, params: dict[str, Any])
     r = min(m, n)
     common, per_task = split_ranks(shape, n_models, float(params.get("common_space_fraction", 0.8)))
     q, two = n_models * per_task, n_models == 2
-    flops = (gram_svd_flops(m, n, common) + n_models * (2 * matmul_flops(m, common, n) + gram_svd_flops(m, n, per_task))
-             + inv_sqrt_flops(m, q, two) + inv_sqrt_flops(n, r) + whitened_product_flops(m, n, r))
+    if m <= n:  # each projected task vector through the (m − common)-square Gram of its rest
+        rest = m - common
+        tasks = matmul_flops(rest, m, n) + gram_svd_flops(rest, n, per_task) + matmul_flops(m, rest, per_task)
+        task_svd = (rest, rest)
+    else:
+        tasks = 2 * matmul_flops(m, common, n) + gram_svd_flops(m, n, per_task)
+        task_svd = (r, r)
+    flops = (gram_svd_flops(m, n, common) + n_models * tasks + inv_sqrt_flops(m, q, two) + inv_sqrt_flops(n, r)
+             + whitened_product_flops(m, n, r))
     left = ((per_task, per_task),) if two else ((q, q),)
     return Cost(flops=flops, extra_bytes=8 * (3 * m * n + (m + n) * r + 5 * r * r),
-                svd=((r, r),) * (n_models + 2) + (left if q else ()),
+                svd=((r, r),) * 2 + (task_svd,) * n_models + (left if q else ()),
                 note="iso_cts: per matrix float64 Gram eighs of Σ τᵢ, of each projected τᵢ, and two to whiten")
 
 
@@ -114,7 +121,8 @@ def iso_cts(tensors: Tensors, base: BaseTensor, *, alpha: Alpha = 1.0,
     their polar factors, and every singular value by σ̄, the mean of the r stacked singular
     values: θ = θ0 + α·σ̄·U⊥ V⊥ᵀ. Exact, from float64 Gram eigendecompositions (`_spectral`; the
     projected tasks' left vectors are orthogonal to Uᶜ, so only theirs are whitened, for two tasks
-    through the s x s matrix U₁ᵀU₂);
+    through the s x s matrix U₁ᵀU₂; with rows ≤ columns a projected task vector is decomposed
+    through the (r − k)-square Gram matrix of its coordinates in the complement of Uᶜ);
     triplets at the float32 noise floor are dropped (σ̄ still divides by r). Tensors that are
     not 2-D take the reference's fallback, the mean task vector: θ0 + α·(1/T) Σ_i τ_i.
     """
@@ -128,14 +136,18 @@ def iso_cts(tensors: Tensors, base: BaseTensor, *, alpha: Alpha = 1.0,
     total = torch.zeros_like(base)
     for x in tensors:
         total.add_(x).sub_(base)
-    uc, sc, vc = thin_svd(total, common)
+    uc, sc, vc, rest = thin_svd_rest(total, common)
     del total
     us, ss, vs = [], [], []
     for x in tensors:
         tau = (x - base).to(torch.float64)
-        tau -= uc @ (uc.T @ tau)
-        if per_task:
-            u, s, v = thin_svd(tau, per_task)
+        if rest is not None:  # rows ≤ cols: (I − UᶜUᶜᵀ)τ = R(Rᵀτ) with R the rest of R^m, a small Gram
+            y, s, v = thin_svd((rest.T @ tau), per_task) if per_task else (None, None, None)
+            u = None if y is None else rest @ y
+        else:
+            tau -= uc @ (uc.T @ tau)
+            u, s, v = thin_svd(tau, per_task) if per_task else (None, None, None)
+        if u is not None:
             us.append(u), ss.append(s), vs.append(v)
         del tau
     tol = rtol(m, n)
