@@ -411,3 +411,21 @@ def test_full_merge_of_tiny_models(llama_family, tmp_path, method, params):
     matrix = "model.layers.0.self_attn.q_proj.weight"
     mean = (a[matrix] + b[matrix] + base[matrix]) / 3 if method == "cart" else (a[matrix] + b[matrix]) / 2
     assert not torch.allclose(out[matrix], mean, atol=1e-5)  # the spectral step changed the matrix
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_ill_conditioned_task_vectors_match_the_float64_reference(shape):
+    """Singular values from 1 to 1e-4 (κ = 1e4): the float64 Gram route stays within float32
+    rounding of the float64 reference (a float32 SVD would be off by about κ·eps)."""
+    g = torch.Generator().manual_seed(11)
+    r = min(shape)
+    base = torch.zeros(shape)
+    taus = []
+    for _ in range(2):
+        u = torch.linalg.qr(torch.randn(shape[0], r, generator=g, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(shape[1], r, generator=g, dtype=torch.float64)).Q
+        taus.append(((u * torch.logspace(0, -4, r, dtype=torch.float64)) @ v.T).float())
+    t64 = [t.double() for t in taus]
+    close(run("iso_c", taus, base), ref_iso_c(t64), atol=1e-6)
+    close(run("tsv_m", taus, base), ref_tsvm(t64), atol=1e-6)
+    close(run("iso_cts", taus, base), ref_iso_cts(t64, 0.8), atol=1e-6)
