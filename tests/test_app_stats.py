@@ -120,6 +120,12 @@ def test_collect_attach_merge_and_models_that_change(fmnist_demo, tmp_path):
     job2 = sp.start_collection(ctx, owner, form, state, tasks, 4)
     assert job2.wait(120) and job2.status == "done" and Path(job2.result) != out and out.is_file()
 
+    # cancelled: nothing written, nothing to attach
+    job3 = sp.start_collection(ctx, owner, form, state, tasks, 8)
+    ctx.jobs.cancel(owner, job3.id)
+    assert job3.wait(60) and job3.status == "cancelled" and not Path(job3.meta["out"]).exists()
+    assert "Cancelled" in sp.progress_view(ctx.jobs.snapshot(owner, job3.id))[1]
+
     # the recipe's models change: the statistics no longer match (a model without any, or one fewer)
     for left_out in (["fmnist_tops"], []):
         changed = forms.new_form("regmean", state, {**form, "left_out": left_out})
