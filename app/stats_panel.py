@@ -45,7 +45,7 @@ IDLE = progress_html(0, "no collection yet", "idle")
 def stats_kind(form: Optional[dict[str, Any]]) -> Optional[str]:
     """The statistics the form's method needs (None: a data-free method, or no method yet)."""
     name = (form or {}).get("method")
-    return getattr(forms.get_method(name), "stats", None) if name else None
+    return forms.get_method(name).stats if name else None
 
 
 # what each kind of statistics is, until the engine says it (`mergecore.stats.describe_kind`)

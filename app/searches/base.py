@@ -237,7 +237,7 @@ def yaml_mapping(text: str, where: str) -> dict[str, Any]:
 def needs_stats(method) -> bool:
     """Whether a method reads statistics collected over data (`MergeMethod.stats`): a search has
     none to give it, so it is not offered as an operator or a template."""
-    return bool(getattr(method, "stats", None))
+    return bool(method.stats)
 
 
 def operator_methods(n_models: int = 2) -> list[str]:
