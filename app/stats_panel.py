@@ -48,20 +48,11 @@ def stats_kind(form: Optional[dict[str, Any]]) -> Optional[str]:
     return forms.get_method(name).stats if name else None
 
 
-# what each kind of statistics is, until the engine says it (`mergecore.stats.describe_kind`)
-NEEDS = {"gram": "Gram matrices of each linear layer's inputs",
-         "gram_plusplus": "Gram matrices of each linear layer's inputs, taken through the merged earlier layers",
-         "fisher": "the diagonal Fisher information of each parameter"}
-
-
 def kind_needs(kind: str) -> str:
-    """What statistics of `kind` are, in words (the engine's description when it has one)."""
-    from mergecore import stats as engine_stats
+    """What statistics of `kind` are, in words (the engine says)."""
+    from mergecore.stats.store import describe_kind
 
-    describe = getattr(engine_stats, "describe_kind", None)
-    if callable(describe):
-        return str(describe(kind))
-    return NEEDS.get(kind, f"{kind} statistics of its models")
+    return describe_kind(kind)
 
 
 def stats_key(form: dict[str, Any], state: dict[str, Any]) -> str:

@@ -149,6 +149,8 @@ def test_every_method_and_field_kind_in_a_browser(page, fmnist_demo):
         _choose(page, "#recipe-method", name)
         expect(yaml).to_contain_text(f"merge_method: {name}", timeout=15_000)
         fs = forms.form_fields(name, state)
+        if fs:  # the form re-rendered for this method (typing earlier would hit the last method's field)
+            expect(page.locator(f"#form-{name}")).to_be_visible(timeout=15_000)
         todo = list({_kind(f): f for f in reversed(fs) if _kind(f) not in covered}.values()) or fs[:1]
         for f in todo:
             type_field(page, f, yaml)

@@ -132,7 +132,7 @@ class RecipeTab:
         by_model: dict[Optional[str], list[dict[str, Any]]] = {None: []}
         for f in fields:
             by_model.setdefault(f["model"], []).append(f)
-        with gr.Row(equal_height=False):
+        with gr.Row(equal_height=False, elem_id=f"form-{form['method']}"):  # whose form this is (tests wait for it)
             for model, group_fields in by_model.items():
                 if (form.get("slices") and model is not None) or not group_fields:
                     continue

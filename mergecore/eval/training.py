@@ -120,5 +120,5 @@ def pair_models_with_tasks(names: list[str], paths: list[str], tasks_file: str) 
     if len(tasks) == len(names):
         return list(paths)
     lost = ", ".join(n for n, t in zip(names, paired) if not t)
-    raise MergeError(f"no task for {lost}: DAM trains each model's coefficients on its own task's inputs; the tasks "
-                     f"file has {short(task_names)} (a task pairs with the model of its name or its head_from)")
+    raise MergeError(f"no task for {lost}: each model is run on its own task's inputs; the tasks file has "
+                     f"{short(task_names)} (a task pairs with the model of its name or its head_from)")

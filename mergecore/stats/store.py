@@ -36,6 +36,15 @@ from mergecore.errors import MergeError, clip
 
 FORMAT = "mergecore-stats"
 KINDS = ("gram", "gram_plusplus", "fisher")
+# what each kind is, in words (the CLI's help and the app's statistics panel say it)
+KIND_TEXT = {"gram": "Gram matrices of each linear layer's inputs",
+             "gram_plusplus": "Gram matrices of each linear layer's inputs, taken through the merged earlier layers",
+             "fisher": "the diagonal Fisher information of each parameter"}
+
+
+def describe_kind(kind: str) -> str:
+    """What statistics of `kind` are, in words."""
+    return KIND_TEXT.get(kind, f"{kind} statistics")
 
 
 def tensor_key(index: int, name: str) -> str:
