@@ -5,7 +5,9 @@
 Builds (once, cached) a base and two "fine-tunes" (base + 0.01 N(0,1) noise), bf16, hidden 2048,
 16 layers, intermediate 5632, vocab 32000; then times cold-cache merges (page cache dropped
 before each run where allowed, else the input files are evicted with posix_fadvise) of
-TIES (base + 2, density 0.5, weight 0.5) and linear (2 models, weight 0.5). Each run is a
+TIES (base + 2, density 0.5, weight 0.5) and linear (2 models, weight 0.5), and of any other
+registered method named in --methods (base + 2 at its defaults; data-informed methods on
+synthetic statistics of the real shapes, see `synthetic_stats`). Each run is a
 separate process; wall time and its peak RSS (wait4) are printed as a table. With --mergekit
 the same recipes run through mergekit, alternating with mergecore, and ratios are printed.
 Outputs are checked against a plain reference implementation of the equations.
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -76,6 +79,32 @@ def build_models(root: Path) -> dict[str, Path]:
     return paths
 
 
+def method_recipe(method: str, models: dict[str, Path], stats: Optional[Path] = None) -> str:
+    """A recipe for any other registered method: base + the two fine-tunes at the method's own
+    defaults (required parameters at their starting values), bf16 out; a data-informed method
+    reads `stats`."""
+    from mergecore.methods import get_method
+
+    m = get_method(method)
+    start = m.starting_params()
+    per_model = {p.name: start[p.name] for p in m.per_model_params if p.required}
+    glob = {p.name: start[p.name] for p in m.global_params if p.required}
+    lines = [f"merge_method: {method}"]
+    if m.base != "ignored":
+        lines.append(f"base_model: {models['base']}")
+    lines.append("models:")
+    for name in ("ft_a", "ft_b"):
+        lines.append(f"  - model: {models[name]}")
+        if per_model:
+            lines.append(f"    parameters: {json.dumps(per_model)}")
+    if glob:
+        lines.append(f"parameters: {json.dumps(glob)}")
+    if m.stats:
+        lines.append(f"artifacts: {{stats: {stats}}}")
+    lines.append("dtype: bfloat16")
+    return "\n".join(lines) + "\n"
+
+
 def recipes(models: dict[str, Path]) -> dict[str, str]:
     return {
         "ties": f"""merge_method: ties
@@ -98,6 +127,74 @@ models:
 dtype: bfloat16
 """,
     }
+
+
+def synthetic_stats(method: str, models: dict[str, Path], root: Path) -> Optional[Path]:
+    """Statistics for a data-informed method on the random Llamas (which have no tokenizer or
+    data): Gram matrices of 256 random activations per linear input, or Fisher values as squares
+    of random gradients, written with the engine's own statistics writer and cached. The merge's
+    time and memory do not depend on the values, only on the shapes, which are the real ones."""
+    from mergecore.methods import get_method
+
+    kind = get_method(method).stats
+    if not kind:
+        return None
+    path = root / f"stats-{kind}.safetensors"
+    if not path.is_file():
+        t0 = time.time()
+        write_synthetic_stats(kind, [models["ft_a"], models["ft_b"]], path, rows=256, seed=0)
+        print(f"wrote synthetic {kind} statistics in {time.time() - t0:.0f} s ({path.stat().st_size / 2**30:.1f} GiB)",
+              flush=True)
+    return path
+
+
+def write_synthetic_stats(kind: str, folders: list[Path], path: Path, rows: int = 256, seed: int = 0) -> None:
+    """Statistics of `kind` for the models in `folders`, in the engine's format (`mergecore.stats.store`):
+    per model, one Gram (XᵀX/N of `rows` random activations) per distinct linear input of each
+    layer (q/k/v share the attention input, gate/up the MLP input, as the collector stores them),
+    or a Fisher value per parameter (squares of random gradients)."""
+    from mergecore.stats.store import tensor_key, write_stats
+
+    gen = torch.Generator().manual_seed(seed)
+    src = ModelSource(str(folders[0]))
+    names = [n for n in src.tensors if n.endswith(".weight")]
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"kind": kind, "models": [{"name": str(f), "path": str(f.resolve())} for f in folders],
+                            "tasks": ["synthetic"] * len(folders), "examples": [rows] * len(folders),
+                            "rows": [rows] * len(folders), "seed": seed}
+    if kind == "fisher":
+        norms = []
+        for i in range(len(folders)):
+            total = 0.0
+            for n in src.tensors:
+                f = torch.randn(src.info(n).shape, generator=gen).pow_(2)
+                total += float(f.pow(2).sum())
+                tensors[tensor_key(i, n)] = f
+            norms.append(total ** 0.5)
+        meta.update(fisher_norm=norms, estimator=["sampled"] * len(folders))
+    else:
+        share = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+        inputs = {}
+        for n in names:
+            if len(src.info(n).shape) != 2 or "embed_tokens" in n:
+                continue
+            key = n
+            for leaf, first in share.items():
+                if f".{leaf}." in n:
+                    key = n.replace(f".{leaf}.", f".{first}.")
+            inputs[n] = key
+        for i in range(len(folders)):
+            for key in sorted(set(inputs.values())):
+                d = src.info(key).shape[1]
+                x = torch.randn(rows, d, generator=gen)
+                tensors[tensor_key(i, key)] = x.T @ x / rows
+        meta.update(inputs=inputs, transposed=[])
+        if kind == "gram_plusplus":
+            from mergecore.methods.regmean import DEFAULT_RATIO
+
+            meta.update(ratio=DEFAULT_RATIO, stack="model.layers")
+    src.close()
+    write_stats(path, tensors, meta)
 
 
 def drop_cache(files: list[Path]) -> str:
@@ -183,7 +280,9 @@ def main() -> int:
     try:
         for kind in args.methods.split(","):
             rfile = work / f"{kind}.yml"
-            rfile.write_text(recipes(models)[kind])
+            known = recipes(models)
+            rfile.write_text(known[kind] if kind in known else
+                             method_recipe(kind, models, synthetic_stats(kind, models, args.models)))
             mc_out, mk_out = work / f"mc-{kind}", work / f"mk-{kind}"
             tools = [("mergecore", mc_out, [sys.executable, "-m", "mergecore.cli", "merge", str(rfile), str(mc_out), "--quiet"]
                       + (["--threads", str(args.threads)] if args.threads else []))]
@@ -194,7 +293,8 @@ def main() -> int:
                     shutil.rmtree(out, ignore_errors=True)
                     how = drop_cache(files + [out])
                     wall, rss, rc = timed_run(cmd, env)
-                    note = check_outputs(kind, out, models, check_names) if rc == 0 else f"FAILED ({rc})"
+                    note = (f"FAILED ({rc})" if rc != 0 else check_outputs(kind, out, models, check_names)
+                            if kind in known else "output checked by the method's unit tests")
                     rows.append({"method": kind, "tool": tool, "run": rep + 1, "wall_s": wall, "peak_rss_gib": rss, "cache": how, "check": note})
                     print(json.dumps(rows[-1]), flush=True)
                     if not args.keep:
@@ -204,7 +304,9 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"{'method':<8} {'tool':<10} {'wall s':>8} {'peak RSS GiB':>13} {'wall ratio':>11} {'RSS ratio':>10}  check")
+    ties = [r["wall_s"] for r in rows if r["method"] == "ties" and r["tool"] == "mergecore"]
+    print(f"{'method':<17} {'tool':<10} {'wall s':>8} {'peak RSS GiB':>13} {'wall ratio':>11} {'RSS ratio':>10} "
+          f"{'vs TIES':>8}  check")
     for kind in args.methods.split(","):
         for tool in ("mergecore", "mergekit"):
             rs = [r for r in rows if r["method"] == kind and r["tool"] == tool]
@@ -215,7 +317,9 @@ def main() -> int:
             mk = [r for r in rows if r["method"] == kind and r["tool"] == "mergekit"]
             ratio_w = f"{wall / min(r['wall_s'] for r in mk):.2f}x" if mk else "-"
             ratio_r = f"{rss / max(r['peak_rss_gib'] for r in mk):.2f}x" if mk else "-"
-            print(f"{kind:<8} {tool:<10} {wall:>8.1f} {rss:>13.2f} {ratio_w:>11} {ratio_r:>10}  {rs[-1]['check']}")
+            vs_ties = f"{wall / min(ties):.2f}x" if ties and tool == "mergecore" else "-"
+            print(f"{kind:<17} {tool:<10} {wall:>8.1f} {rss:>13.2f} {ratio_w:>11} {ratio_r:>10} {vs_ties:>8}  "
+                  f"{rs[-1]['check']}")
     return 0
 
 

@@ -47,7 +47,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -67,6 +67,7 @@ class MergeRow:
     global_params: dict[str, Any] = field(default_factory=dict)
     with_base: bool = True  # base_model in the recipe (task-vector methods)
     seed: Optional[int] = None
+    tune: Optional[tuple[str, tuple[float, ...]]] = None  # (global parameter, grid): chosen on validation
 
     def describe(self) -> str:
         params = {**self.per_model, **self.global_params}
@@ -113,7 +114,13 @@ MERGE_ROWS: list[MergeRow] = [
     MergeRow("Fisher", "fisher", {}),
     MergeRow("RegMean", "regmean", {}),
     MergeRow("RegMean++", "regmean_plusplus", {}),
+    # the scale of the strongest data-free methods chosen on the validation split (as their papers
+    # choose it), from a small grid; the test split is scored once, with the chosen value
+    MergeRow("TSV-M (α on val)", "tsv_m", {}, tune=("alpha", (0.5, 1.0, 1.5, 2.0, 3.0))),
+    MergeRow("Iso-C (α on val)", "iso_c", {}, tune=("alpha", (0.5, 1.0, 1.5, 2.0, 3.0))),
+    MergeRow("Iso-CTS (α on val)", "iso_cts", {}, tune=("alpha", (0.5, 1.0, 1.5, 2.0, 3.0))),
 ]
+TUNE_SUBSET = 0.2  # share of each validation task scored per grid point
 
 
 @dataclass
@@ -197,6 +204,9 @@ def run(family_name: str, *, quick: bool = False, split: str = "test", subset=No
                 shutil.rmtree(out)
             t = time.time()
             artifacts, how = collected_stats(known[m.method], fam, experts, work_dir, log)
+            if m.tune:
+                m, picked = tuned(m, fam, experts, artifacts, work_dir, threads, batch_size, seed, merge, log)
+                how += picked
             recipe = m.recipe(fam.base, list(experts.values()), artifacts)
             merge(recipe, out, threads=threads)
             merge_s = time.time() - t
@@ -234,6 +244,27 @@ def collected_stats(method, fam, experts: dict[str, Path], work_dir: Path, log) 
                       examples=STATS_EXAMPLES)
         log(f"  collected {method.stats} statistics on the validation split in {time.time() - t:.1f} s")
     return {"stats": str(path)}, f"; {method.stats} statistics from {STATS_EXAMPLES} validation examples per expert"
+
+
+def tuned(m: MergeRow, fam, experts: dict[str, Path], artifacts: dict[str, str], work_dir: Path, threads: int,
+          batch_size: int, seed: int, merge, log) -> tuple[MergeRow, str]:
+    """`m` with its `tune` parameter set to the grid value that scores best on a validation subset."""
+    key, grid = m.tune
+    ev = fam.evaluator("val", subset=TUNE_SUBSET, seed=seed, batch_size=batch_size)
+    ev.prepare(fam.base)
+    scores = {}
+    for v in grid:
+        cand = replace(m, global_params={**m.global_params, key: v}, tune=None)
+        out = work_dir / f"{m.method}-tune"
+        shutil.rmtree(out, ignore_errors=True)
+        merge(cand.recipe(fam.base, list(experts.values()), artifacts), out, threads=threads)
+        scores[v] = ev.evaluate(out).mean
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"    {m.method} {key}={v}: validation mean {scores[v]:.4f}")
+    best = max(grid, key=lambda v: scores[v])
+    grid_text = ", ".join(f"{v:g}: {scores[v]:.3f}" for v in grid)
+    return (replace(m, global_params={**m.global_params, key: best}, tune=None),
+            f"; {key} chosen on {TUNE_SUBSET:.0%} of validation ({grid_text})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
