@@ -195,6 +195,17 @@ class MergeResult:
         )
 
 
+HEAVY_JOB_FLOPS = 1e9
+
+
+def is_compute_heavy(job: TensorJob) -> bool:
+    """A job whose method does much more than pass over its inputs (an SVD, a solve, an
+    optimisation; at least `HEAVY_JOB_FLOPS`). `execute_plan` runs such jobs one at a time:
+    torch's intra-op threads already use every core for one of them, and running several at
+    once on a small machine oversubscribes it (measured 2x slower on 2 cores)."""
+    return job.cost is not None and job.cost.flops >= HEAVY_JOB_FLOPS
+
+
 def execute_plan(
     plan: Plan,
     out_dir: str | Path,
@@ -229,13 +240,20 @@ def execute_plan(
         total_bytes = writer.total_bytes
 
         workers = cancel.child()  # a failed job stops the workers, not the caller's token
+        # torch already spreads one decomposition over every core: two at once only fight
+        heavy = threading.Lock()
 
         def run(job: TensorJob) -> int:
             workers.check()
             held = budget.acquire(job.working_bytes(), workers)
             try:
                 workers.check()
-                out = compute_tensor(plan, job, device, source_nonfinite=tally)
+                if is_compute_heavy(job):
+                    with heavy:
+                        workers.check()
+                        out = compute_tensor(plan, job, device, source_nonfinite=tally)
+                else:
+                    out = compute_tensor(plan, job, device, source_nonfinite=tally)
                 return writer.write(job.out_name, out)
             finally:
                 budget.release(held)

@@ -413,6 +413,44 @@ def test_full_merge_of_tiny_models(llama_family, tmp_path, method, params):
     assert not torch.allclose(out[matrix], mean, atol=1e-5)  # the spectral step changed the matrix
 
 
+def test_heavy_jobs_run_one_at_a_time(llama_family, tmp_path, monkeypatch):
+    """With several workers, jobs that decompose matrices never overlap (torch already uses every
+    core for one), while the rest still run in parallel; the result is the same as one worker's."""
+    import threading
+    import time
+
+    from mergecore import executor
+
+    monkeypatch.setattr(executor, "HEAVY_JOB_FLOPS", 0.0)  # the tiny model's SVDs count as heavy
+    real = executor.compute_tensor
+    lock = threading.Lock()
+    running = {"heavy": 0, "any": 0}
+    peak = {"heavy": 0, "any": 0}
+
+    def tracked(plan, job, *args, **kwargs):
+        kinds = ["any"] + (["heavy"] if executor.is_compute_heavy(job) else [])
+        with lock:
+            for k in kinds:
+                running[k] += 1
+                peak[k] = max(peak[k], running[k])
+        time.sleep(0.02)  # long enough for the other workers to try to overlap
+        try:
+            return real(plan, job, *args, **kwargs)
+        finally:
+            with lock:
+                for k in kinds:
+                    running[k] -= 1
+
+    monkeypatch.setattr(executor, "compute_tensor", tracked)
+    recipe = recipe_from_dict(_recipe(llama_family, "iso_c"))
+    merge(recipe, tmp_path / "four", threads=4)
+    assert peak["heavy"] == 1 and peak["any"] >= 2
+    monkeypatch.setattr(executor, "compute_tensor", real)
+    merge(recipe, tmp_path / "one", threads=1)
+    four, one = load_weights(tmp_path / "four"), load_weights(tmp_path / "one")
+    assert set(four) == set(one) and all(torch.equal(four[k], one[k]) for k in one)
+
+
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
 def test_ill_conditioned_task_vectors_match_the_float64_reference(shape):
     """Singular values from 1 to 1e-4 (κ = 1e4): the float64 Gram route stays within float32
