@@ -205,8 +205,10 @@ def resolve_model_path(ref: str, search_dirs: tuple[Path, ...] = ()) -> Path:
     Never substitutes other weights: when the Hub cannot be reached the error names the id and
     says how to point at a local copy.
     """
-    if "+" in ref and not Path(ref).exists():
-        raise MergeError(f"model '{ref}': LoRA references (model+adapter) are not supported; merge the adapter into the model first")
+    if "+" in ref and not any(c.exists() for c in [Path(ref).expanduser()] + [d / ref for d in search_dirs]):
+        raise MergeError(f"model '{ref}': a base+adapter (LoRA) reference is applied tensor by tensor by merges only "
+                         f"(mergecore merge, --dry-run); here the model is loaded whole, so fold the adapter "
+                         f"first: merge a passthrough recipe with this one model into a folder and use that folder")
     candidates = [Path(ref).expanduser()] + [d / ref for d in search_dirs]
     for c in candidates:
         if c.is_dir():
@@ -366,9 +368,17 @@ class ModelSource:
         except KeyError:
             raise MergeError(f"model '{self.ref}' has no tensor '{name}'") from None
 
+    @property
+    def folders(self) -> tuple[Path, ...]:
+        """Every folder this source reads (the output-path rule keeps a merge out of each)."""
+        return (self.path,)
+
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into a fresh CPU tensor (its own memory, nothing mapped)."""
-        info = self.info(name)
+        return self._read_info(name, self.info(name))
+
+    def _read_info(self, name: str, info: TensorInfo) -> torch.Tensor:
+        """The bytes `info` points at as a tensor (a subclass reads a second file's tensors too)."""
         if info.offset < 0:
             # a copy: the state dict is kept for the next read, and streaming methods overwrite
             # what they are handed (a shared tensor would carry one merge's arithmetic into the next)
