@@ -234,7 +234,7 @@ def execute_plan(
     tally = NonFiniteTally()
     done_tensors = 0
     done_bytes = 0
-    sources = [src.path for src in plan.sources.values()]
+    sources = [folder for src in plan.sources.values() for folder in src.folders]
     with ShardedWriter(out_dir, layout, shard_size=shard_size, metadata=meta, overwrite=overwrite,
                        sources=sources, protect=protect) as writer:
         total_bytes = writer.total_bytes

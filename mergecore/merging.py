@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from mergecore.events import CancelToken, ProgressCallback
 from mergecore.executor import MergeResult, execute_plan
+from mergecore.io.lora_config import split_adapter_ref
 from mergecore.io.outdir import existing_dirs
 from mergecore.io.writer import DEFAULT_SHARD_SIZE, parse_size, prepare_output_dir
 from mergecore.plan import Plan, plan_merge
@@ -51,10 +52,11 @@ def merge(
         search_dirs = (path.resolve().parent, *search_dirs)
     shard_bytes = parse_size(shard_size) if shard_size else DEFAULT_SHARD_SIZE
     budget = parse_size(memory_budget) if memory_budget else None
-    local = existing_dirs(p for ref in recipe.referenced_models() for p in (ref, *(d / ref for d in search_dirs)))
+    refs = [side for ref in recipe.referenced_models() for side in (split_adapter_ref(ref, search_dirs) or (ref,))]
+    local = existing_dirs(p for ref in refs for p in (ref, *(d / ref for d in search_dirs)))
     prepare_output_dir(out_dir, overwrite=overwrite, sources=local, protect=search_dirs)
     plan = plan_merge(recipe, out_dtype=out_dtype, search_dirs=search_dirs, allow_nonfinite=allow_nonfinite)
-    prepare_output_dir(out_dir, overwrite=overwrite, sources=[s.path for s in plan.sources.values()],
+    prepare_output_dir(out_dir, overwrite=overwrite, sources=[p for s in plan.sources.values() for p in s.folders],
                        protect=search_dirs)
     if on_plan is not None:
         on_plan(plan)

@@ -28,6 +28,7 @@ from mergecore.arch import (
     tensor_group,
 )
 from mergecore.errors import MergeError
+from mergecore.io.adapter import open_source
 from mergecore.io.source import ModelSource, dtype_from_name, dtype_name
 from mergecore.methods import MergeMethod, ParamSpec, get_method
 from mergecore.methods._cost import Cost
@@ -219,7 +220,7 @@ def _open_sources(recipe: Recipe, search_dirs: tuple[Path, ...],
                   given: Optional[dict[str, ModelSource]]) -> dict[str, ModelSource]:
     """The recipe's models, in recipe order: those `given` (already open) and the rest opened now."""
     given = given or {}
-    sources = {r: given[r] if r in given else ModelSource(r, search_dirs=search_dirs) for r in recipe.referenced_models()}
+    sources = {r: given[r] if r in given else open_source(r, search_dirs) for r in recipe.referenced_models()}
     archs = {ref: s.architecture for ref, s in sources.items()}
     if len(set(archs.values())) > 1:
         desc = ", ".join(f"{r} is {a}" for r, a in archs.items())
