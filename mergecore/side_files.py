@@ -21,6 +21,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import yaml
 
 from mergecore.errors import MergeError
+from mergecore.io.adapter import source_folders
+from mergecore.io.lora_config import split_adapter_ref
 from mergecore.io.source import is_hub_id, read_json_file, read_json_object
 from mergecore.io.writer import ShardedWriter
 from mergecore.methods import get_method
@@ -180,26 +182,52 @@ def model_origin(ref: str, path: Optional[str | Path] = None) -> tuple[str, str]
     return ("hub", snap) if snap else ("local", p.name or "model")
 
 
+def _sides(ref: str, paths: Optional[Mapping[str, str | Path]]) -> Optional[tuple[str, str]]:
+    """The (base, adapter) of a `BASE+ADAPTER` reference; None for a plain one, also for one that
+    `paths` records whole but not by its sides (a folder with '+' in its name)."""
+    try:
+        sides = split_adapter_ref(ref)
+    except MergeError:
+        return None
+    if sides and paths is not None and ref in paths and not all(s in paths for s in sides):
+        return None
+    return sides
+
+
+def _origin(ref: str, paths: Optional[Mapping[str, str | Path]], local: Sequence[str] = ()) -> tuple[str, str]:
+    """`model_origin` of a reference, side by side for `BASE+ADAPTER` ('hub' when both sides
+    are; the names joined by '+'); a reference in `local` is an exported recipe's local model."""
+    sides = _sides(ref, paths)
+    if sides is None:
+        return ("local", Path(ref).name) if ref in local else model_origin(ref, (paths or {}).get(ref))
+    got = [_origin(s, paths, local) for s in sides]
+    return ("hub" if all(k == "hub" for k, _ in got) else "local"), "+".join(n for _, n in got)
+
+
 def portable_models(recipe: Recipe, paths: Optional[Mapping[str, str | Path]] = None
                     ) -> tuple[dict[str, str], dict[str, str]]:
     """(renames, local) for a recipe that travels: Hub models keep their ids (a Hub cache folder
     becomes 'org/name@commit'); a local model becomes `models/<its folder's name>` (-2, -3 ... when
-    two differ), a path relative to the recipe. `local`: new reference -> the folder it was here."""
+    two differ), a path relative to the recipe; each side of a `BASE+ADAPTER` reference is renamed
+    so. `local`: new reference -> the folder it was here."""
     renames: dict[str, str] = {}
     local: dict[str, str] = {}
-    for ref in recipe.referenced_models():
+
+    def port(ref: str) -> str:
         path = (paths or {}).get(ref)
         kind, name = model_origin(ref, path)
         if kind == "hub":
-            renames[ref] = name
-            continue
+            return name
         where = str(Path(path) if path is not None else Path(ref).expanduser().absolute())
         same = next((new for new, w in local.items() if w == where), None)
         new, i = same or f"{MODELS_DIR}/{name}", 2
         while same is None and new in local:
             new, i = f"{MODELS_DIR}/{name}-{i}", i + 1
         local[new] = where
-        renames[ref] = new
+        return new
+
+    for ref in recipe.referenced_models():
+        renames[ref] = "+".join(port(s) for s in _sides(ref, paths) or (ref,))
     return renames, local
 
 
@@ -245,14 +273,16 @@ def model_card(recipe: Recipe | Plan, scores: Optional[Scores] = None, *,
     they go to replay it. `hub_only`: `base_model` names Hub models only (the Hub refuses a card
     whose `base_model` is not a model on the Hub)."""
     if isinstance(recipe, Plan):
-        paths = paths if paths is not None else {r: s.path for r, s in recipe.sources.items()}
+        paths = paths if paths is not None else source_folders(recipe.sources)
         recipe = recipe.recipe
     method = get_method(recipe.merge_method)
     refs = recipe.referenced_models()
-    origin = {r: ("local", Path(r).name) if r in (local or ()) else model_origin(r, (paths or {}).get(r)) for r in refs}
+    origin = {r: _origin(r, paths, local or ()) for r in refs}
+    # a BASE+ADAPTER model's base is the Hub model the card descends from
+    meta_origin = {r: _origin((_sides(r, paths) or (r,))[0], paths, local or ()) for r in refs}
     base = recipe.base_model or next((s.base_model for s in recipe.slices or [] if s.base_model), None)
-    named = [r for r in ([base] if base else refs) if not hub_only or origin[r][0] == "hub"]
-    names = list(dict.fromkeys(origin[r][1].split("@", 1)[0] for r in named))
+    named = [r for r in ([base] if base else refs) if not hub_only or meta_origin[r][0] == "hub"]
+    names = list(dict.fromkeys(meta_origin[r][1].split("@", 1)[0] for r in named))
     meta: dict[str, Any] = {}
     if names:
         meta["base_model"] = names[0] if base else names
@@ -266,7 +296,8 @@ def model_card(recipe: Recipe | Plan, scores: Optional[Scores] = None, *,
     lines += ["", "## Source models", ""]
     for r in refs:
         kind, name = origin[r]
-        shown = f"[{name}](https://huggingface.co/{name.split('@', 1)[0]})" if kind == "hub" and r == name else f"`{r}`"
+        shown = (" + ".join(f"[{n}](https://huggingface.co/{n.split('@', 1)[0]})" for n in name.split("+"))
+                 if kind == "hub" and r == name else f"`{r}`")
         lines.append(f"- {shown}" + (" (base)" if r == base else "") + (" (local)" if kind == "local" else ""))
     if scores:
         table = _scores_table(scores)
@@ -378,4 +409,4 @@ def write_side_files(writer: ShardedWriter, plan: Plan, scores: Optional[Scores]
         writer.copy_file(plan.artifacts[key], rel)
     recipe = relocate(plan.recipe, artifacts=shipped)
     writer.add_file(RECIPE_FILE, recipe.to_yaml())
-    writer.add_file(CARD_FILE, model_card(recipe, scores=scores, paths={r: s.path for r, s in plan.sources.items()}))
+    writer.add_file(CARD_FILE, model_card(recipe, scores=scores, paths=source_folders(plan.sources)))

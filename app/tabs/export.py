@@ -18,6 +18,7 @@ from typing import Any, Optional
 import gradio as gr
 
 from mergecore.errors import MergeError
+from mergecore.io.adapter import source_folders
 from mergecore.side_files import CARD_FILE, RECIPE_FILE, PortableCheckpoint, portable_checkpoint
 
 from app import forms
@@ -165,7 +166,7 @@ def portable(ctx: AppContext, owner: str, name: str, folder: Path, *, hub_only: 
     job = next((j for j in reversed(ctx.jobs.jobs(owner, kind="merge", status=DONE)) if j.meta.get("name") == name),
                None)
     plan = getattr(getattr(job, "result", None), "plan", None)
-    paths = {r: s.path for r, s in plan.sources.items()} if plan is not None else None
+    paths = source_folders(plan.sources) if plan is not None else None
     if not (folder / RECIPE_FILE).is_file():
         raise MergeError(f"the merge '{name}' has no {RECIPE_FILE} in its folder; merge it again to export it")
     return portable_checkpoint(folder, paths=paths, artifacts=plan.artifacts if plan is not None else None,
