@@ -189,10 +189,10 @@ class AdapterSource(ModelSource):
         if p.a is None:
             return (w.to(ct) + b * p.scale).to(w.dtype)
         product = b @ self._read_info(p.a.name, p.a).to(ct)
-        delta = (product.T if p.transpose else product) * p.scale
-        base = w.to(ct)
+        delta = (product.T if p.transpose else product).mul_(p.scale)  # in place: one full-size temporary
+        base = w.to(ct)  # `w` is this read's own memory, so a float32 one is updated in place
         if p.magnitude is None:
-            return (base + delta).to(w.dtype)
+            return base.add_(delta).to(w.dtype)
         rows = (base.T + delta.T) if p.transpose else (base + delta)
         factor = (self._read_info(p.magnitude.name, p.magnitude).to(ct) / torch.linalg.norm(rows, dim=1)).view(-1, 1)
         return ((factor.T if p.transpose else factor) * (base + delta)).to(w.dtype)
@@ -207,9 +207,13 @@ def open_source(ref: str, search_dirs: tuple[Path, ...] = ()) -> ModelSource:
     sides = split_adapter_ref(ref, search_dirs)
     if sides is None:
         return ModelSource(ref, search_dirs=search_dirs)
-    base, adapter = sides
-    return AdapterSource(ref, base, adapter, resolve_model_path(base, search_dirs),
-                         resolve_model_path(adapter, search_dirs))
+    paths = []
+    for side, what in zip(sides, ("base", "adapter")):
+        try:
+            paths.append(resolve_model_path(side, search_dirs))
+        except MergeError as err:
+            raise MergeError(f"the {what} of '{ref}': {err}") from None
+    return AdapterSource(ref, *sides, *paths)
 
 
 def source_folders(sources: Mapping[str, ModelSource]) -> dict[str, Path]:
