@@ -193,9 +193,12 @@ def test_compat_and_a_folder_with_plus_in_its_name(model_factory, adapters, tmp_
 def test_whole_model_loaders_refuse_in_one_line_and_the_fold_they_suggest_works(adapters, tmp_path):
     """collect-stats and the searches load whole models by folder: they say how to fold first,
     and that fold (a passthrough of the one model) is PEFT's merge_and_unload."""
-    with pytest.raises(MergeError) as err:
-        resolve_model_path("org/model+org/adapter")
-    assert "passthrough" in str(err.value) and "\n" not in str(err.value)
+    from mergecore.search.config import model_ref
+
+    for refuse in (lambda: resolve_model_path("org/model+org/adapter"), lambda: model_ref("base+adapter", tmp_path)):
+        with pytest.raises(MergeError) as err:
+            refuse()
+        assert "passthrough" in str(err.value) and "\n" not in str(err.value)
     base, adapter, folded = adapters["embeddings-modules_to_save"]
     merge(yaml_recipe({"merge_method": "passthrough", "models": [{"model": f"{base}+{adapter}"}]}), tmp_path / "fold")
     got = load_weights(tmp_path / "fold")

@@ -199,6 +199,14 @@ def is_hub_id(ref: str) -> bool:
     return bool(HUB_ID_RE.match(ref.split("@", 1)[0])) and not ref.startswith((".", "/", "~"))
 
 
+def adapter_ref_refused(ref: str) -> MergeError:
+    """The one line for a `BASE+ADAPTER` reference where a whole model is loaded by folder (a
+    search, statistics): only merges apply an adapter (mergecore.io.adapter)."""
+    return MergeError(f"model '{short(ref)}': a base+adapter (LoRA) reference is applied tensor by tensor by merges "
+                      f"only (mergecore merge, --dry-run); here the model is loaded whole, so fold the adapter first: "
+                      f"merge a passthrough recipe with this one model into a folder and use that folder")
+
+
 def resolve_model_path(ref: str, search_dirs: tuple[Path, ...] = ()) -> Path:
     """A local folder for `ref`: an existing folder, or a Hub snapshot downloaded or cached.
 
@@ -206,9 +214,7 @@ def resolve_model_path(ref: str, search_dirs: tuple[Path, ...] = ()) -> Path:
     says how to point at a local copy.
     """
     if "+" in ref and not any(c.exists() for c in [Path(ref).expanduser()] + [d / ref for d in search_dirs]):
-        raise MergeError(f"model '{ref}': a base+adapter (LoRA) reference is applied tensor by tensor by merges only "
-                         f"(mergecore merge, --dry-run); here the model is loaded whole, so fold the adapter "
-                         f"first: merge a passthrough recipe with this one model into a folder and use that folder")
+        raise adapter_ref_refused(ref)
     candidates = [Path(ref).expanduser()] + [d / ref for d in search_dirs]
     for c in candidates:
         if c.is_dir():

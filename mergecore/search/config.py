@@ -69,11 +69,13 @@ def config_file(ref: str, root: Path, what: str = "tasks file") -> Path:
 
 def model_ref(ref: str, root: Path) -> str:
     """A model the config at `root` names: a local folder (resolved) or a Hub id (as written)."""
-    from mergecore.io.source import is_hub_id
+    from mergecore.io.source import adapter_ref_refused, is_hub_id
 
     p = relative_path(ref, root)
     if p.is_dir():
         return str(p.resolve())
+    if "+" in ref and not p.exists():
+        raise adapter_ref_refused(ref)
     if p.exists():
         raise MergeError(f"model '{clip(ref)}' is a file, expected a model folder (with config.json and weights): {p}")
     if is_hub_id(ref) and not Path(ref).expanduser().exists():
