@@ -296,3 +296,18 @@ def test_hub_ids_on_both_sides(adapters, tmp_path, monkeypatch):
     assert "[org/base](https://huggingface.co/org/base) + [org/adapter](https://huggingface.co/org/adapter)" in card
     ported = portable_checkpoint(tmp_path / "merged", paths=source_folders(result.plan.sources))
     assert [m.model for m in ported.recipe.models] == ["org/base+org/adapter"] and not ported.local_models
+
+
+def test_a_bfloat16_base_is_rounded_once_and_keeps_its_dtype(model_factory, tmp_path):
+    """The delta is added in float32 and the sum rounded to the base's dtype once: PEFT's float32
+    fold of the same weights, rounded to bfloat16."""
+    from mergecore.models import load_model
+
+    base = tmp_path / "bf16"
+    load_model(model_factory("llama", 0)).to(torch.bfloat16).save_pretrained(base)
+    folded = make_adapter(base, tmp_path / "adapter", lora(), seed=5)  # peft folds a float32 load of the base
+    src = open_source(f"{base}+{tmp_path / 'adapter'}")
+    for name in src.tensors:
+        got = src.read(name)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, folded[name].to(torch.bfloat16)), name
