@@ -62,6 +62,8 @@ CASES = {  # name: (arch, LoraConfig arguments)
                                              "modules_to_save": ["lm_head", "post_attention_layernorm"]}),
     "qwen2-biases": ("qwen2", {"target_modules": ["q_proj", "k_proj", "v_proj"], "bias": "all",
                                "lora_bias": True}),
+    "qwen2-lora_only": ("qwen2", {"target_modules": ["k_proj", "down_proj"], "bias": "lora_only",
+                                  "modules_to_save": ["input_layernorm"]}),
     "qwen2-dora": ("qwen2", {"target_modules": ["q_proj", "o_proj", "gate_proj"], "use_dora": True}),
     "gpt2-fan_in_fan_out": ("gpt2", {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}),
 }
@@ -311,3 +313,22 @@ def test_a_bfloat16_base_is_rounded_once_and_keeps_its_dtype(model_factory, tmp_
         got = src.read(name)
         assert got.dtype == torch.bfloat16
         assert torch.equal(got, folded[name].to(torch.bfloat16)), name
+
+
+def test_older_modules_to_save_names(adapters, tmp_path):
+    """Adapters that name a whole tensor `...X.modules_to_save.default.weight` (as PEFT keeps it in
+    memory) or `...X.base_layer.weight` read the same as PEFT 0.21's `...X.weight`."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, folded = adapters["embeddings-modules_to_save"]
+    shutil.copytree(adapter, tmp_path / "old")
+    saved = load_file(adapter / "adapter_model.safetensors")
+    renamed = {k.replace("lm_head.weight", "lm_head.modules_to_save.default.weight")
+               .replace("post_attention_layernorm.weight", "post_attention_layernorm.modules_to_save.weight"): v
+               for k, v in saved.items()}
+    assert renamed.keys() != saved.keys()
+    save_file(renamed, tmp_path / "old" / "adapter_model.safetensors")
+    src = open_source(f"{base}+{tmp_path / 'old'}")
+    assert {"lm_head.weight", "model.layers.1.post_attention_layernorm.weight"} <= set(src.replaced)
+    for name in src.tensors:
+        assert_close(src.read(name), folded[name], name, atol=1e-6)
