@@ -89,8 +89,11 @@ def _show(path: Path | str) -> str:
     return text if len(text) <= 240 else "..." + text[-237:]
 
 
+_PRODUCTS = {"merge": "a merge", "extract-lora": "an extracted LoRA adapter"}  # replaced whole, never resumed
+
+
 def _label(kind: str) -> str:
-    return "a merge" if kind == "merge" else f"a search ({kind})"
+    return _PRODUCTS.get(kind, f"a search ({kind})")
 
 
 def _resolve(path: str | Path) -> Path:
@@ -147,7 +150,7 @@ def check_output_dir(out: str | Path, *, kind: str, overwrite: bool = False,
                 raise MergeError(f"output folder {shown} is not empty and was not written by mergecore; "
                                  f"choose a new folder")
             if found != kind:
-                resume = "; a search resumes only in a folder of its own kind" if kind != "merge" else ""
+                resume = "; a search resumes only in a folder of its own kind" if kind not in _PRODUCTS else ""
                 raise MergeError(f"output folder {shown} holds {_label(found)}, not {_label(kind)}{resume}; "
                                  f"choose a new folder")
             if not overwrite:
