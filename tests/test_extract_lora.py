@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from mergecore.cli import main
 from mergecore.errors import Cancelled, MergeError
 from mergecore.events import CancelToken
-from mergecore.io.outdir import MARKER, write_marker
+from mergecore.io.outdir import MARKER, remove_live_temp_dirs, write_marker
 from mergecore.lora import factor
 from mergecore.lora.extract import REPORT, extract_lora
 
@@ -98,7 +98,8 @@ CASES = {  # arch: (rank-4 deltas, other changed tensors, modules kept whole, ex
               {"model.layers.1.input_layernorm", "model.embed_tokens", "lm_head"},  # tied: the head too
               {"v_proj", "model.layers.3.mlp.up_proj"}),
     "gpt2": ([f"transformer.h.{i}.attn.c_attn.weight" for i in range(4)],  # Conv1D: fan_in_fan_out
-             ("h.1.ln_1", "wte", "h.3.attn.c_attn.bias"), {"transformer.h.1.ln_1", "transformer.wte", "lm_head"}, {"c_attn"}),
+             ("h.1.ln_1", "wte", "h.3.attn.c_attn.bias"), {"transformer.h.1.ln_1", "transformer.wte", "lm_head"},
+             {"c_attn"}),
 }
 
 
@@ -274,8 +275,9 @@ def pair(model_factory, tmp_path) -> tuple[Path, Path]:
     (["--energy", "0"], "--energy must be in (0, 1]"),
     (["--energy", "nan"], "--energy must be in (0, 1]"),
     ([], "give --rank R, --energy E or both"),
-    (["--rank", "4", "--modules", "q_proj", "qq_proj"], "--modules: unknown module 'qq_proj'; the linear modules are: "
-                                                        "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    (["--rank", "4", "--modules", "q_proj", "qq_proj"],
+     "--modules: unknown module 'qq_proj'; the linear modules are: down_proj, gate_proj, k_proj, lm_head, o_proj, "
+     "q_proj, up_proj, v_proj"),
     (["--rank", "4", "--modules", "input_layernorm"], "names 'model.layers.0.input_layernorm', which is not a linear"),
     (["--rank", "4", "--dtype", "int3"], "unknown dtype 'int3'"),
     (["--rank", "4", "--device", "tpu"], "unknown device 'tpu'; use cpu or cuda"),
@@ -358,6 +360,15 @@ def test_nothing_is_written_on_cancel_or_failure(pair, tmp_path, monkeypatch):
         extract_lora(str(ft), str(base), tmp_path / "out", rank=4)
     assert _siblings(tmp_path) == ["ft"]
 
+    def signalled(path, entries, **kw):  # SIGTERM's handler removes the live temporary folders
+        remove_live_temp_dirs()
+        return 0
+
+    monkeypatch.setattr(extract, "write_safetensors", signalled)
+    with pytest.raises(Cancelled, match="extraction stopped by a signal; nothing was written"):
+        extract_lora(str(ft), str(base), tmp_path / "out", rank=4)
+    assert _siblings(tmp_path) == ["ft"]
+
 
 def test_a_layer_whose_bias_alone_changed_is_kept_whole(model_factory, tmp_path):
     base = model_factory("qwen2", 0)
@@ -378,3 +389,34 @@ def test_library_errors_are_merge_errors(pair, tmp_path):
         extract_lora(str(ft), str(base), tmp_path / "out", rank=4, modules=["k_proj"])
     with pytest.raises(MergeError, match="--modules names no module"):
         extract_lora(str(ft), str(base), tmp_path / "out", rank=4, modules=[" , "])
+
+
+def test_an_adapter_reference_is_re_extracted_at_a_lower_rank(model_factory, tmp_path):
+    base = model_factory("llama", 0)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.up_proj.weight"]
+    ft = make_ft(base, tmp_path / "ft", _rank4(base, names), shifts=("model.norm",))
+    extract_lora(str(ft), str(base), tmp_path / "r4", rank=4)
+    again = extract_lora(f"{base}+{tmp_path / 'r4'}", str(base), tmp_path / "r2", rank=2)
+    direct = extract_lora(str(ft), str(base), tmp_path / "direct", rank=2)
+    assert [(r.tensor, r.kind, r.rank) for r in again.rows] == [(r.tensor, r.kind, r.rank) for r in direct.rows]
+    for a, b in zip(again.lora, direct.lora):
+        assert a.energy == pytest.approx(b.energy, abs=1e-5)
+    with pytest.raises(MergeError, match="inside the source model folder"):  # the adapter's folder is a source too
+        extract_lora(f"{base}+{tmp_path / 'r4'}", str(base), tmp_path / "r4" / "sub", rank=2)
+
+
+def test_device_cuda_runs_the_svds_there_or_says_why_not(pair, tmp_path, monkeypatch):
+    base, ft = pair
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeError, match="--device cuda: no CUDA device is available here; use --device cpu"):
+            extract_lora(str(ft), str(base), tmp_path / "gpu", rank=4, device="cuda")
+        assert _siblings(tmp_path) == ["ft"]
+        return
+    monkeypatch.setattr(factor, "EXACT_MAX_DIM", 4)  # the randomized path too, with its seeded CUDA draws
+    gpu = extract_lora(str(ft), str(base), tmp_path / "gpu", rank=4, device="cuda")
+    cpu = extract_lora(str(ft), str(base), tmp_path / "cpu", rank=4)
+    assert [r.rank for r in gpu.lora] == [r.rank for r in cpu.lora] and all(r.error < 1e-5 for r in gpu.lora)
+    folded = _folded(base, tmp_path / "gpu").state_dict()
+    want = load_file(ft / WEIGHTS)
+    for name in want:
+        torch.testing.assert_close(folded[name], want[name], atol=1e-5, rtol=1e-5)

@@ -23,6 +23,8 @@ import torch
 
 from mergecore.errors import MergeError, clip
 from mergecore.events import CancelToken, MergeProgress, ProgressCallback
+from mergecore.io.adapter import AdapterSource, open_source
+from mergecore.io.lora_config import split_adapter_ref
 from mergecore.io.outdir import existing_dirs
 from mergecore.io.source import ModelSource, dtype_from_name
 from mergecore.lora.factor import LowRank, factorize
@@ -226,12 +228,14 @@ def extract_lora(model: str, base: str, out: str | Path, *, rank: Optional[int] 
     start = time.monotonic()
     dev = _check_args(rank, energy, device)
     out_dtype = dtype_from_name(dtype) if dtype else None
-    local = existing_dirs(p for ref in (model, base) for p in (ref, *(d / ref for d in search_dirs)))
+    refs = [side for ref in (model, base) for side in (split_adapter_ref(ref, search_dirs) or (ref,))]
+    local = existing_dirs(p for ref in refs for p in (ref, *(d / ref for d in search_dirs)))
     AdapterFolder(out, overwrite=overwrite, sources=local)  # a bad OUT fails before any model is fetched
-    ft = ModelSource(model, search_dirs=search_dirs)
-    bs = ModelSource(base, search_dirs=search_dirs)
+    ft = open_source(model, search_dirs)  # BASE+ADAPTER works too: an adapter re-extracted at another rank
+    bs = open_source(base, search_dirs)
     try:
-        folder = AdapterFolder(out, overwrite=overwrite, sources=(ft.path, bs.path))
+        folders = [f for s in (ft, bs) for f in (s.path, *([s.adapter_path] if isinstance(s, AdapterSource) else []))]
+        folder = AdapterFolder(out, overwrite=overwrite, sources=folders)
         plan = plan_extraction(ft, bs, modules)
         factors, biases, full, unchanged = _stream(ft, bs, plan, rank=rank, energy=energy, device=dev,
                                                    dtype=out_dtype or torch.float32, progress=progress, cancel=cancel)
@@ -249,10 +253,10 @@ def extract_lora(model: str, base: str, out: str | Path, *, rank: Optional[int] 
             nbytes = write_safetensors(tmp / "adapter_model.safetensors", entries, cancel=cancel)
             report = ExtractReport(folder.out, rows, config.r, sorted(config.target_modules),
                                    list(config.modules_to_save or []), unchanged, nbytes, 0.0, folder.warnings)
+            folder.check_alive()  # a signal handler may have removed the folder meanwhile
             (tmp / REPORT).write_text(report.csv())
             if cancel is not None:
                 cancel.check()
-            folder.check_alive()
             folder.publish()
     finally:
         ft.close()
