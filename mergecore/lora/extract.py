@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -30,6 +30,9 @@ from mergecore.io.source import ModelSource, dtype_from_name
 from mergecore.lora.factor import LowRank, factorize
 from mergecore.lora.output import AdapterFolder, Entry, write_safetensors
 from mergecore.lora.plan import ExtractPlan, compact_targets, module_of, plan_extraction
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 PREFIX = "base_model.model."  # peft's prefix of every key in adapter_model.safetensors
 REPORT = "extract_report.csv"
@@ -191,7 +194,7 @@ def _layout(ft: ModelSource, plan: ExtractPlan, factors: dict[str, LowRank], bia
 
 
 def _config(plan: ExtractPlan, factors: dict[str, LowRank], bias: bool, full: set[str], base_ref: str,
-            all_modules: Sequence[str]):
+            all_modules: Sequence[str]) -> "LoraConfig":
     """peft's LoraConfig for the adapter: r is the most common rank, the others in rank_pattern
     (and alpha_pattern, so that α/r = 1 for every layer)."""
     from peft import LoraConfig

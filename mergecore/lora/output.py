@@ -42,10 +42,9 @@ KIND = "extract-lora"  # the marker kind: only a folder an extraction wrote is r
 Entry = tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
 
 
-def write_safetensors(path: Path, entries: Sequence[Entry], *, cancel: Optional[CancelToken] = None,
-                      on_tensor: Optional[Callable[[int], None]] = None) -> int:
+def write_safetensors(path: Path, entries: Sequence[Entry], *, cancel: Optional[CancelToken] = None) -> int:
     """Write `entries` as one safetensors file (header first, then each tensor as it is made);
-    returns the bytes of tensor data. `on_tensor(nbytes)` follows the writing."""
+    returns the bytes of tensor data."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key, dtype, shape, _ in entries:
@@ -63,8 +62,6 @@ def write_safetensors(path: Path, entries: Sequence[Entry], *, cancel: Optional[
             if tuple(tensor.shape) != tuple(shape):
                 raise MergeError(f"internal: tensor '{key}' is {tuple(tensor.shape)}, expected {tuple(shape)}")
             f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            if on_tensor is not None:
-                on_tensor(tensor.numel() * tensor.element_size())
     return offset
 
 
