@@ -119,6 +119,11 @@ MERGE_ROWS: list[MergeRow] = [
     MergeRow("TSV-M (α on val)", "tsv_m", {}, tune=("alpha", (0.5, 1.0, 1.5, 2.0, 3.0))),
     MergeRow("Iso-C (α on val)", "iso_c", {}, tune=("alpha", (0.5, 1.0, 1.5, 2.0, 3.0))),
     MergeRow("Iso-CTS (α on val)", "iso_cts", {}, tune=("alpha", (0.5, 1.0, 1.5, 2.0, 3.0))),
+    MergeRow("CART (λ on val)", "cart", {}, tune=("lambda", (0.5, 1.0, 1.5, 2.0, 3.0))),
+    MergeRow("Consensus TA (λ on val)", "consensus_ta", {}, tune=("lambda", (0.2, 0.3, 0.5, 0.7, 1.0))),
+    MergeRow("MagMax (λ on val)", "magmax", {}, tune=("lambda", (0.3, 0.5, 0.7, 1.0, 1.5))),
+    MergeRow("PCB (λ on val)", "pcb", {}, tune=("lambda", (0.2, 0.3, 0.5, 0.7, 1.0))),
+    MergeRow("WUDI (λ on val)", "wudi", {}, tune=("lambda", (0.2, 0.3, 0.5, 0.7, 1.0))),
 ]
 TUNE_SUBSET = 0.2  # share of each validation task scored per grid point
 
