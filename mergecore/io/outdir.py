@@ -89,7 +89,8 @@ def _show(path: Path | str) -> str:
     return text if len(text) <= 240 else "..." + text[-237:]
 
 
-_PRODUCTS = {"merge": "a merge", "extract-lora": "an extracted LoRA adapter"}  # replaced whole, never resumed
+# products: replaced whole (with overwrite), never resumed
+_PRODUCTS = {"merge": "a merge", "extract-lora": "an extracted LoRA adapter", "moe": "a mixture of experts"}
 
 
 def _label(kind: str) -> str:

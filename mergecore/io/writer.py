@@ -94,10 +94,11 @@ class _Slot:
 
 
 def prepare_output_dir(out_dir: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path] = (),
-                       protect: Iterable[str | Path] = ()) -> Path:
-    """Check a merge may be written at `out_dir` (see `mergecore.io.outdir.check_output_dir`);
-    returns the resolved path. Creates nothing, so callers can fail before any work."""
-    return check_output_dir(out_dir, kind="merge", overwrite=overwrite, sources=sources, protect=protect)
+                       protect: Iterable[str | Path] = (), kind: str = "merge") -> Path:
+    """Check a checkpoint of `kind` (a merge, a mixture of experts) may be written at `out_dir`
+    (see `mergecore.io.outdir.check_output_dir`); returns the resolved path. Creates nothing, so
+    callers can fail before any work."""
+    return check_output_dir(out_dir, kind=kind, overwrite=overwrite, sources=sources, protect=protect)
 
 
 class ShardedWriter:
@@ -113,8 +114,9 @@ class ShardedWriter:
         overwrite: bool = False,
         sources: Iterable[str | Path] = (),
         protect: Iterable[str | Path] = (),
+        kind: str = "merge",
     ):
-        self._policy = {"overwrite": overwrite, "sources": tuple(sources), "protect": tuple(protect)}
+        self._policy = {"overwrite": overwrite, "sources": tuple(sources), "protect": tuple(protect), "kind": kind}
         self.out_dir = prepare_output_dir(out_dir, **self._policy)
         self.stale_removed: list[StaleTemp] = []
         self._fds: list[int] = []
@@ -131,7 +133,7 @@ class ShardedWriter:
             self.stale_removed = remove_stale_temp_dirs(self.out_dir.parent)
             self._temp = make_temp_dir(self.out_dir)
             self.tmp_dir = self._temp.path
-            write_marker(self.tmp_dir, "merge")
+            write_marker(self.tmp_dir, kind)  # only a later run of the same kind replaces it
         except OSError as err:
             self.abort()
             raise MergeError(f"cannot write to output path {self.out_dir}: {err.strerror or err}") from None
