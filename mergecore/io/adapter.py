@@ -14,10 +14,20 @@ written and the model is never loaded whole. The result is what PEFT's `merge_an
 The adapter is read from adapter_model.safetensors with the same validated header as a model
 (never a pickle), and checked against the base before a weight is read: every adapted module
 must be a base tensor of the shape the adapter implies, or the reference is refused in one line.
+
+A base whose config ties the output head to the input embedding (`tie_word_embeddings`: Qwen2,
+GPT-2) saves no head, but an adapter that changed the embedding saves `lm_head` too (peft's
+`ensure_weight_tying` and extract-lora write it whole, or as a LoRA tied to the embedding's). That
+head is the embedding's twin: with `ensure_weight_tying` peft loads the two into one shared weight,
+the head last, so the embedding reads as the saved head (a twin LoRA, the embedding's transposed,
+is applied once: what the PeftModel computes; peft 0.21's merge_and_unload adds it twice).
+Without it, peft unties them, which a tied checkpoint cannot hold: accepted only when the saved
+head equals the embedding it would be tied to, else refused in one line.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +46,14 @@ _WRAPPERS = re.compile(r"\.modules_to_save(?:\.[^.]+)?(?=\.[^.]+$)|\.base_layer(
 _LINEAR_PARTS = {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector",
                  "lora_magnitude_vector.weight"}
 _EMBEDDING_PARTS = {"lora_embedding_A", "lora_embedding_B"}
+TIED_HEADS = ("lm_head",)  # output heads transformers ties to the input embedding
+TIED_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
+
+
+def _leaf_module(name: str) -> str:
+    """The last module name of a tensor or module path (`model.lm_head.weight` -> `lm_head`)."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "bias") else parts[-1]
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,7 @@ class AdapterSource(ModelSource):
         """Sort the adapter's tensors into LoRA pairs per module and whole replacement tensors,
         each tied to the base tensor it changes (checked: present, same shape)."""
         modules: dict[str, dict[str, TensorInfo]] = {}
+        head_whole: list[TensorInfo] = []  # a tied head saved whole (the embedding's twin)
         for key, info in self._adapter.items():
             if not key.startswith(PREFIX):
                 raise MergeError(f"{self._where}: tensor {short(key)} in {self.adapter_file.name} is not a PEFT "
@@ -82,19 +101,78 @@ class AdapterSource(ModelSource):
                 continue
             if "lora_" in rest or "trainable_tokens" in rest:
                 raise MergeError(f"{self._where}: adapter tensor {short(key)} is not one mergecore knows how to apply")
-            name = self._locate(_WRAPPERS.sub("", rest), "a tensor it saves whole")
+            stripped = _WRAPPERS.sub("", rest)
+            if self._is_tied_head(stripped):
+                head_whole.append(info)
+                continue
+            name = self._locate(stripped, "a tensor it saves whole")
             self._check_shape(name, info.shape, key)
             if name in self.replaced:
                 raise MergeError(f"{self._where}: the adapter saves base tensor '{name}' twice")
             self.replaced[name] = info
+        head_lora = {m: modules.pop(m) for m in list(modules) if self._is_tied_head(m)}
         for module, parts in modules.items():
             self._add_module(module, parts)
+        self._tie_head(head_whole, head_lora)
         if not self.patches and not self.replaced:
             raise MergeError(f"{self._where}: {self.adapter_file.name} holds no adapter weights")
 
     @property
     def _where(self) -> str:
         return f"model '{self.ref}'"
+
+    # -- a head tied to the embedding ---------------------------------------------------------
+
+    @functools.cached_property
+    def _tied_embedding(self) -> Optional[str]:
+        """The base's input embedding weight when its config ties the output head to it and the
+        base saves no head of its own (else None)."""
+        if not self.config.get("tie_word_embeddings", True) or any(
+                _leaf_module(t) in TIED_HEADS for t in self.tensors):
+            return None
+        hits = [t for t in self.tensors if t.endswith(".weight") and _leaf_module(t) in TIED_EMBEDDINGS
+                and len(self.tensors[t].shape) == 2]
+        return hits[0] if len(hits) == 1 else None
+
+    def _is_tied_head(self, name: str) -> bool:
+        """Whether `name` (a module or a tensor) is an output head the base ties to its embedding."""
+        return _leaf_module(name) in TIED_HEADS and self._tied_embedding is not None
+
+    def _unpatched(self, name: str) -> torch.Tensor:
+        """Base tensor `name` as the adapter saves it whole (or the base's), before any LoRA."""
+        saved = self.replaced.get(name)
+        return self._read_info(saved.name, saved) if saved is not None else super().read(name)
+
+    def _tie_head(self, whole: list[TensorInfo], lora: dict[str, dict[str, TensorInfo]]) -> None:
+        """Fold the saved head of a tied base into its embedding as peft does (see the module doc)."""
+        if not whole and not lora:
+            return
+        emb = str(self._tied_embedding)
+        tying = self.settings.ensure_weight_tying
+        for info in whole:
+            self._check_shape(emb, info.shape, info.name)
+            if tying:  # one shared weight, the head loaded last: the embedding reads as the saved head
+                self.replaced[emb] = info
+            elif not torch.equal(self._read_info(info.name, info).float(), self._unpatched(emb).float()):
+                raise MergeError(f"{self._where}: the adapter saves '{_leaf_module(info.name)}' whole, unlike '{emb}' "
+                                 f"the base ties it to (tie_word_embeddings), and has no ensure_weight_tying, so "
+                                 f"peft unties them, which a checkpoint with tied embeddings cannot hold; fold it "
+                                 f"with peft's merge_and_unload and save it with tie_word_embeddings false")
+        for module, parts in lora.items():
+            patch = self.patches.get(emb)
+            a, b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
+            twin = (tying and patch is not None and patch.transpose and patch.magnitude is None
+                    and a is not None and b is not None and set(parts) == {"lora_A.weight", "lora_B.weight"}
+                    and self.settings.scale(*self.settings.rank_alpha(module)) == patch.scale
+                    and tuple(a.shape) == tuple(reversed(patch.b.shape))
+                    and tuple(b.shape) == tuple(reversed(patch.a.shape))
+                    and torch.equal(self._read_info(a.name, a), self._read_info(patch.b.name, patch.b).T)
+                    and torch.equal(self._read_info(b.name, b), self._read_info(patch.a.name, patch.a).T))
+            if not twin:
+                raise MergeError(f"{self._where}: the adapter trains a LoRA on '{module}', which the base ties to "
+                                 f"'{emb}' (tie_word_embeddings), other than the embedding's own LoRA "
+                                 f"(ensure_weight_tying), so peft unties them, which a checkpoint with tied "
+                                 f"embeddings cannot hold; fold it with peft's merge_and_unload instead")
 
     def _locate(self, name: str, what: str) -> str:
         """The base tensor `name` (an adapter of the same model with or without its task head

@@ -77,6 +77,7 @@ class LoraSettings:
     fan_in_fan_out: bool = False
     dora: bool = False
     lora_bias: bool = False
+    ensure_weight_tying: bool = False  # peft ties a tied head's saved module or LoRA to the embedding's
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     where: str = CONFIG_FILE
@@ -148,6 +149,7 @@ def read_lora_config(folder: Path, ref: str) -> LoraSettings:
         r=_number(cfg, "r", None, where, integer=True), alpha=_number(cfg, "lora_alpha", None, where),
         rslora=_flag(cfg, "use_rslora", where), fan_in_fan_out=_flag(cfg, "fan_in_fan_out", where),
         dora=_flag(cfg, "use_dora", where), lora_bias=_flag(cfg, "lora_bias", where),
+        ensure_weight_tying=_flag(cfg, "ensure_weight_tying", where),
         rank_pattern=_patterns(cfg, "rank_pattern", where, True),
         alpha_pattern=_patterns(cfg, "alpha_pattern", where, False), where=where)
 
