@@ -36,7 +36,8 @@ from typing import Mapping, Optional
 import torch
 
 from mergecore.errors import MergeError, short
-from mergecore.io.lora_config import LoraSettings, read_lora_config, split_adapter_ref, weights_file
+from mergecore.io.lora_config import (LoraSettings, join_adapter_ref, read_lora_config, split_adapter_ref,
+                                      weights_file)
 from mergecore.io.source import ModelSource, TensorInfo, _safetensors_infos, resolve_model_path
 
 PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel -> the transformers model
@@ -292,6 +293,17 @@ def open_source(ref: str, search_dirs: tuple[Path, ...] = ()) -> ModelSource:
         except MergeError as err:
             raise MergeError(f"the {what} of '{ref}': {err}") from None
     return AdapterSource(ref, *sides, *paths)
+
+
+def open_adapter(base: str | Path, adapter: str | Path, search_dirs: tuple[Path, ...] = ()) -> AdapterSource:
+    """`base` with the LoRA `adapter` applied (each a folder or a Hub id, resolved like a model),
+    checked against each other before a weight is read: one MergeError line for an adapter folder
+    without adapter_config.json, another adapter type, an adapter for another base."""
+    ref = join_adapter_ref(str(base), str(adapter))
+    src = open_source(ref, search_dirs)
+    if not isinstance(src, AdapterSource):  # the joined name is itself an existing folder
+        raise MergeError(f"'{ref}' is a folder of its own, so it cannot name a base and an adapter")
+    return src
 
 
 def source_folders(sources: Mapping[str, ModelSource]) -> dict[str, Path]:

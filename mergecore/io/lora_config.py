@@ -56,6 +56,21 @@ def split_adapter_ref(ref: str, search_dirs: tuple[Path, ...] = ()) -> Optional[
     return parts[0], parts[1]
 
 
+def join_adapter_ref(base: str, adapter: str) -> str:
+    """The `BASE+ADAPTER` reference of a base model and an adapter (each a folder or a Hub id),
+    the inverse of `split_adapter_ref`; one line when a side is empty or has a '+' of its own."""
+    sides = []
+    for side, what in ((base, "base model"), (adapter, "adapter")):
+        text = str(side).strip()
+        if not text:
+            raise MergeError(f"give the {what} of a base+adapter model (a local folder or a Hub id)")
+        if "+" in text:
+            raise MergeError(f"{what} '{clip(text)}' has a '+' in its name, which a BASE+ADAPTER reference cannot "
+                             f"hold (the two are joined by a single '+'); rename or link the folder")
+        sides.append(text)
+    return "+".join(sides)
+
+
 def _pattern_value(patterns: dict[str, Any], module: str, where: str) -> Any:
     """The value of the first pattern matching `module`, as PEFT's `get_pattern_key` picks it."""
     for key, value in patterns.items():
