@@ -67,14 +67,16 @@ def _config(arch: str, intermediate: int = 48):
               num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
     if arch == "qwen2":
         return tf.Qwen2ForCausalLM, tf.Qwen2Config(**{**kw, "vocab_size": 320}, tie_word_embeddings=True)
+    if arch == "mistral":
+        return tf.MistralForCausalLM, tf.MistralConfig(**kw, sliding_window=None)
     if arch == "gpt2":
         return tf.GPT2LMHeadModel, tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64)
     return tf.LlamaForCausalLM, tf.LlamaConfig(**kw, tie_word_embeddings=False)
 
 
-def _family(root: Path, arch: str, experts: int = 3) -> dict[str, Path]:
+def _family(root: Path, arch: str, experts: int = 3, intermediate: int = 48) -> dict[str, Path]:
     """A base (with a tokenizer) and `experts` models that differ from it in their MLPs only."""
-    cls, cfg = _config(arch)
+    cls, cfg = _config(arch, intermediate)
     torch.manual_seed(0)
     base = cls(cfg)
     base.save_pretrained(root / "base")
@@ -326,3 +328,193 @@ def test_random_gates_are_seeded_and_need_no_prompts(llama, tmp_path):
     u = build_moe(parse_moe_config(yaml.safe_dump({**cfg, "gate_mode": "uniform_random"})), tmp_path / "u")
     assert float(u.gates.abs().max()) <= 32 ** -0.5
     _load(tmp_path / "a").generate(**_tokenizer()("python", return_tensors="pt"), max_new_tokens=2, do_sample=False)
+
+
+def test_mistral_experts_and_a_bfloat16_output(tmp_path):
+    fam = _family(tmp_path, "mistral", experts=2)
+    cfg = {"base_model": str(fam["base"]), "gate_mode": "random", "dtype": "bfloat16",
+           "experts": [{"source_model": str(fam[f"e{i}"])} for i in range(2)]}
+    build_moe(parse_moe_config(yaml.safe_dump(cfg)), tmp_path / "out")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    src = load_file(fam["e1"] / "model.safetensors")
+    assert {t.dtype for t in out.values()} == {torch.bfloat16}
+    assert torch.equal(out["model.layers.1.block_sparse_moe.experts.1.w2.weight"],
+                       src["model.layers.1.mlp.down_proj.weight"].to(torch.bfloat16))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    _load(tmp_path / "out").generate(**_tokenizer()("python", return_tensors="pt"), max_new_tokens=2, do_sample=False)
+
+
+def test_lora_adapters_as_experts_and_as_the_base(llama, tmp_path):
+    """`BASE+ADAPTER` models are folded as they are read: an expert is PEFT's merge_and_unload, and
+    a base with an adapter gives the gates (and attention) of the folded model."""
+    peft = pytest.importorskip("peft")
+    import shutil
+    import warnings
+
+    import transformers as tf
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(str(llama["base"])),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj",
+                                                                                       "down_proj"]))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape) * 0.1)
+        model.save_pretrained(tmp_path / "adapter")
+        model.merge_and_unload().save_pretrained(tmp_path / "folded")
+    shutil.copy(llama["base"] / "tokenizer.json", tmp_path / "folded")
+    shutil.copy(llama["base"] / "tokenizer_config.json", tmp_path / "folded")
+    folded = load_file(tmp_path / "folded" / "model.safetensors")
+    adapted = f"{llama['base']}+{tmp_path / 'adapter'}"
+    cfg = _cfg(llama, PROMPTS[:2])
+    cfg["experts"][1]["source_model"] = adapted
+    build_moe(parse_moe_config(yaml.safe_dump(cfg)), tmp_path / "out")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    for part, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+        assert torch.allclose(out[f"model.layers.1.block_sparse_moe.experts.1.{w}.weight"],
+                              folded[f"model.layers.1.mlp.{part}.weight"], atol=1e-6)
+    on_adapter = build_moe(parse_moe_config(yaml.safe_dump({**cfg, "base_model": adapted})), tmp_path / "a")
+    on_folded = build_moe(parse_moe_config(yaml.safe_dump({**cfg, "base_model": str(tmp_path / "folded")})),
+                          tmp_path / "f")
+    assert torch.allclose(on_adapter.gates, on_folded.gates, atol=1e-5)
+    assert not torch.allclose(on_adapter.gates, build_moe(parse_moe_config(yaml.safe_dump(cfg)), tmp_path / "b").gates)
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    assert torch.allclose(a["model.layers.0.self_attn.q_proj.weight"], folded["model.layers.0.self_attn.q_proj.weight"],
+                          atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals: one line, exit status 2, nothing written
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory) -> dict[str, Path]:
+    """Models that do not fit the llama family: another MLP width, a gpt2."""
+    root = tmp_path_factory.mktemp("moe-odd")
+    return {"wide": _family(root / "wide", "llama", experts=0, intermediate=40)["base"],
+            "gpt2": _family(root / "gpt2", "gpt2", experts=0)["base"]}
+
+
+def _bad(llama, qwen, odd) -> dict[str, tuple[object, str]]:
+    good = _cfg(llama, PROMPTS)
+
+    def with_(**kw) -> dict:
+        return {**good, **kw}
+
+    def expert(i: int, **kw) -> dict:
+        experts = [dict(e) for e in good["experts"]]
+        experts[i].update(kw)
+        return with_(experts=experts)
+
+    return {
+        "shape": (expert(1, source_model=str(odd["wide"])), "is [40, 32], the base's is [48, 32]"),
+        "architecture": (expert(0, source_model=str(qwen["e0"])), "is a qwen2 model and the base a llama one"),
+        "unsupported": (with_(base_model=str(odd["gpt2"])), "is a gpt2 model; mergecore moe builds Mixtral from llama"),
+        "k=0": (with_(experts_per_token=0), "experts_per_token must be between 1 and the number of experts (3), got 0"),
+        "k>n": (with_(experts_per_token=4), "experts_per_token must be between 1 and the number of experts (3), got 4"),
+        "k not int": (with_(experts_per_token="two"), "experts_per_token: Input should be a valid integer"),
+        "no prompts": (expert(2, positive_prompts=None), "has no positive_prompts; gate_mode hidden builds"),
+        "one expert": (with_(experts=good["experts"][:1], experts_per_token=1), "needs at least 2 experts, got 1"),
+        "same prompts": (with_(experts=[{**e, "positive_prompts": ["x"]} for e in good["experts"]]),
+                         "every expert has the same prompts"),
+        "unknown key": (with_(gate_modes="hidden"), "unknown key 'gate_modes'"),
+        "gate mode": (with_(gate_mode="learned"), "unknown gate_mode 'learned'"),
+        "mixtral shared": (with_(architecture="mixtral", shared_experts=[good["experts"][0]]),
+                           "Mixtral has no shared experts"),
+        "qwen no shared": ({**_cfg(qwen, [["python"], ["story"]])}, "exactly one shared expert"),
+        "missing": (expert(0, source_model=str(llama["base"]) + "-nope"), "not found"),
+        "no tokenizer": (with_(base_model=str(llama["e0"]), gate_mode="cheap_embed"),
+                         "tokenized with the base model's tokenizer"),
+        "yaml": ("base_model: [unclosed\nexperts: []\n", "line 2, column 8: malformed YAML"),
+        "top": ("- just a list\n", "expected a mapping at the top level"),
+    }
+
+
+CASES = ["shape", "architecture", "unsupported", "k=0", "k>n", "k not int", "no prompts", "one expert",
+         "same prompts", "unknown key", "gate mode", "mixtral shared", "qwen no shared", "missing", "no tokenizer",
+         "yaml", "top"]
+
+
+def _nothing_at(out: Path) -> None:
+    assert not out.exists()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_writes_nothing(case, llama, qwen, odd, tmp_path, capsys):
+    data, expected = _bad(llama, qwen, odd)[case]
+    cfg = tmp_path / "moe.yml"
+    cfg.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    capsys.readouterr()
+    assert main(["moe", str(cfg), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    _nothing_at(tmp_path / "out")
+
+
+def test_bad_device_and_bad_output_folder_are_refused(llama, tmp_path, capsys):
+    cfg = _write(tmp_path / "moe.yml", _cfg(llama, PROMPTS))
+    assert main(["moe", str(cfg), str(tmp_path / "out"), "--device", "tpu9", "-q"]) == 2
+    assert "unknown device 'tpu9'; use cpu or cuda" in capsys.readouterr().err
+    _nothing_at(tmp_path / "out")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main(["moe", str(cfg), str(tmp_path / "mine"), "-q"]) == 2
+    assert "not empty and was not written by mergecore" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert main(["moe", str(cfg), str(llama["e1"] / "sub"), "-q"]) == 2
+    assert "inside the source model folder" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_an_earlier_mixture(llama, tmp_path, capsys):
+    cfg = _write(tmp_path / "moe.yml", {**_cfg(llama, PROMPTS), "gate_mode": "random"})
+    out = tmp_path / "out"
+    assert main(["moe", str(cfg), str(out), "-q"]) == 0
+    assert main(["moe", str(cfg), str(out), "-q"]) == 2
+    assert "already holds a mixture of experts; pass --overwrite" in capsys.readouterr().err
+    assert main(["moe", str(cfg), str(out), "-q", "--overwrite"]) == 0 and read_marker(out) == "moe"
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    write_marker(merged, "merge")
+    (merged / "model.safetensors").write_bytes(b"x")
+    assert main(["moe", str(cfg), str(merged), "-q", "--overwrite"]) == 2
+    assert "holds a merge, not a mixture of experts" in capsys.readouterr().err
+    assert (merged / "model.safetensors").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("stage", ["gates", "writing"])
+def test_cancel_leaves_nothing(llama, tmp_path, stage):
+    cancel = CancelToken()
+    seen = []
+
+    def progress(p) -> None:
+        seen.append(p.stage)
+        if p.stage == stage:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        build_moe(parse_moe_config(yaml.safe_dump(_cfg(llama, PROMPTS))), tmp_path / "new" / "out",
+                  progress=progress, cancel=cancel)
+    assert stage in seen
+    assert not (tmp_path / "new").exists()  # the parent it made is gone too
+
+
+def test_a_failure_while_writing_leaves_nothing(llama, tmp_path, monkeypatch, capsys):
+    calls = []
+    real = build_mod._expert_tensor
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_mod, "_expert_tensor", failing)
+    cfg = _write(tmp_path / "moe.yml", _cfg(llama, PROMPTS))
+    assert main(["moe", str(cfg), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "moe failed: No space left on device" in err[0]
+    _nothing_at(tmp_path / "out")

@@ -59,9 +59,17 @@ def _tokenizer(base: ModelSource):
 
 def _load_base(base: ModelSource, device: torch.device) -> torch.nn.Module:
     """The base model whole, in float32 (a BASE+ADAPTER base with its adapter folded in)."""
+    from transformers.utils import logging as hf_logging
+
     from mergecore.models import load_model
 
-    model = load_model(base.path, device=str(device), dtype=torch.float32)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the gates have their own bar (and --quiet means none)
+    try:
+        model = load_model(base.path, device=str(device), dtype=torch.float32)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     if isinstance(base, AdapterSource):
         with torch.no_grad():
             for name in sorted(base.adapted):
