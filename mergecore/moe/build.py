@@ -31,7 +31,8 @@ from mergecore.io.lora_config import split_adapter_ref
 from mergecore.io.outdir import existing_dirs, stale_warning
 from mergecore.io.source import ModelSource, dtype_from_name, is_hub_id
 from mergecore.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size, prepare_output_dir
-from mergecore.moe.arch import PARTS, Output, base_tensors, check_expert, choose_output, layer_of, mlp_name, output_config
+from mergecore.moe.arch import (PARTS, Output, base_tensors, check_expert, choose_output, layer_of, mlp_name,
+                                output_config)
 from mergecore.moe.config import Expert, MoEConfig, load_moe_config
 from mergecore.moe.gates import check_device, gate_vectors
 from mergecore.side_files import TOKENIZER_FILES

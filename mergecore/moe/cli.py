@@ -32,9 +32,11 @@ def _cmd_moe(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("moe", help="build a mixture of experts (Mixtral, Qwen2-MoE) from dense models "
                                    "(mergekit-moe's config)")
-    p.add_argument("config", metavar="CONFIG", help="YAML in mergekit-moe's format (base_model, experts, gate_mode, ...)")
+    p.add_argument("config", metavar="CONFIG",
+                   help="YAML in mergekit-moe's format (base_model, experts, gate_mode, ...)")
     p.add_argument("out", metavar="OUT", help="the checkpoint folder to write (atomically)")
-    p.add_argument("--device", default="cpu", help="where the base model runs for hidden gates: cpu or cuda (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="where the base model runs for hidden gates: cpu or cuda (default cpu)")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if an earlier mergecore moe wrote it")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
