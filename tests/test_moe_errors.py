@@ -146,3 +146,11 @@ def test_a_failure_while_writing_leaves_nothing(llama, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "moe failed: No space left on device" in err[0]
     _nothing_at(tmp_path / "out")
+
+
+def test_the_example_config_is_valid():
+    """examples/moe-smollm2-domains.yml parses (its models are built by build-family)."""
+    from mergecore.moe.config import load_moe_config
+
+    config = load_moe_config(Path(__file__).resolve().parents[1] / "examples" / "moe-smollm2-domains.yml")
+    assert (config.gate_mode, len(config.experts), config.experts_per_token) == ("hidden", 3, 1)
