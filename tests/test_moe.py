@@ -192,11 +192,20 @@ def test_cheap_embed_gates_are_the_mean_prompt_embedding_at_every_layer(llama, t
     load_checked(tmp_path / "out")
 
 
+def test_hidden_last_takes_each_prompts_last_token(llama, tmp_path):
+    cfg = moe_dict(llama, [["python code"], ["story king"]], gate_mode="hidden_last")
+    result = build_moe(parse_moe_config(yaml.safe_dump(cfg)), tmp_path / "out")
+    for e, text in enumerate(("python code", "story king")):
+        assert torch.allclose(result.gates[:, e], unit(mlp_inputs(llama["base"], text)[:, -1]), atol=1e-5)
+
+
 def test_random_gates_are_seeded_and_need_no_prompts(llama, tmp_path):
     cfg = {"base_model": str(llama["base"]), "gate_mode": "random", "seed": 3,
            "experts": [{"source_model": str(llama[f"e{i}"])} for i in range(2)]}
     a = build_moe(parse_moe_config(yaml.safe_dump(cfg)), tmp_path / "a")
-    b = build_moe(parse_moe_config(yaml.safe_dump(cfg)), tmp_path / "b")
+    b = build_moe(parse_moe_config(yaml.safe_dump(cfg)), tmp_path / "b", shard_size="40KB")
+    assert (tmp_path / "b" / "model.safetensors.index.json").is_file()  # sharded, and loads the same
+    assert torch.equal(load_checked(tmp_path / "b").model.layers[1].mlp.gate.weight, b.gates[1])
     c = build_moe(parse_moe_config(yaml.safe_dump({**cfg, "seed": 4})), tmp_path / "c")
     assert torch.equal(a.gates, b.gates) and not torch.equal(a.gates, c.gates) and a.gates.shape == (2, 2, 32)
     assert torch.equal(load_file(tmp_path / "a" / "model.safetensors")["model.layers.1.block_sparse_moe.gate.weight"],
