@@ -391,6 +391,7 @@ def load_recipe_models(recipe, state: dict[str, Any], roots: Sequence[Path], sea
     lie in `roots`. A MergeError about one reference carries it as `err.ref`."""
     from mergecore.io.source import resolve_model_path
 
+    from app import adapters
     from app import state as st
     from app.paths import confine, local_model
 
@@ -406,6 +407,9 @@ def load_recipe_models(recipe, state: dict[str, Any], roots: Sequence[Path], sea
     for ref in recipe.referenced_models():
         if st.find_model(state, ref) is None:
             try:
+                if adapters.split(ref) is not None:  # BASE+ADAPTER: each side, then the engine's check
+                    state = adapters.load_ref(state, ref, roots)
+                    continue
                 local = local_model(ref, roots)  # None: a Hub id
                 p = resolve_model_path(str(local) if local is not None else ref)  # cached Hub snapshot, or one line
                 state = st.add_model(state, ref, confine(p, roots, "model folder"))

@@ -1,8 +1,9 @@
 """Which files the app may read: one confinement rule for every path a user types into it.
 
 The app runs on a server and the person in the browser may not be the server's owner, so a path
-typed into a field (the tasks file of Evaluate or of a search, a model folder on the Models tab,
-a model or an artifact named in an imported recipe) is only read when it lies inside one of:
+typed into a field (the tasks file of Evaluate or of a search, a model or adapter folder on the
+Models tab, a model or an artifact named in an imported recipe; each side of a `BASE+ADAPTER`
+reference) is only read when it lies inside one of:
 
 * the app's work dir (`--work-dir`: merges, searches, exports);
 * the demo dir (`--demo-dir`) and the folders of the demo family in use;
@@ -76,14 +77,18 @@ def confine(path: str | Path, roots: Sequence[str | Path], what: str = "path") -
                      f"start the app with --allow-dir DIR to allow it")
 
 
-def local_model(ref: str, roots: Sequence[str | Path]) -> Optional[Path]:
+def local_model(ref: str, roots: Sequence[str | Path], what: str = "model folder") -> Optional[Path]:
     """The confined local folder a model reference names, or None when it is a Hub id to fetch.
 
     An org/name that is also an existing local path (relative to the current directory) is
-    that path, as the engine would take it, so it is confined like any other."""
+    that path, as the engine would take it, so it is confined like any other. A `BASE+ADAPTER`
+    reference is two of them (`local_sides`), refused here so neither side escapes the roots."""
+    from mergecore.io.lora_config import split_adapter_ref
     from mergecore.io.source import is_hub_id
 
     ref = ref.strip()
+    if split_adapter_ref(ref) is not None:
+        raise MergeError(f"'{_shown(ref)}' is a base+adapter reference, not one {what}")
     if is_hub_id(ref):
         try:
             exists = Path(ref).expanduser().exists()
@@ -91,7 +96,30 @@ def local_model(ref: str, roots: Sequence[str | Path]) -> Optional[Path]:
             exists = False
         if not exists:
             return None
-    return confine(ref, roots, "model folder")
+    return confine(ref, roots, what)
+
+
+def local_sides(ref: str, roots: Sequence[str | Path]) -> list[Optional[Path]]:
+    """`local_model` of each side of a model reference: one for a plain reference, the base's and
+    the adapter's for a `BASE+ADAPTER` one (the engine's split)."""
+    from mergecore.io.lora_config import split_adapter_ref
+
+    sides = split_adapter_ref(ref.strip())
+    if sides is None:
+        return [local_model(ref, roots)]
+    return [local_model(sides[0], roots, "base model folder"), local_model(sides[1], roots, "adapter folder")]
+
+
+def confine_source(source: str | Path, roots: Sequence[str | Path]) -> str:
+    """A session model's source confined: its folder resolved, or both folders of a
+    `BASE+ADAPTER` source (`app.state.source_path`), each inside `roots`."""
+    from mergecore.io.lora_config import join_adapter_ref, split_adapter_ref
+
+    sides = split_adapter_ref(str(source))
+    if sides is None:
+        return str(confine(source, roots, "model folder"))
+    return join_adapter_ref(str(confine(sides[0], roots, "base model folder")),
+                            str(confine(sides[1], roots, "adapter folder")))
 
 
 def clipped_problem(err: BaseException, name: str, quoted: bool = True) -> str:

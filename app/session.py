@@ -279,7 +279,7 @@ def restore_page(store: SessionStore, owner: str, roots: Any
     """(state, form, warning) of the owner's saved session, checked as the page's own would be:
     models only inside `roots` (the folders the app may read). (None, None, warning) when there
     is no saved session (or it could not be read: then the warning says so, in one line)."""
-    from app.paths import confine
+    from app.paths import confine_source
     from app.state import clean_state
 
     data = store.read(owner)
@@ -291,7 +291,7 @@ def restore_page(store: SessionStore, owner: str, roots: Any
         kept = []
         for m in state["models"]:
             try:
-                confine(m["path"], roots, "model folder")
+                confine_source(m["path"], roots)  # a BASE+ADAPTER source: both folders
                 kept.append(m)
             except MergeError:
                 notes.append(f"model '{m['name']}' is outside the folders this app may read")

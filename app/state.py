@@ -2,10 +2,16 @@
 
 The session state is a plain dict (deep-copyable, so it can live in a `gr.State`)::
 
-    {"models": [{"name": "base", "ref": "/path/or/org-name", "path": "/resolved/folder"}, ...],
+    {"models": [{"name": "base", "ref": "/path/or/org-name", "path": "/resolved/folder"},
+                {"name": "adapter", "ref": "BASE+ADAPTER", "path": "/resolved/base+/resolved/adapter"}, ...],
      "base": "base" | None,
      "family": {...} | None,          # the demo family, if loaded (see demo_family.DemoFamily)
      "trust_remote_code": False}
+
+A base + LoRA adapter model (`app.adapters`) keeps the recipe reference `BASE+ADAPTER` as given
+and, as its `path`, both folders resolved and joined the same way (`source_path`): the engine
+opens it as one model (`mergecore.io.adapter.open_adapter`), and whatever loads models whole
+refuses it with the engine's one line.
 
 It is kept per browser on disk (`app.session`) and read back through `clean_state`.
 Opened `ModelSource`s (headers only, no weights) are cached process-wide by folder: they hold
@@ -23,7 +29,7 @@ from typing import Any, Optional
 
 from mergecore.errors import MergeError
 
-_SOURCES: dict[tuple[str, float], Any] = {}
+_SOURCES: dict[tuple[Any, ...], Any] = {}
 _SOURCES_LOCK = threading.Lock()
 
 
@@ -63,16 +69,39 @@ def _stamp(path: Path) -> float:
     return max(stamps, default=0.0)
 
 
+def adapter_sides(path: str | Path) -> Optional[tuple[str, str]]:
+    """(base, adapter) of a `BASE+ADAPTER` model source or reference, None for a plain one (the
+    engine's `split_adapter_ref`: an existing folder with '+' in its name is a plain model)."""
+    from mergecore.io.lora_config import split_adapter_ref
+
+    return split_adapter_ref(str(path))
+
+
+def source_path(path: str | Path) -> str:
+    """A model's source as the session keeps it: its folder resolved, or for a base + adapter
+    model `BASE+ADAPTER` with both folders resolved."""
+    from mergecore.io.lora_config import join_adapter_ref
+
+    sides = adapter_sides(path)
+    if sides is None:
+        return str(Path(path).expanduser().resolve())
+    return join_adapter_ref(*(str(Path(side).expanduser().resolve()) for side in sides))
+
+
 def open_source(path: str | Path):
-    """A ModelSource for a local folder, cached until the folder's files change."""
+    """A ModelSource for a local folder, or the engine's AdapterSource for a `BASE+ADAPTER` one
+    (checked against its base when opened), cached until the folders' files change."""
+    from mergecore.io.adapter import open_adapter
     from mergecore.io.source import ModelSource
 
-    p = Path(path).resolve()
-    key = (str(p), _stamp(p))
+    source = source_path(path)
+    sides = adapter_sides(source)
+    folders = [Path(source)] if sides is None else [Path(side) for side in sides]
+    key = (source, *(_stamp(f) for f in folders))
     with _SOURCES_LOCK:
         src = _SOURCES.get(key)
     if src is None:
-        src = ModelSource(str(p), path=p)
+        src = ModelSource(source, path=folders[0]) if sides is None else open_adapter(*sides)
         with _SOURCES_LOCK:
             _SOURCES[key] = src
     return src
@@ -126,9 +155,10 @@ def short_name(ref: str, taken: list[str]) -> str:
 
 
 def add_model(state: dict[str, Any], ref: str, path: str | Path, name: Optional[str] = None) -> dict[str, Any]:
-    """A copy of `state` with the model added (its folder is opened to check it has weights)."""
+    """A copy of `state` with the model added (its folder is opened to check it has weights; a
+    `BASE+ADAPTER` source's adapter is checked against its base by the engine)."""
     state = copy.deepcopy(state or new_session())
-    path = str(Path(path).resolve())
+    path = source_path(path)
     for m in state["models"]:
         if m["path"] == path:
             return state  # already there
@@ -161,13 +191,14 @@ def model_by_name(state: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def find_model(state: dict[str, Any], ref: str) -> Optional[dict[str, Any]]:
-    """The session model a recipe reference points at (by name, reference or folder)."""
+    """The session model a recipe reference points at (by name, reference or folder; a
+    `BASE+ADAPTER` one by both folders)."""
     resolved = None
     try:
-        p = Path(ref).expanduser()
-        if p.is_dir():
-            resolved = str(p.resolve())
-    except OSError:
+        sides = adapter_sides(ref)
+        if all(Path(p).expanduser().is_dir() for p in sides or [ref]):
+            resolved = source_path(ref)
+    except (OSError, MergeError):
         pass
     for m in state.get("models", []):
         if ref in (m["name"], m["ref"]) or (resolved and resolved == m["path"]):
@@ -181,7 +212,8 @@ def models_table(state: dict[str, Any]) -> list[list[Any]]:
     for m in state.get("models", []):
         try:
             info = model_info(m["path"])
-            rows.append([m["name"], "base" if m["name"] == state.get("base") else "", info["architecture"],
+            arch = info["architecture"] + (" + LoRA" if adapter_sides(m["path"]) else "")
+            rows.append([m["name"], "base" if m["name"] == state.get("base") else "", arch,
                          info["layers"], human_count(info["parameters"]), info["dtype"],
                          human_bytes(info["bytes"]), m["ref"]])
         except MergeError as err:

@@ -215,7 +215,18 @@ def paths_for(ctx: AppContext, owner: str, state: dict[str, Any], selected: list
     if not selected:
         raise MergeError("choose the models to compare")
     merges = ctx.merges(owner)
-    return {name: str(merges[name]) if name in merges else st.model_by_name(state, name)["path"] for name in selected}
+    return {name: str(merges[name]) if name in merges else whole_model(state, name) for name in selected}
+
+
+def whole_model(state: dict[str, Any], name: str) -> str:
+    """The folder of a session model loaded whole; a base + adapter model is refused with the
+    engine's one line (only merges apply an adapter: fold it with a passthrough merge first)."""
+    from mergecore.io.source import adapter_ref_refused
+
+    m = st.model_by_name(state, name)
+    if st.adapter_sides(m["path"]):
+        raise adapter_ref_refused(m["ref"])
+    return m["path"]
 
 
 def task_names(tasks: Any) -> list[str]:
@@ -249,7 +260,7 @@ def compare(ctx: AppContext, owner: str, state, selected, prompt, ntok, image, h
             note = (f"Every model scored with the {task} head ({Path(head_path).name}) over the task's "
                     f"{len(classes) if classes else 'all'} classes, as the evaluator scores the task.")
         elif head and head != OWN_HEAD:
-            head_path = st.model_by_name(state, head)["path"]
+            head_path = whole_model(state, head)
             note = f"Every model scored with {head}'s classifier head."
         result = cmp.compare_classifiers(models, image, head_from=head_path, classes=classes, reference=ref,
                                          truth=(truth or "").strip() or None, trust_remote_code=trust, prefix=prefix)

@@ -356,7 +356,7 @@ def checked_recipe(ctx: AppContext, text: Optional[str], search_dirs: Sequence[s
     from mergecore.recipe import recipe_from_dict
     from mergecore.yamlio import load_yaml
 
-    from app.paths import confine, local_model
+    from app.paths import confine, local_sides
 
     if not text:
         raise MergeError(f"`{name}` has no recipe recorded")
@@ -364,7 +364,7 @@ def checked_recipe(ctx: AppContext, text: Optional[str], search_dirs: Sequence[s
     recipe = recipe_from_dict(load_yaml(text, where), where)
     roots = ctx.read_roots()
     for ref in recipe.referenced_models():
-        local_model(ref, roots)  # a local folder outside them: one line; a Hub id: fetched by the merge
+        local_sides(ref, roots)  # a local folder outside them: one line; a Hub id: fetched by the merge
     for key, ref in (recipe.artifacts or {}).items():
         found = [Path(d) / ref for d in search_dirs if not Path(ref).is_absolute() and (Path(d) / ref).is_file()]
         confine(found[0] if found else ref, roots, f"artifact {short(key, 40)}")

@@ -6,16 +6,17 @@ On first start the demo family is built in the background (`launch.py` serves th
 demo button, loads the demo into a session that has no models yet when it is done, and offers it
 to the others. Models can be added meanwhile. Each action's message stays where it happened (the
 Hub search's under the search box, the demo build's beside its button, the rest in the status
-line), with a toast.
+line), with a toast. A base + LoRA adapter (a PEFT folder or Hub id on a loaded model, a folder
+or a Hub id) is added as one model, checked by the engine (`app.adapters`); so is a
+`BASE+ADAPTER` reference typed as a model. The Hub search itself is `app.hub_search`.
 
-Named API endpoints: /load_demo, /poll_demo, /add_model, /poll_models, /hub_search, /set_base,
-/remove_model.
+Named API endpoints: /load_demo, /poll_demo, /add_model, /add_adapter, /poll_models, /hub_search,
+/set_base, /remove_model.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import os
 import threading
 from typing import Any, Callable, Optional
@@ -24,10 +25,11 @@ import gradio as gr
 
 from mergecore.errors import MergeError
 
-from app import forms
+from app import adapters, forms
 from app import state as st
 from app.context import AppContext, Page, owner_of
-from app.demo_family import DemoBuild, DemoFamily, one_line
+from app.demo_family import DemoBuild, DemoFamily
+from app.hub_search import HubSearches
 from app.jobs import DONE, FAILED
 from app.render import error_md, fmt_seconds, progress_html
 
@@ -62,6 +64,16 @@ class ModelsTab:
                     self.trust_cb = gr.Checkbox(
                         label="trust remote code (run Python shipped with a model repo)", value=False,
                         info="Off: models whose architecture is not in transformers are refused.")
+            with gr.Row(equal_height=True):  # base + LoRA adapter: one model, checked by the engine
+                self.adapter_base = gr.Textbox(label="Base model of a LoRA adapter", scale=3, elem_id="adapter-base",
+                                               placeholder="org/name or /path/to/model",
+                                               info="a loaded model's name, a local folder or a Hub id")
+                self.adapter_pick = gr.Dropdown(label="Loaded models", choices=[], value=None, scale=2,
+                                                elem_id="adapter-pick", info="picks the base")
+                self.adapter_tb = gr.Textbox(label="LoRA adapter (PEFT)", scale=4, elem_id="adapter-ref",
+                                             placeholder="/path/to/adapter or org/adapter",
+                                             info="a folder with adapter_config.json, or a Hub id")
+                self.adapter_btn = gr.Button("Add base + adapter", scale=1, elem_id="adapter-add")
             page.comps["models_status"] = gr.Markdown("", elem_id="models-status")
             self.fetch_progress = gr.HTML("")
             self.models_df = gr.Dataframe(headers=st.MODEL_COLUMNS, value=[], interactive=False, label="Models",
@@ -78,7 +90,8 @@ class ModelsTab:
     # -- the session's views ----------------------------------------------------------------------
 
     def outputs(self, page: Page) -> list[Any]:
-        return [self.models_df, self.compat_md, self.base_dd, self.remove_dd, page.comps["family_md"]]
+        return [self.models_df, self.compat_md, self.base_dd, self.remove_dd, page.comps["family_md"],
+                self.adapter_pick]
 
     def views(self, state: dict[str, Any], form: dict[str, Any], owner: str, **_: Any) -> list[Any]:
         names = st.model_names(state)
@@ -86,8 +99,10 @@ class ModelsTab:
             _, compat = st.compatibility(state)
         except MergeError as err:
             compat = error_md(err)
+        bases = [m["name"] for m in (state or {}).get("models", []) if not st.adapter_sides(m["path"])]
         return [st.models_table(state), compat, gr.Dropdown(choices=names, value=state.get("base")),
-                gr.Dropdown(choices=names, value=None), family_text(self.ctx.demo) if state.get("family") else ""]
+                gr.Dropdown(choices=names, value=None), family_text(self.ctx.demo) if state.get("family") else "",
+                gr.Dropdown(choices=bases, value=None)]
 
     # -- the demo build ---------------------------------------------------------------------------
 
@@ -103,8 +118,9 @@ class ModelsTab:
     def wire(self, page: Page) -> None:
         ctx, refresh = self.ctx, page.refresh
         session = [page.session_state, page.form_state, page.form_version]
-        # Add model is off while a Hub fetch runs (first, so the status stays third from the end)
-        fetch_outputs = [self.add_btn] + page.status_outputs + [self.fetch_job, self.fetch_timer, self.fetch_progress]
+        # the Add buttons are off while a Hub fetch runs (first, so the status stays third from the end)
+        buttons = [self.add_btn, self.adapter_btn]
+        fetch_outputs = buttons + page.status_outputs + [self.fetch_job, self.fetch_timer, self.fetch_progress]
         demo_outputs = page.status_outputs + [self.demo_timer, self.demo_progress]
 
         def said(msg: str, *rest: Any) -> tuple:
@@ -165,43 +181,74 @@ class ModelsTab:
             gr.Info(f"{ref} is already loaded, as {m['name']}.")
             return f"`{ref}` is already loaded, as `{m['name']}` ({m['path']}); nothing changed."
 
+        def added(ref: str, source: Any, state, form, version, request, what: str = "") -> tuple:
+            """`source` (a folder, or both folders of a base + adapter) into the session as `ref`."""
+            same = loaded(state, source)
+            if same is not None:
+                return said(already(same, ref), gr.skip(), gr.Timer(active=False), "")
+            state = st.add_model(state, ref, source)  # the engine opens it (and checks an adapter)
+            form = forms.sync_form(form, state)
+            gr.Info(f"Added {ref}.")
+            return (*refresh(state, form, version, request, status=f"Added `{ref}`{what}."), "",
+                    gr.Timer(active=False), "")
+
+        def fetching(ref: str, work: Callable[[Any], str], state, request) -> tuple:
+            """A background fetch of `ref` from the Hub (`work` returns the source), unless loaded."""
+            same = next((m for m in (state or {}).get("models", []) if m["ref"] == ref), None)
+            if same is not None:
+                return said(already(same, ref), gr.skip(), gr.Timer(active=False), "")
+            job = ctx.jobs.submit(owner_of(request), "fetch", work, title=ref, meta={"ref": ref}, slot="fetch")
+            return said(f"Fetching `{ref}` from the Hub ...", job.id, gr.Timer(active=True),
+                        progress_html(None, f"fetching {ref} ..."))
+
+        def add_pair(base, adapter, state, form, version, request) -> tuple:
+            pair = adapters.pair(base, adapter, state, ctx.read_roots())
+            if pair.local:
+                return added(pair.ref, pair.source(), state, form, version, request, " (base + LoRA adapter)")
+            return fetching(pair.ref, lambda jc: adapters.fetch(jc, pair), state, request)
+
         def add(ref, state, form, version, request: gr.Request):
             ref = (ref or "").strip()
             try:
                 if not ref:
                     raise MergeError("give a Hub id (org/name) or a local folder")
+                sides = adapters.split(ref)
+                if sides is not None:  # BASE+ADAPTER typed as one model
+                    return add_pair(*sides, state, form, version, request)
                 from app.paths import local_model
 
                 p = local_model(ref, ctx.read_roots())  # None: a Hub id
                 if p is not None and p.is_dir():
-                    same = loaded(state, p)
-                    if same is not None:
-                        return said(already(same, ref), gr.skip(), gr.Timer(active=False), "")
-                    state = st.add_model(state, ref, p)
-                    form = forms.sync_form(form, state)
-                    gr.Info(f"Added {ref}.")
-                    return (*refresh(state, form, version, request, status=f"Added `{ref}`."), "",
-                            gr.Timer(active=False), "")
+                    return added(ref, p, state, form, version, request)
                 if p is not None:
                     raise MergeError(f"'{ref}' is neither a local folder nor a Hub id (org/name)")
-                same = next((m for m in (state or {}).get("models", []) if m["ref"] == ref), None)
-                if same is not None:
-                    return said(already(same, ref), gr.skip(), gr.Timer(active=False), "")
-                job = ctx.jobs.submit(owner_of(request), "fetch", lambda jc: fetch(jc, ref), title=ref,
-                                      meta={"ref": ref}, slot="fetch")
-                return said(f"Fetching `{ref}` from the Hub ...", job.id, gr.Timer(active=True),
-                            progress_html(None, f"fetching {ref} ..."))
+                return fetching(ref, lambda jc: fetch(jc, ref), state, request)
             except MergeError as err:
                 return failed(err)
 
-        def on_add(ref, state, form, version, request: gr.Request):
-            out = add(ref, state, form, version, request)
+        def with_buttons(out: tuple) -> tuple:
             fetching = isinstance(out[-4], str) and out[-4].startswith("Fetching")  # the status (before job, timer, bar)
-            return (gr.Button(interactive=not fetching), *out)
+            return (gr.Button(interactive=not fetching), gr.Button(interactive=not fetching), *out)
+
+        def on_add(ref, state, form, version, request: gr.Request):
+            return with_buttons(add(ref, state, form, version, request))
 
         add_evt = dict(fn=on_add, inputs=[self.ref_tb, *session], outputs=fetch_outputs)
         self.add_btn.click(**add_evt, api_name="add_model")
         self.ref_tb.submit(**add_evt, api_visibility="private")
+
+        def on_add_adapter(base, adapter, state, form, version, request: gr.Request):
+            try:
+                return with_buttons(add_pair(base, adapter, state, form, version, request))
+            except MergeError as err:
+                return with_buttons(failed(err))
+
+        adapter_evt = dict(fn=on_add_adapter, inputs=[self.adapter_base, self.adapter_tb, *session],
+                           outputs=fetch_outputs)
+        self.adapter_btn.click(**adapter_evt, api_name="add_adapter")
+        self.adapter_tb.submit(**adapter_evt, api_visibility="private")
+        self.adapter_pick.input(lambda v: v or gr.skip(), [self.adapter_pick], [self.adapter_base],
+                                api_visibility="private")
 
         def poll_fetch(job_id, state, form, version, request: gr.Request):
             job = ctx.jobs.find(owner_of(request), job_id)
@@ -216,9 +263,9 @@ class ModelsTab:
                 gr.Warning(job.error or job.status)
                 return said(error_md(job.error or job.status), gr.Timer(active=False), "")
             try:
-                from app.paths import confine
+                from app.paths import confine_source
 
-                folder = confine(job.result, ctx.read_roots(), "model folder")  # a Hub snapshot: in the cache
+                folder = confine_source(job.result, ctx.read_roots())  # Hub snapshots: in the cache
                 same = loaded(state, folder)
                 if same is not None:
                     return said(already(same, ref), gr.Timer(active=False), "")
@@ -233,10 +280,11 @@ class ModelsTab:
         def on_poll_fetch(job_id, state, form, version, request: gr.Request):
             out = poll_fetch(job_id, state, form, version, request)
             job = ctx.jobs.find(owner_of(request), job_id)  # after: a fetch shown finished is finished here
-            return (gr.skip() if job is not None and not job.done else gr.Button(interactive=True), *out)
+            on = gr.skip() if job is not None and not job.done else gr.Button(interactive=True)
+            return (on, on, *out)
 
         self.fetch_timer.tick(on_poll_fetch, [self.fetch_job, *session],
-                              [self.add_btn] + page.status_outputs + [self.fetch_timer, self.fetch_progress],
+                              buttons + page.status_outputs + [self.fetch_timer, self.fetch_progress],
                               api_name="poll_models",
                               concurrency_limit=None)
 
@@ -342,13 +390,12 @@ def demo_html(build: Optional[DemoBuild], offer: bool = False) -> str:
     return progress_html(1.0, f"{s['title']}: ready in {fmt_seconds(s['elapsed'])}{note}{then}", DONE)
 
 
-def loaded(state: Optional[dict[str, Any]], folder) -> Optional[dict[str, Any]]:
-    """The session's model whose folder is `folder` (compared resolved), if there is one."""
-    from pathlib import Path
-
+def loaded(state: Optional[dict[str, Any]], folder: Any) -> Optional[dict[str, Any]]:
+    """The session's model whose source is `folder` (a folder, or both folders of a base + adapter,
+    compared resolved), if there is one."""
     try:
-        path = str(Path(folder).resolve())
-    except OSError:
+        path = st.source_path(folder)
+    except (OSError, MergeError):
         return None
     return next((m for m in (state or {}).get("models", []) if m["path"] == path), None)
 
@@ -385,84 +432,3 @@ def fetch(jc, ref: str) -> str:
     path = st.resolve_ref(ref)
     jc.log(f"local folder: {path}")
     return str(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# searching the Hub
-
-
-UNREACHABLE = ("ConnectError", "ConnectTimeout", "ConnectionError", "NetworkError", "TimeoutException",
-               "Timeout", "TransportError", "OfflineModeIsEnabled")
-
-
-def offline() -> bool:
-    """Whether the Hub is off: HF_HUB_OFFLINE set now, or when huggingface_hub was imported."""
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or constants.is_offline_mode()
-
-
-def hub_models(q: str, timeout: float) -> list[str]:
-    """Model ids matching `q`, most downloaded first: ONE request to the Hub's search (no retries,
-    unlike `HfApi.list_models`), bounded by `timeout` seconds. Raises what the request raised."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-    r = get_session().get(f"{endpoint}/api/models", params={"search": q, "limit": 25, "sort": "downloads"},
-                          headers=build_hf_headers(), timeout=timeout)
-    hf_raise_for_status(r)
-    return [m["id"] for m in r.json() if isinstance(m, dict) and isinstance(m.get("id"), str)]
-
-
-class HubSearches:
-    """The Hub searches of the pages: each is one bounded attempt (`hub_models` on a thread, waited
-    for `timeout()` seconds at most), and a page's search that answers after a newer one of the same
-    page started is dropped (`search` returns None), so a late answer never overwrites a newer one."""
-
-    def __init__(self, timeout: Callable[[], float], enabled: Callable[[], bool] = lambda: True,
-                 find: Callable[[str, float], list[str]] = hub_models):
-        self.timeout, self.enabled, self.find = timeout, enabled, find
-        self._numbers = itertools.count(1)
-        self._latest: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def search(self, owner: str, q: str) -> Optional[tuple[list[str], str, bool]]:
-        """(model ids, the message, whether it worked), or None when a newer search superseded it."""
-        with self._lock:
-            n = self._latest[owner] = next(self._numbers)
-        found = self._search((q or "").strip())
-        with self._lock:
-            if self._latest.get(owner) != n:
-                return None
-            del self._latest[owner]
-            return found
-
-    def _search(self, q: str) -> tuple[list[str], str, bool]:
-        if not q:
-            return [], "Type something to search for.", True
-        if not self.enabled() or offline():
-            return [], "The Hub search is off (offline mode); add a local folder instead.", False
-        timeout = float(self.timeout())
-        found: list[str] = []
-        err: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                found.extend(self.find(q, timeout))
-            except Exception as e:  # noqa: BLE001 (offline, rate-limited ...: one line)
-                err.append(e)
-
-        t = threading.Thread(target=work, name="mergecore-hub-search", daemon=True)
-        t.start()
-        t.join(timeout + 1.0)  # the request's own timeout ends it; this bounds the wait whatever happens
-        if t.is_alive() or (err and "Timeout" in type(err[0]).__name__):
-            return [], f"The Hub did not answer within {timeout:.0f} s; add a local folder instead.", False
-        if err:
-            names = {c.__name__ for c in type(err[0]).__mro__}
-            if names & set(UNREACHABLE) or isinstance(err[0], OSError):
-                return [], "The Hub cannot be reached (no network?); add a local folder instead.", False
-            return [], f"Hub search failed ({one_line(err[0])[:160]}); add a local folder instead.", False
-        if not found:
-            return [], f"No models found for '{q}'.", True
-        return found, f"{len(found)} model(s) found; pick one, then **Add model**.", True
