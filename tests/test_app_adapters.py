@@ -8,6 +8,7 @@ they refuse the pair with the engine's one line."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,23 @@ def adapters(app_server, demo_family, model_factory) -> dict[str, Path]:
                                                             feedforward_modules=["down_proj"]))
     other = make_adapter(model_factory("llama", 0), root / "other-base")
     return {"good": good, "no-config": missing, "ia3": ia3, "other-base": other}
+
+
+def test_engine_joins_and_opens_a_pair(demo_family, adapters, tmp_path):
+    """`join_adapter_ref` is `split_adapter_ref`'s inverse; `open_adapter` opens the pair checked."""
+    from mergecore.io.adapter import AdapterSource, open_adapter
+    from mergecore.io.lora_config import join_adapter_ref, split_adapter_ref
+
+    base = str(demo_family.models["base"])
+    assert split_adapter_ref(join_adapter_ref(f" {base} ", str(adapters["good"]))) == (base, str(adapters["good"]))
+    for sides, expected in {("my+base", "org/adapter"): "base model 'my+base' has a '+' in its name",
+                            ("org/base", " "): "give the adapter of a base+adapter model"}.items():
+        with pytest.raises(MergeError, match=re.escape(expected)):
+            join_adapter_ref(*sides)
+    src = open_adapter(base, adapters["good"])
+    assert isinstance(src, AdapterSource) and src.adapted and src.path == Path(base).resolve()
+    with pytest.raises(MergeError, match="does not fit the base"):
+        open_adapter(base, adapters["other-base"])
 
 
 def table_rows(out) -> dict[str, list]:
