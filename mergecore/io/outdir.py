@@ -90,7 +90,8 @@ def _show(path: Path | str) -> str:
 
 
 # products: replaced whole (with overwrite), never resumed
-_PRODUCTS = {"merge": "a merge", "extract-lora": "an extracted LoRA adapter", "moe": "a mixture of experts"}
+_PRODUCTS = {"merge": "a merge", "extract-lora": "an extracted LoRA adapter", "moe": "a mixture of experts",
+             "merge-adapters": "a merged LoRA adapter"}
 
 
 def _label(kind: str) -> str:

@@ -12,7 +12,6 @@ a scale of 1 everywhere); its tensors under the names peft saves them by. A per-
 
 from __future__ import annotations
 
-import io
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,29 +26,16 @@ from mergecore.io.adapter import AdapterSource, open_source
 from mergecore.io.lora_config import split_adapter_ref
 from mergecore.io.outdir import existing_dirs
 from mergecore.io.source import ModelSource, dtype_from_name
-from mergecore.lora.factor import LowRank, factorize
+from mergecore.lora.factor import LowRank, check_device, check_rank, factorize
 from mergecore.lora.output import AdapterFolder, Entry, write_safetensors
 from mergecore.lora.plan import ExtractPlan, compact_targets, module_of, plan_extraction
+from mergecore.lora.report import Row, rows_csv, rows_table
 
 if TYPE_CHECKING:
     from peft import LoraConfig
 
 PREFIX = "base_model.model."  # peft's prefix of every key in adapter_model.safetensors
 REPORT = "extract_report.csv"
-
-
-@dataclass(frozen=True)
-class Row:
-    """One tensor of the adapter: `lora` (factorised; `rank`, `energy`, `error`, `svd`), `full`
-    (kept whole in modules_to_save) or `bias` (a factorised layer's bias, peft's bias="lora_only")."""
-
-    tensor: str
-    kind: str
-    shape: tuple[int, ...]
-    rank: Optional[int] = None
-    energy: float = 1.0
-    error: float = 0.0
-    svd: str = ""
 
 
 @dataclass
@@ -71,21 +57,11 @@ class ExtractReport:
         return [row for row in self.rows if row.kind == "lora"]
 
     def csv(self) -> str:
-        lines = ["tensor,kind,shape,rank,retained_energy,relative_error,svd"]
-        for row in self.rows:
-            lines.append(f"{row.tensor},{row.kind},{'x'.join(map(str, row.shape))},{row.rank or ''},"
-                         f"{row.energy:.6f},{row.error:.6g},{row.svd}")
-        return "\n".join(lines) + "\n"
+        return rows_csv(self.rows)
 
     def table(self) -> str:
         """The rows as an aligned text table, for the terminal."""
-        width = max([len(r.tensor) for r in self.rows] + [6])
-        out = io.StringIO()
-        out.write(f"{'tensor':<{width}}  {'kind':<4}  {'rank':>5}  {'energy':>8}  {'rel.err':>9}\n")
-        for r in self.rows:
-            out.write(f"{r.tensor:<{width}}  {r.kind:<4}  {r.rank if r.rank else '-':>5}  {r.energy:8.4f}  "
-                      f"{r.error:9.3g}\n")
-        return out.getvalue().rstrip("\n")
+        return rows_table(self.rows)
 
     def summary(self) -> str:
         ranks = [r.rank or 0 for r in self.lora]
@@ -100,20 +76,8 @@ class ExtractReport:
 def _check_args(rank: Optional[int], energy: Optional[float], device: str) -> torch.device:
     if rank is None and energy is None:
         raise MergeError("give --rank R, --energy E or both")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise MergeError(f"--rank must be an integer of at least 1, got {clip(rank, 40)}")
-    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
-        raise MergeError(f"--energy must be in (0, 1] (the share of the squared singular values kept), "
-                         f"got {clip(energy, 40)}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MergeError(f"unknown device '{clip(device, 60)}'; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError("--device cuda: no CUDA device is available here; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise MergeError(f"unsupported device '{clip(device, 60)}'; use cpu or cuda")
-    return dev
+    check_rank(rank, energy)
+    return check_device(device)
 
 
 def _changed(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from mergecore.errors import MergeError, clip
+
 EXACT_MAX_DIM = 1024  # smaller side up to this: exact SVD (fast enough, and exact)
 NITER = 4  # power iterations of the randomized SVD (2-4 is the usual accuracy / cost trade)
 OVERSAMPLE = 10  # extra random columns, dropped after the SVD
@@ -98,3 +100,60 @@ def factorize(delta: torch.Tensor, *, rank: Optional[int], energy: Optional[floa
     residual = delta - b.to(delta.dtype) @ a.to(delta.dtype)
     error = float(torch.linalg.vector_norm(residual, dtype=torch.float64)) / total ** 0.5 if total > 0 else 0.0
     return LowRank(b.cpu(), a.cpu(), k, min(kept, 1.0), error, method)
+
+
+def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin exact SVD (U, S, Vh) of B·A without forming it (adapters are merged as factors):
+    QR of B and of Aᵀ, then the SVD of the small core R_B·R_Aᵀ; float64, on the factors' device.
+    Costs O((out + in)·k²) for inner size k instead of a full out×in SVD."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return qb @ u, s, vh @ qa.T
+
+
+def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, *, rank: Optional[int], energy: Optional[float],
+             dtype: torch.dtype, method: str = "exact") -> LowRank:
+    """LowRank factors of U·diag(S)·Vh (an exact SVD) kept to `rank` components, or to the fewest
+    keeping `energy` of Σ S² (at most `rank` when both are given); error and energy from S."""
+    sq = s.double() ** 2
+    total = float(sq.sum())
+    cap = len(s) if rank is None else min(rank, len(s))
+    k = cap if energy is None else min(cap, rank_for_energy(sq, total, energy) or cap)
+    k = max(k, 1)
+    root = s[:k].sqrt()
+    b = (u[:, :k] * root).to(dtype)
+    a = (root[:, None] * vh[:k]).to(dtype)
+    kept = float(sq[:k].sum()) / total if total > 0 else 1.0
+    error = max(0.0, 1.0 - kept) ** 0.5 if total > 0 else 0.0
+    return LowRank(b.cpu(), a.cpu(), k, min(kept, 1.0), error, method)
+
+
+def factorize_product(b: torch.Tensor, a: torch.Tensor, *, rank: Optional[int], energy: Optional[float],
+                      dtype: torch.dtype) -> LowRank:
+    """B·A (adapters' factors side by side) truncated by its exact SVD, never formed in full."""
+    u, s, vh = svd_of_product(b, a)
+    return truncate(u, s, vh, rank=rank, energy=energy, dtype=dtype)
+
+
+def check_rank(rank: Optional[int], energy: Optional[float]) -> None:
+    """--rank an integer >= 1 and --energy in (0, 1], when given (one line otherwise)."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise MergeError(f"--rank must be an integer of at least 1, got {clip(rank, 40)}")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))
+                               or not 0 < energy <= 1):
+        raise MergeError(f"--energy must be in (0, 1] (the share of the squared singular values kept), "
+                         f"got {clip(energy, 40)}")
+
+
+def check_device(device: str) -> torch.device:
+    """The device the SVDs run on: cpu, or cuda when one is there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MergeError(f"unknown device '{clip(device, 60)}'; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("--device cuda: no CUDA device is available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise MergeError(f"unsupported device '{clip(device, 60)}'; use cpu or cuda")
+    return dev

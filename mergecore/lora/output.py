@@ -36,7 +36,8 @@ from mergecore.io.outdir import (
 )
 from mergecore.io.source import DTYPE_NAMES
 
-KIND = "extract-lora"  # the marker kind: only a folder an extraction wrote is replaced
+KIND = "extract-lora"  # the marker kind: only a folder a run of the same kind wrote is replaced
+MERGE_KIND = "merge-adapters"  # ... and merge-adapters' own
 
 # (key, dtype, shape, the tensor when it is written)
 Entry = tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
@@ -66,12 +67,14 @@ def write_safetensors(path: Path, entries: Sequence[Entry], *, cancel: Optional[
 
 
 class AdapterFolder:
-    """OUT for an extracted adapter: `check()` at once (before the work), `temp()` when the
-    results are ready, `publish()` to rename it into place; `discard()` (or leaving a `with`
-    block by an exception) removes everything this run made."""
+    """OUT for an adapter (extracted, or merged with `kind=MERGE_KIND`): checked at once (before
+    the work), `temp()` when the results are ready, `publish()` to rename it into place;
+    `discard()` (or leaving a `with` block by an exception) removes everything this run made."""
 
-    def __init__(self, out: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path] = ()):
-        self._policy = {"kind": KIND, "overwrite": overwrite, "sources": tuple(sources)}
+    def __init__(self, out: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path] = (),
+                 kind: str = KIND):
+        self.kind = kind
+        self._policy = {"kind": kind, "overwrite": overwrite, "sources": tuple(sources)}
         self.out = check_output_dir(out, **self._policy)
         self.warnings: list[str] = []
         self._temp: Optional[TempDir] = None
@@ -88,7 +91,7 @@ class AdapterFolder:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.warnings += [stale_warning(s) for s in remove_stale_temp_dirs(self.out.parent)]
             self._temp = make_temp_dir(self.out)
-            write_marker(self._temp.path, KIND)
+            write_marker(self._temp.path, self.kind)
         except OSError as err:
             self.discard()
             raise MergeError(f"cannot write to output path {self.out}: {err.strerror or err}") from None
@@ -97,7 +100,8 @@ class AdapterFolder:
     def check_alive(self) -> None:
         """Stop if a signal handler removed the temporary folder (the process is going down)."""
         if self._temp is not None and self._temp.removed:
-            raise Cancelled("extraction stopped by a signal; nothing was written")
+            raise Cancelled(f"{'extraction' if self.kind == KIND else 'adapter merge'} stopped by a signal; "
+                            f"nothing was written")
 
     def publish(self) -> Path:
         """Rename the temporary folder to OUT (replacing an earlier extraction's folder when
