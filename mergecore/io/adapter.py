@@ -125,7 +125,7 @@ class AdapterSource(ModelSource):
     # -- a head tied to the embedding ---------------------------------------------------------
 
     @functools.cached_property
-    def _tied_embedding(self) -> Optional[str]:
+    def tied_embedding(self) -> Optional[str]:
         """The base's input embedding weight when its config ties the output head to it and the
         base saves no head of its own (else None)."""
         if not self.config.get("tie_word_embeddings", True) or any(
@@ -137,9 +137,9 @@ class AdapterSource(ModelSource):
 
     def _is_tied_head(self, name: str) -> bool:
         """Whether `name` (a module or a tensor) is an output head the base ties to its embedding."""
-        return _leaf_module(name) in TIED_HEADS and self._tied_embedding is not None
+        return _leaf_module(name) in TIED_HEADS and self.tied_embedding is not None
 
-    def _unpatched(self, name: str) -> torch.Tensor:
+    def unpatched(self, name: str) -> torch.Tensor:
         """Base tensor `name` as the adapter saves it whole (or the base's), before any LoRA."""
         saved = self.replaced.get(name)
         return self._read_info(saved.name, saved) if saved is not None else super().read(name)
@@ -148,13 +148,13 @@ class AdapterSource(ModelSource):
         """Fold the saved head of a tied base into its embedding as peft does (see the module doc)."""
         if not whole and not lora:
             return
-        emb = str(self._tied_embedding)
+        emb = str(self.tied_embedding)
         tying = self.settings.ensure_weight_tying
         for info in whole:
             self._check_shape(emb, info.shape, info.name)
             if tying:  # one shared weight, the head loaded last: the embedding reads as the saved head
                 self.replaced[emb] = info
-            elif not torch.equal(self._read_info(info.name, info).float(), self._unpatched(emb).float()):
+            elif not torch.equal(self._read_info(info.name, info).float(), self.unpatched(emb).float()):
                 raise MergeError(f"{self._where}: the adapter saves '{_leaf_module(info.name)}' whole, unlike '{emb}' "
                                  f"the base ties it to (tie_word_embeddings), and has no ensure_weight_tying, so "
                                  f"peft unties them, which a checkpoint with tied embeddings cannot hold; fold it "
@@ -251,6 +251,14 @@ class AdapterSource(ModelSource):
     def adapted(self) -> set[str]:
         """The base tensors the adapter changes (the others read as the base's)."""
         return set(self.patches) | set(self.replaced)
+
+    def lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B, A, scale) of base tensor `name`'s LoRA as saved: its change is scale·B·A, transposed
+        into the weight when `patches[name].transpose` (embeddings, fan_in_fan_out)."""
+        p = self.patches[name]
+        if p.a is None:
+            raise MergeError(f"internal: '{name}' has a LoRA bias, not factors")
+        return self._read_info(p.b.name, p.b), self._read_info(p.a.name, p.a), p.scale
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor as PEFT's merge_and_unload leaves it, in the base's dtype."""
