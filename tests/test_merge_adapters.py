@@ -349,3 +349,22 @@ def test_other_base_names_only_warn(trio, tmp_path, capsys):
     assert rc == 0 and "warning: the adapters name different bases" in err and "org/other" in err
     line = run_bad(capsys, tmp_path / "out2", "--adapter", str(trio["adapters"][0]), "--adapter", str(renamed))
     assert "give the base model" in line  # and without --base there is no one base to take
+
+
+def test_cancel_leaves_nothing_and_no_cuda_is_one_line(trio, tmp_path, capsys):
+    from mergecore.errors import Cancelled
+    from mergecore.events import CancelToken
+
+    cancel = CancelToken()
+
+    def progress(p):
+        if p.tensors_done == 3:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        merge_adapters(_config(trio, "knots", rank=2), tmp_path / "out", progress=progress, cancel=cancel)
+    assert list(tmp_path.iterdir()) == []
+    if not torch.cuda.is_available():
+        line = run_bad(capsys, tmp_path / "out", "--base", trio["base"], "--adapter", trio["adapters"][0],
+                       "--device", "cuda")
+        assert "no CUDA device" in line
