@@ -271,3 +271,34 @@ def test_lora_adapters_as_experts_and_as_the_base(llama, tmp_path):
     a = load_file(tmp_path / "a" / "model.safetensors")
     assert torch.allclose(a["model.layers.0.self_attn.q_proj.weight"], folded["model.layers.0.self_attn.q_proj.weight"],
                           atol=1e-6)
+
+
+def test_a_portable_config_rebuilds_the_same_mixture(llama, mixtral, tmp_path):
+    """`portable_moe`: Hub ids kept, local models as models/<folder name> beside the config; built
+    there, the config gives the same tensors. The config round-trips through its YAML, and a
+    recipe is not taken for a config."""
+    import shutil
+
+    from mergecore.moe.config import is_moe_config, moe_config_yaml
+    from mergecore.moe.portable import portable_moe
+
+    exp = portable_moe(mixtral)
+    assert exp.config.base_model == "models/base" and [e.source_model for e in exp.config.experts] == [
+        "models/e0", "models/e1", "models/e2"]
+    assert exp.local_models == {f"models/{n}": str(llama[n]) for n in ("base", "e0", "e1", "e2")}
+    assert exp.config_text.startswith("# Rebuild: `mergecore moe mergecore_moe.yml OUT`")
+    assert "`models/e2`" in exp.card and "# Mixtral mixture of experts" in exp.card
+    assert parse_moe_config(moe_config_yaml(exp.config)) == exp.config
+    folder = tmp_path / "unzipped"
+    for ref, where in exp.local_models.items():
+        shutil.copytree(where, folder / ref)
+    (folder / CONFIG_FILE).write_text(exp.config_text)
+    again = build_moe(folder / CONFIG_FILE, tmp_path / "again")
+    a, b = load_file(mixtral / "model.safetensors"), load_file(again.out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert is_moe_config(yaml.safe_load(exp.config_text)) and not is_moe_config(
+        {"merge_method": "linear", "models": [{"model": "a"}]}) and not is_moe_config(["experts"])
+    from mergecore.errors import MergeError
+
+    with pytest.raises(MergeError, match="not a mixture built by mergecore moe"):
+        portable_moe(tmp_path)

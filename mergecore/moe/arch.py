@@ -97,13 +97,19 @@ def _int(cfg: dict[str, Any], key: str, ref: str) -> int:
     return v
 
 
+def needs_shared_expert(base_model_type: str) -> bool:
+    """Whether a base of this `model_type` makes a Qwen2-MoE mixture (exactly one shared expert)
+    when the config asks for no architecture: qwen2 bases do (Mixtral lacks their attention biases)."""
+    return base_model_type == "qwen2"
+
+
 def choose_output(config: MoEConfig, base: ModelSource) -> Output:
     """The mixture for this base and config, or one line saying why none fits."""
     mt = model_type(base)
     if mt not in INPUTS:
         raise MergeError(f"base model '{clip(base.ref, 120)}' is a {clip(mt, 40)} model; {SUPPORTED}")
     cfg = base.config
-    kind = config.output or ("qwen2_moe" if config.shared_experts or mt == "qwen2" else "mixtral")
+    kind = config.output or ("qwen2_moe" if config.shared_experts or needs_shared_expert(mt) else "mixtral")
     shared = len(config.shared_experts or [])
     n = len(config.experts)
     if kind == "mixtral":

@@ -33,11 +33,12 @@ from mergecore.io.source import ModelSource, dtype_from_name, is_hub_id
 from mergecore.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size, prepare_output_dir
 from mergecore.moe.arch import (PARTS, Output, base_tensors, check_expert, choose_output, layer_of, mlp_name,
                                 output_config)
-from mergecore.moe.config import Expert, MoEConfig, load_moe_config
+from mergecore.moe.config import Expert, MoEConfig, load_moe_config, moe_config_yaml
 from mergecore.moe.gates import check_device, gate_vectors
 from mergecore.side_files import TOKENIZER_FILES
 
 CONFIG_FILE = "mergecore_moe.yml"
+CARD_FILE = "README.md"
 KIND = "moe"
 
 
@@ -141,27 +142,24 @@ def _jobs(out: Output, base: ModelSource, experts: list[ModelSource], shared: Op
     return first + [j for i in range(out.layers) for j in per_layer[i]] + last
 
 
-def _card(config: MoEConfig, out: Output) -> str:
-    """README.md: front matter (base_model when it is a Hub id) and what the mixture is."""
+def moe_card(config: MoEConfig, architecture: str) -> str:
+    """README.md of a mixture: front matter (base_model when it is a Hub id), what it is made of
+    (`architecture`: its config.json's, e.g. MixtralForCausalLM) and the config."""
     meta: dict[str, object] = {}
     base_side = (split_adapter_ref(config.base_model) or (config.base_model,))[0]
     if is_hub_id(base_side) and not Path(base_side).expanduser().exists():
         meta["base_model"] = base_side
     meta.update(library_name="transformers", tags=["moe", "merge", "mergecore"])
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-             f"# {out.architecture.removesuffix('ForCausalLM')} mixture of experts", "",
+             f"# {architecture.removesuffix('ForCausalLM')} mixture of experts", "",
              f"Built with `mergecore moe` from `{config.base_model}` (attention, norms, embeddings) and "
-             f"{out.experts} experts ({config.experts_per_token} per token, `{config.gate_mode}` gates):", ""]
+             f"{len(config.experts)} experts ({config.experts_per_token} per token, `{config.gate_mode}` gates):", ""]
     for i, e in enumerate(config.experts):
         lines.append(f"- expert {i}: `{e.source_model}` ({len(e.positive_prompts or [])} positive prompts)")
     for e in config.shared_experts or []:
         lines.append(f"- shared expert: `{e.source_model}`")
-    lines += ["", "## Config", "", "```yaml", _config_yaml(config).rstrip(), "```", ""]
+    lines += ["", "## Config", "", "```yaml", moe_config_yaml(config).rstrip(), "```", ""]
     return "\n".join(lines)
-
-
-def _config_yaml(config: MoEConfig) -> str:
-    return yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True)
 
 
 def _warnings(config: MoEConfig, out: Output) -> list[str]:
@@ -255,5 +253,5 @@ def _side_files(writer: ShardedWriter, base: ModelSource, config: MoEConfig, spe
     for name in ("generation_config.json", *TOKENIZER_FILES):
         if (base.path / name).is_file():
             writer.copy_file(base.path / name)
-    writer.add_file(CONFIG_FILE, _config_yaml(config))
-    writer.add_file("README.md", _card(config, spec))
+    writer.add_file(CONFIG_FILE, moe_config_yaml(config))
+    writer.add_file(CARD_FILE, moe_card(config, spec.architecture))

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError, field_validator
 
 from mergecore.errors import MergeError, clip
@@ -104,6 +105,10 @@ class MoEConfig(_Strict):
         """The output asked for by `architecture` ('mixtral', 'qwen2_moe'), or None to choose."""
         return OUTPUTS[self.architecture.lower()] if self.architecture else None
 
+    def referenced_models(self) -> list[str]:
+        """Every model the config names, once each: the base, then the experts (as a recipe's)."""
+        return list(dict.fromkeys([self.base_model, *(e.source_model for e in self.all_experts)]))
+
     @property
     def all_experts(self) -> list[Expert]:
         """Routed experts, then the shared ones (the gate step computes a row for each)."""
@@ -143,6 +148,8 @@ def check_config(config: MoEConfig, where: str = "moe config") -> None:
 
 
 def moe_config_from_dict(data: Any, where: str = "moe config") -> MoEConfig:
+    """A config from parsed YAML (a mapping), checked whole: the schema, then `check_config`.
+    Each problem is one `MergeError` line starting with `where`."""
     if not isinstance(data, dict):
         raise MergeError(f"{where}: expected a mapping at the top level (base_model, experts, ...), "
                          f"got {type(data).__name__}")
@@ -152,6 +159,20 @@ def moe_config_from_dict(data: Any, where: str = "moe config") -> MoEConfig:
         raise MergeError(_validation_line(err, where)) from None
     check_config(config, where)
     return config
+
+
+def is_moe_config(data: Any) -> bool:
+    """Whether parsed YAML is a mergekit-moe config rather than a merge recipe: a mapping with
+    `experts` (or `base_model` and no `merge_method`, `models` or `slices`)."""
+    if not isinstance(data, dict) or "merge_method" in data:
+        return False
+    return "experts" in data or ("base_model" in data and not {"models", "slices"} & set(data))
+
+
+def moe_config_yaml(config: MoEConfig) -> str:
+    """The config as YAML (what `build_moe` writes beside the weights; `parse_moe_config` reads
+    it back to the same config)."""
+    return yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True)
 
 
 def parse_moe_config(text: str | bytes, where: str = "moe config") -> MoEConfig:
