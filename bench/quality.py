@@ -124,6 +124,7 @@ MERGE_ROWS: list[MergeRow] = [
     MergeRow("MagMax (λ on val)", "magmax", {}, tune=("lambda", (0.3, 0.5, 0.7, 1.0, 1.5))),
     MergeRow("PCB (λ on val)", "pcb", {}, tune=("lambda", (0.2, 0.3, 0.5, 0.7, 1.0))),
     MergeRow("WUDI (λ on val)", "wudi", {}, tune=("lambda", (0.2, 0.3, 0.5, 0.7, 1.0))),
+    MergeRow("RegMean (α on val)", "regmean", {}, tune=("reduce_non_diagonal_ratio", (0.0, 0.3, 0.6, 0.9, 1.0))),
 ]
 TUNE_SUBSET = 0.2  # share of each validation task scored per grid point
 
