@@ -11,7 +11,8 @@ the UI draws one widget per field. The form's state is a plain dict::
      "slices": None,                        # an imported `slices:` layout (edited as YAML)
      "left_out": ["variant_c"],             # session models the recipe does not use (a recipe may
                                             # name only some of them; new models join the recipe)
-     "search_dirs": [...]}                  # where relative artifact paths resolve (a search's folder)
+     "search_dirs": [...],                  # where relative artifact paths resolve (a search's folder)
+     "moe": {...} | None}                   # the mixture-of-experts form (app.moe_form), on or off
 
 Values are `app.values`' (scalars, curves, split curves, raw imports); `app.curves` edits the
 curves. `build_recipe_dict` turns the form into a mergekit recipe; `form_from_recipe` does the
@@ -73,8 +74,11 @@ def recipe_models(state: dict[str, Any], form: dict[str, Any]) -> list[str]:
     list of models (a slices layout: its sources)."""
     if not form or not form.get("method") or not state.get("models"):
         return []
+    from app import moe_form
     from app.state import find_model
 
+    if moe_form.is_on(form):
+        return moe_form.models_used(form, state)
     method = get_method(form["method"])
     base = [state["base"]] if state.get("base") and (method.base != "ignored" or form.get("slices_base")) else []
     if form.get("slices"):
@@ -159,7 +163,8 @@ def new_form(method_name: str, state: dict[str, Any], old: Optional[dict[str, An
     explicit = [k for k in (old or {}).get("explicit", []) if k in values]
     return {"method": method_name, "values": values, "explicit": explicit, "left_out": left_out,
             "extra": dict((old or {}).get("extra") or {}), "slices": (old or {}).get("slices"),
-            "slices_base": (old or {}).get("slices_base"), "search_dirs": list((old or {}).get("search_dirs") or [])}
+            "slices_base": (old or {}).get("slices_base"), "search_dirs": list((old or {}).get("search_dirs") or []),
+            "moe": copy.deepcopy((old or {}).get("moe"))}  # the mixture-of-experts form (app.moe_form), kept
 
 
 def sync_form(form: Optional[dict[str, Any]], state: dict[str, Any]) -> dict[str, Any]:
@@ -371,29 +376,42 @@ def recipe_warnings(form: dict[str, Any], state: dict[str, Any]) -> list[str]:
 
 
 def import_recipe(text: str | bytes, state: dict[str, Any], roots: Sequence[Path], where: str = "recipe",
-                  search_dirs: Sequence[str | Path] = ()) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+                  search_dirs: Sequence[str | Path] = (), form: Optional[dict[str, Any]] = None
+                  ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(state, form, notes) for recipe YAML typed or uploaded into the page: parsed as data (never
     executed; within `mergecore.yamlio`'s size and alias limits, so a small hostile upload cannot
     blow up), its models loaded into the session, the form filled. Local models and artifacts it
     names must lie in `roots` (`app.paths`), as typed paths do; a relative artifact path is taken
-    in `search_dirs` (e.g. the folder of the search that wrote the recipe), where the merge finds it."""
+    in `search_dirs` (e.g. the folder of the search that wrote the recipe), where the merge finds it.
+    A mergekit-moe config fills the mixture-of-experts form instead (`app.moe_form`; `form`: the
+    form it joins)."""
+    from mergecore.moe.config import is_moe_config
     from mergecore.recipe import recipe_from_dict
     from mergecore.yamlio import load_yaml
 
-    recipe = recipe_from_dict(load_yaml(text or "", where), where)
+    data = load_yaml(text or "", where)
+    if is_moe_config(data):
+        from mergecore.moe.config import moe_config_from_dict
+
+        from app import moe_form
+
+        config = moe_config_from_dict(data, where)
+        state = load_models(config.referenced_models(), state, roots)
+        new, notes = moe_form.config_form(config, state, filled(form or {"method": default_method()}, state), where)
+        return state, new, notes
+    recipe = recipe_from_dict(data, where)
     state = load_recipe_models(recipe, state, roots, search_dirs)
-    return form_from_recipe(recipe, state, search_dirs)
+    state, new, notes = form_from_recipe(recipe, state, search_dirs)
+    if (form or {}).get("moe"):  # the mixture's form stays, off
+        new["moe"] = {**form["moe"], "on": False}
+    return state, new, notes
 
 
 def load_recipe_models(recipe, state: dict[str, Any], roots: Sequence[Path], search_dirs: Sequence[str | Path] = ()
                        ) -> dict[str, Any]:
     """The session with the recipe's models loaded (a copy); its artifacts and local models must
     lie in `roots`. A MergeError about one reference carries it as `err.ref`."""
-    from mergecore.io.source import resolve_model_path
-
-    from app import adapters
-    from app import state as st
-    from app.paths import confine, local_model
+    from app.paths import confine
 
     get_method(recipe.merge_method)
     for key, ref in (recipe.artifacts or {}).items():
@@ -403,8 +421,20 @@ def load_recipe_models(recipe, state: dict[str, Any], roots: Sequence[Path], sea
         except MergeError as err:
             err.ref = ref
             raise
+    return load_models(recipe.referenced_models(), state, roots)
+
+
+def load_models(refs: Sequence[str], state: dict[str, Any], roots: Sequence[Path]) -> dict[str, Any]:
+    """The session with the models `refs` (folders, Hub ids, `BASE+ADAPTER`) loaded when they are
+    not (a copy); local folders must lie in `roots`. A MergeError about one carries it as `err.ref`."""
+    from mergecore.io.source import resolve_model_path
+
+    from app import adapters
+    from app import state as st
+    from app.paths import confine, local_model
+
     state = copy.deepcopy(state or st.new_session())
-    for ref in recipe.referenced_models():
+    for ref in refs:
         if st.find_model(state, ref) is None:
             try:
                 if adapters.split(ref) is not None:  # BASE+ADAPTER: each side, then the engine's check

@@ -15,7 +15,9 @@ A record whose job the app no longer knows (it restarted) and that never ended i
 they scored are written into its record.
 
 Deleting a merge removes its record and its folder, and only a folder inside the owner's
-merges folder that mergecore marked as a merge's (`mergecore.io.outdir.read_marker`).
+merges folder that mergecore marked as a merge's or a mixture of experts' (`mergecore.io.outdir.read_marker`).
+A mixture of experts built on the Merge tab is recorded as a merge, its config as the recipe and
+`moe` as the method.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def method_of(yaml_text: Optional[str]) -> Optional[str]:
         data = load_yaml(yaml_text, "recipe")
     except MergeError:
         return None
+    from mergecore.moe.config import is_moe_config
+
+    if is_moe_config(data):
+        return "moe"  # a mixture of experts' config (app.moe_form.MOE)
     method = data.get("merge_method") if isinstance(data, dict) else None
     return method if isinstance(method, str) else None
 
@@ -241,7 +247,7 @@ def delete(store: SessionStore, ws: Workspace, jobs: JobManager, owner: str, rec
         root = ws.merges_dir(owner).resolve()
         if folder.is_symlink() or folder.resolve().parent != root or not folder.is_dir():
             raise MergeError(f"'{name}': {folder} is not a folder of this browser's merges; not deleting it")
-        if read_marker(folder) != "merge":
+        if read_marker(folder) not in ("merge", "moe"):  # a merge's, or a mixture of experts' (build_moe)
             raise MergeError(f"'{name}': {folder} has no mergecore merge marker; not deleting it")
         try:
             shutil.rmtree(folder)

@@ -50,8 +50,10 @@ def events_frame(events: Sequence[dict[str, Any]], kind: str, x: str, ys: Sequen
 
 
 def merge_frame(events: Sequence[dict[str, Any]]):
-    """MB written against seconds elapsed, from a merge job's progress events."""
-    return events_frame(events, "merge.progress", "elapsed", ["bytes_done"], scale={"bytes_done": 1e-6},
+    """MB written against seconds elapsed, from a merge job's progress events (a mixture of
+    experts' `moe.progress`: those of its writing stage)."""
+    kind = "moe.progress" if any(e.get("kind") == "moe.progress" for e in events) else "merge.progress"
+    return events_frame(events, kind, "elapsed", ["bytes_done"], scale={"bytes_done": 1e-6},
                         names={"bytes_done": "MB written"})
 
 

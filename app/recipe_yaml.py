@@ -213,8 +213,11 @@ class Prepared:
         return "\n".join(lines)
 
     def applied_md(self) -> str:
+        from app.moe_form import MOE, is_on
+
         names = forms.recipe_models(self.state, self.form)
-        first = f"**Applied**: {self.form.get('method')} of {', '.join(names) or 'no models'}."
+        method = MOE if is_on(self.form) else self.form.get("method")
+        first = f"**Applied**: {method} of {', '.join(names) or 'no models'}."
         return "\n".join([first] + [f"- {x}" for x in self.changes + self.dropped]
                          + [f"- ⚠ {w}" for w in self.warnings])
 
@@ -241,11 +244,36 @@ def session_changes(old_state: dict[str, Any], old_form: dict[str, Any], state: 
     return out
 
 
+def prepare_moe(text: str | bytes, data: Any, state: dict[str, Any], form: dict[str, Any], roots: Sequence[Path],
+                where: str = "recipe") -> Prepared:
+    """A mergekit-moe config applied: checked by the engine, its models loaded, the form on the
+    mixture (`app.moe_form`), and what that changes; a MergeError names the line and column."""
+    from app.moe_form import LABEL, error_path, is_on
+
+    shown = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else (text or "")
+    try:
+        new_state, new_form, notes = forms.import_recipe(text, state, roots, where, form=form)
+    except MergeError as err:
+        ref = getattr(err, "ref", None)
+        path = error_path(data, err)
+        raise located(err, where, scalar_position(shown, ref) if ref else position(shown, path) if path else None
+                      ) from None
+    old = (form or {}).get("method")
+    method = "" if is_on(form) else f"switch the method: {old} → {LABEL}" if old else ""
+    return Prepared(new_state, new_form, notes, [], session_changes(state, form, new_state, new_form), [], method)
+
+
 def prepare(text: str | bytes, state: dict[str, Any], form: dict[str, Any], roots: Sequence[Path],
             where: str = "recipe", search_dirs: Sequence[str | Path] = ()) -> Prepared:
-    """Recipe YAML checked (`parse`) and made into a session and form, with what that changes."""
+    """Recipe YAML checked (`parse`) and made into a session and form, with what that changes. A
+    mergekit-moe config goes to the mixture-of-experts form (`app.moe_form.prepare`)."""
+    from mergecore.moe.config import is_moe_config
     from mergecore.recipe import validate_parameters
+    from mergecore.yamlio import load_yaml
 
+    data = load_yaml(text or "", where)
+    if is_moe_config(data):
+        return prepare_moe(text, data, state, form, roots, where)
     recipe, text = parse(text, where)
     try:
         new_state = forms.load_recipe_models(recipe, state, roots, search_dirs)
@@ -257,6 +285,10 @@ def prepare(text: str | bytes, state: dict[str, Any], form: dict[str, Any], root
     dropped = [n for n in notes if n.startswith("parameters")]
     kept = [n for n in notes if n not in dropped and not n.startswith("models not in the recipe")]
     changes = session_changes(state, form, new_state, new_form)
-    old = (form or {}).get("method")
+    from app.moe_form import LABEL, is_on
+
+    old = LABEL if is_on(form) else (form or {}).get("method")
     method = f"switch the method: {old} → {new_form['method']}" if old and old != new_form["method"] else ""
+    if (form or {}).get("moe"):  # a recipe goes to its method; the mixture's form stays, off
+        new_form["moe"] = {**form["moe"], "on": False}
     return Prepared(new_state, new_form, kept, warnings, changes, dropped, method)

@@ -269,6 +269,10 @@ def clean_form(data: Any, state: dict[str, Any], roots: Any) -> tuple[dict[str, 
         except MergeError:
             notes.append("an artifact folder outside the folders this app may read was dropped")
     form["search_dirs"] = dirs
+    if isinstance(data.get("moe"), dict):  # the mixture-of-experts form, its models the session's
+        from app.moe_form import sync
+
+        form["moe"] = sync(data["moe"], state)
     if state.get("models"):
         form = forms.sync_form(form, state)
     return form, notes

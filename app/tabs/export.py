@@ -6,6 +6,8 @@ checkpoint, its recipe with Hub models by id, local models as `models/<folder na
 the recipe (the card and this tab say where to put them) and every artifact inside
 (`artifacts/`), and a model card with the scores of the session's latest evaluation of the merge.
 `mergecore merge <name>/mergecore_recipe.yml OUT` in the unzipped folder gives the same tensors.
+A mixture of experts ships its config the same way (`mergecore.moe.portable.portable_moe`):
+`mergecore moe <name>/mergecore_moe.yml OUT` builds it again.
 
 Named API endpoints: /export, /push_hub, /poll_push.
 """
@@ -21,7 +23,7 @@ from mergecore.errors import MergeError
 from mergecore.io.adapter import source_folders
 from mergecore.side_files import CARD_FILE, RECIPE_FILE, PortableCheckpoint, portable_checkpoint
 
-from app import forms
+from app import forms, moe_form
 from app import state as st
 from app.context import AppContext, Page, owner_of
 from app.files import folder_bytes
@@ -177,11 +179,15 @@ def export(ctx: AppContext, owner: str, name: Optional[str], state, form):
     """(status, recipe download, checkpoint download) for the merge `name` (None: the form's recipe)."""
     ws = ctx.workspace
     if not name:
-        rpath = ws.write_recipe(forms.recipe_yaml(form, state), "recipe")
+        on = moe_form.is_on(form)
+        text = moe_form.config_yaml(form, state) if on else forms.recipe_yaml(form, state)
+        rpath = ws.write_recipe(text, "moe" if on else "recipe")
         return ("No merged checkpoint chosen: the recipe is the current form's (paths as on this machine).",
                 gr.DownloadButton(f"Download {rpath.name}", value=str(rpath), visible=True),
                 gr.DownloadButton(visible=False))
     folder = merge_folder(ctx, owner, name)
+    if moe_folder(folder):
+        return export_moe(ctx, name, folder)
     exp = portable(ctx, owner, name, folder)
     rpath = ws.write_recipe(exp.recipe_text, f"{name}-recipe")
     z = ws.zip_checkpoint(folder, name, replace={RECIPE_FILE: exp.recipe_text, CARD_FILE: exp.card}, extra=exp.files)
@@ -200,6 +206,45 @@ def export(ctx: AppContext, owner: str, name: Optional[str], state, form):
     return status, gr.DownloadButton(f"Download {rpath.name}", value=str(rpath), visible=True), ckpt
 
 
+def moe_folder(folder: Path) -> bool:
+    """Whether `folder` holds a mixture of experts (its config beside the weights)."""
+    from mergecore.moe.build import CONFIG_FILE
+
+    return (folder / CONFIG_FILE).is_file() and not (folder / RECIPE_FILE).is_file()
+
+
+def moe_files(folder: Path) -> tuple[Any, dict[str, str]]:
+    """(the engine's portable export of a mixture, the files it replaces in the folder's copy)."""
+    from mergecore.moe.build import CONFIG_FILE
+    from mergecore.moe.portable import portable_moe
+
+    exp = portable_moe(folder)
+    return exp, {CONFIG_FILE: exp.config_text, CARD_FILE: exp.card}
+
+
+def export_moe(ctx: AppContext, name: str, folder: Path):
+    """(status, config download, checkpoint download) for a mixture of experts: its config with
+    local models relative to it (`models/<name>`), zipped with the weights."""
+    from mergecore.moe.build import CONFIG_FILE
+
+    ws = ctx.workspace
+    exp, replace = moe_files(folder)
+    cpath = ws.write_recipe(exp.config_text, f"{name}-moe")
+    z = ws.zip_checkpoint(folder, name, replace=replace)
+    if z is None:
+        status = (f"The checkpoint is {st.human_bytes(folder_bytes(folder))}, over the zip limit: it is in the "
+                  f"folder `{folder}`.")
+        ckpt = gr.DownloadButton(visible=False)
+    else:
+        status = (f"Mixture of experts `{name}` zipped ({st.human_bytes(z.stat().st_size)}); folder: `{folder}`. "
+                  f"Build it again with `mergecore moe {z.stem}/{CONFIG_FILE} OUT` where it is unzipped.")
+        ckpt = gr.DownloadButton(f"Download {z.name}", value=str(z), visible=True)
+    if exp.local_models:
+        status += ("\n\nIts config names local models relative to itself; put (or link) each folder there first:\n"
+                   + "\n".join(f"- `{ref}` ← `{where}`" for ref, where in exp.local_models.items()))
+    return status, gr.DownloadButton(f"Download {cpath.name}", value=str(cpath), visible=True), ckpt
+
+
 def start_push(ctx: AppContext, owner: str, name: Optional[str], repo: Optional[str], private: bool):
     """Check the input and the token now (one line each), then push the export in the background."""
     from app import hub
@@ -210,9 +255,12 @@ def start_push(ctx: AppContext, owner: str, name: Optional[str], repo: Optional[
 
     def run(jc):
         jc.log(f"preparing {name} (recipe with relative paths, artifacts, model card) ...")
-        exp = portable(ctx, owner, name, folder, hub_only=True)
-        staged = ctx.workspace.stage_checkpoint(folder, name, replace={RECIPE_FILE: exp.recipe_text,
-                                                                       CARD_FILE: exp.card}, extra=exp.files)
+        if moe_folder(folder):  # a mixture of experts: its config made portable
+            staged = ctx.workspace.stage_checkpoint(folder, name, replace=moe_files(folder)[1])
+        else:
+            exp = portable(ctx, owner, name, folder, hub_only=True)
+            staged = ctx.workspace.stage_checkpoint(folder, name, replace={RECIPE_FILE: exp.recipe_text,
+                                                                           CARD_FILE: exp.card}, extra=exp.files)
         try:
             jc.check()
             return hub.push_folder(staged, repo_id, private=private, token=token, log=jc.log)

@@ -22,7 +22,7 @@ import gradio as gr
 
 from mergecore.errors import MergeError
 
-from app import forms, history, plots
+from app import forms, history, moe_form, moe_job, plots
 from app import state as st
 from app.context import AppContext, Page, browser_owner
 from app.jobs import CANCELLED, DONE, FAILED, RUNNING, Job
@@ -119,7 +119,7 @@ class MergeTab:
 
         def started(owner: str, job: Job, out_dir: Path):
             ahead = ctx.jobs.position(job)
-            msg = (f"Merging into `{out_dir}` ..." if not ahead else
+            msg = (f"{doing(job)} into `{out_dir}` ..." if not ahead else
                    f"Queued `{out_dir.name}` behind {ahead} merge{'s' if ahead > 1 else ''}; it starts when "
                    f"{'they end' if ahead > 1 else 'that one ends'}.")
             bar = progress_html(0, "starting ...") if not ahead else gr.skip()
@@ -134,6 +134,10 @@ class MergeTab:
         def on_merge(state, form, name, dtype, nthreads, key=None, request: gr.Request = None):
             owner = browser_owner(key, request)
             try:
+                if moe_form.is_on(form):  # the Recipe tab's mixture of experts: built by the engine's build_moe
+                    config = moe_job.with_dtype(moe_form.build_config(form, state), dtype)
+                    job, out_dir = submit_moe(ctx, owner, config, name or "moe")
+                    return started(owner, job, out_dir)
                 recipe = forms.build_recipe(form, state)
                 dirs = tuple(Path(d) for d in form.get("search_dirs") or ())
                 job, out_dir = submit_merge(ctx, owner, recipe, name or "merge", dtype, nthreads, dirs)
@@ -171,7 +175,7 @@ class MergeTab:
             log_text = "\n".join(snap["log"][-400:])
             frame = plots.merge_frame(snap["events"])
             if not job.done:
-                return (progress_html(frac, text), log_text, f"Merging into `{job.meta.get('out')}` ...", gr.skip(),
+                return (progress_html(frac, text), log_text, f"{doing(job)} into `{job.meta.get('out')}` ...", gr.skip(),
                         *views, frame, queue, cancel, *hist[:2], job.id, hist[2])
             summary, bar = finished_text(job, frac, text)
             timer = gr.Timer(active=bool(live))
@@ -203,7 +207,7 @@ class MergeTab:
                 return ("", gr.skip(), gr.skip(), gr.skip(), "", gr.Button(interactive=False), table, dd, saved,
                         shown)
             return (job.id, gr.Timer(active=True), progress_html(0, "following the running merge ..."),
-                    f"Merging into `{job.meta.get('out')}` ...", self.queue_text(owner, job),
+                    f"{doing(job)} into `{job.meta.get('out')}` ...", self.queue_text(owner, job),
                     gr.Button(interactive=True), table, dd, saved, "")
 
         page.on_load(attach, [page.browser_key], [self.job, self.timer, self.progress, self.summary, self.queue_md,
@@ -218,11 +222,22 @@ class MergeTab:
         try:
             if not text:
                 raise MergeError(f"{where} has no recipe to load")
-            state, form, notes = forms.import_recipe(text, state, self.ctx.read_roots(), where, search_dirs)
+            state, form, notes = forms.import_recipe(text, state, self.ctx.read_roots(), where, search_dirs, form=form)
         except MergeError as err:
             return (*refresh(state, form, version, request, status=error_md(err)), gr.skip(), error_md(err))
         msg = notes_md(f"Loaded {where} into the Recipe tab.", notes)
         return (*refresh(state, form, version, request, status=msg), gr.Tabs(selected="recipe"), msg)
+
+    def again_started(self, owner: str, job: Job, out_dir: Path, rec: dict[str, Any]) -> tuple:
+        """The outputs of "Merge again" once its job is queued."""
+        ahead = self.ctx.jobs.position(job)
+        what = "config" if job.meta.get("moe") else "recipe"
+        msg = (f"{doing(job).split()[0]} `{rec['name']}`'s {what} again into `{out_dir.name}`"
+               + (f" ({ahead} ahead)." if ahead else "."))
+        first = job.id if not ahead else gr.skip()
+        bar = progress_html(0, "starting ...") if not ahead else gr.skip()
+        return (first, gr.Timer(active=True), bar, msg, gr.skip(), self.queue_text(owner, None if ahead else job),
+                gr.Button(interactive=True), msg)
 
     def wire_history(self, page: Page) -> None:
         ctx = self.ctx
@@ -244,17 +259,16 @@ class MergeTab:
             owner = browser_owner(key, request)
             try:
                 rec = history.find(ctx.sessions, ctx.jobs, owner, rec_id)
+                if rec.get("method") == moe_form.MOE:  # a mixture: built again from its config
+                    config = moe_job.checked_config(rec.get("recipe"), ctx.read_roots(), rec["name"], dtype)
+                    job, out_dir = submit_moe(ctx, owner, config, rec["name"])
+                    return self.again_started(owner, job, out_dir, rec)
                 recipe = checked_recipe(ctx, rec.get("recipe"), rec.get("search_dirs") or (), rec["name"])
                 dirs = tuple(Path(d) for d in rec.get("search_dirs") or ())
                 job, out_dir = submit_merge(ctx, owner, recipe, rec["name"], dtype, nthreads, dirs)
             except MergeError as err:
                 return (gr.skip(),) * 7 + (error_md(err),)
-            ahead = ctx.jobs.position(job)
-            msg = f"Merging `{rec['name']}`'s recipe again into `{out_dir.name}`" + (f" ({ahead} ahead)." if ahead else ".")
-            first = job.id if not ahead else gr.skip()
-            bar = progress_html(0, "starting ...") if not ahead else gr.skip()
-            return (first, gr.Timer(active=True), bar, msg, gr.skip(), self.queue_text(owner, None if ahead else job),
-                    gr.Button(interactive=True), msg)
+            return self.again_started(owner, job, out_dir, rec)
 
         self.again_btn.click(on_again, [self.history_dd, self.out_dtype, self.threads, page.browser_key],
                              [self.job, self.timer, self.progress, self.summary, self.log, self.queue_md,
@@ -280,6 +294,9 @@ class MergeTab:
         def on_save(name, state, form, key=None, request: gr.Request = None):
             owner = browser_owner(key, request)
             try:
+                if moe_form.is_on(form):  # the mixture's config, saved and loaded back like a recipe
+                    stored = ctx.sessions.save_recipe(owner, name, moe_form.config_yaml(form, state), moe_form.MOE)
+                    return f"Saved the config as **{stored}**.", self.saved_view(owner, stored)
                 recipe = forms.build_recipe(form, state)
                 stored = ctx.sessions.save_recipe(owner, name, recipe.to_yaml(), recipe.merge_method)
             except MergeError as err:
@@ -318,6 +335,8 @@ class MergeTab:
 
 def finished_text(job: Job, frac: Optional[float], text: str) -> tuple[str, str]:
     """(summary, progress bar) of a merge that ended."""
+    if job.status == DONE and job.meta.get("moe"):
+        return moe_job.done_text(job.result), progress_html(1.0, text, DONE)
     if job.status == DONE:
         res = job.result
         summary = (f"**Merged** in {fmt_seconds(res.seconds)}: {res.tensors} tensors, "
@@ -337,16 +356,38 @@ def submit_merge(ctx: AppContext, owner: str, recipe, name: str, dtype: Optional
     """Queue a merge of `recipe` for `owner` (it starts when the owner's earlier merges ended);
     (its job, its output folder). The recipe's YAML goes into the merge history."""
     nthreads = int(nthreads or 1)
+    return submit_job(ctx, owner, name or "merge", recipe.to_yaml(),
+                      lambda jc, out_dir: run_merge(jc, recipe, out_dir, dtype, nthreads, search_dirs),
+                      {"search_dirs": [str(d) for d in search_dirs]})
+
+
+def submit_moe(ctx: AppContext, owner: str, config, name: str) -> tuple[Job, Path]:
+    """Queue the build of a mixture of experts (a checked `MoEConfig`) with the owner's merges; its
+    config's YAML goes into the merge history as a merge's recipe does."""
+    from mergecore.moe.config import moe_config_yaml
+
+    return submit_job(ctx, owner, name or "moe", moe_config_yaml(config),
+                      lambda jc, out_dir: moe_job.run_moe(jc, config, out_dir), {"moe": True})
+
+
+def submit_job(ctx: AppContext, owner: str, name: str, yaml_text: str, work: Any,
+               meta: Optional[dict[str, Any]] = None) -> tuple[Job, Path]:
+    """Queue `work(jc, out_dir)` in the owner's merge queue, in a fresh folder of its merges named
+    after `name`; (its job, the folder)."""
     # one at a time per process: two tabs (or Merge and Merge again) must not pick the same folder
     with _NAMING:
         reserved = {Path(j.meta.get("out", "")).name for j in ctx.jobs.jobs(owner, kind="merge") if not j.done}
         reserved |= {str(r.get("name")) for r in history.records(ctx.sessions, ctx.jobs, owner)}
-        out_dir = ctx.workspace.merge_dir(owner, name or "merge", reserved=reserved)
-        meta = {"name": out_dir.name, "out": str(out_dir), "recipe": recipe.to_yaml(),
-                "search_dirs": [str(d) for d in search_dirs]}
-        job = ctx.jobs.submit(owner, "merge", lambda jc: run_merge(jc, recipe, out_dir, dtype, nthreads, search_dirs),
-                              title=out_dir.name, meta=meta, exclusive=False, queue=f"merge:{owner}")
+        out_dir = ctx.workspace.merge_dir(owner, name, reserved=reserved)
+        meta = {"name": out_dir.name, "out": str(out_dir), "recipe": yaml_text, "search_dirs": [], **(meta or {})}
+        job = ctx.jobs.submit(owner, "merge", lambda jc: work(jc, out_dir), title=out_dir.name, meta=meta,
+                              exclusive=False, queue=f"merge:{owner}")
     return job, out_dir
+
+
+def doing(job: Job) -> str:
+    """What a merge job does, as the tab says it ("Merging", or "Building the mixture of experts")."""
+    return "Building the mixture of experts" if job.meta.get("moe") else "Merging"
 
 
 def checked_recipe(ctx: AppContext, text: Optional[str], search_dirs: Sequence[str], name: str):
@@ -372,6 +413,8 @@ def checked_recipe(ctx: AppContext, text: Optional[str], search_dirs: Sequence[s
 
 
 def merge_progress_text(p: Optional[dict[str, Any]], status: str, elapsed: float) -> tuple[Optional[float], str]:
+    if p and p.get("kind") == "moe.progress":
+        return moe_job.progress_text(p, status, elapsed)
     if not p:
         return (0.0 if status != DONE else 1.0), f"{status} · {fmt_seconds(elapsed)}"
     eta = p.get("eta")

@@ -20,7 +20,7 @@ import gradio as gr
 
 from mergecore.errors import MergeError
 
-from app import curves, forms, recipe_yaml
+from app import curves, forms, moe_form, moe_panel, recipe_yaml
 from app.context import AppContext, Page
 from app.curve_editor import CurveEditor
 from app.recipe_views import (ANCHORS_INFO, curve_panel, field_error, field_ok, method_text, models_box,
@@ -45,39 +45,42 @@ class RecipeTab:
         method = forms.default_method()
         with gr.Tab("Recipe", id="recipe"):
             with gr.Row():
-                self.method_dd = gr.Dropdown(label="Method", choices=forms.method_choices(), value=method,
-                                             interactive=True, scale=1, elem_id="recipe-method")
+                choices = [(m, m) for m in forms.method_choices()] + [(moe_form.LABEL, moe_form.MOE)]
+                self.method_dd = gr.Dropdown(label="Method", choices=choices, value=method, interactive=True, scale=1,
+                                             elem_id="recipe-method")
                 self.method_md = gr.Markdown(method_text(method))
             self.recipe_status = gr.Markdown("", elem_id="recipe-status")
-            self.stats.build()
-            self.models_cb = gr.CheckboxGroup(label="Models in the recipe", choices=[], value=[], interactive=True,
-                                              visible=False, elem_id="recipe-models")
+            with gr.Column() as self.method_top:  # a merge method's; hidden for the mixture of experts
+                self.stats.build()
+                self.models_cb = gr.CheckboxGroup(label="Models in the recipe", choices=[], value=[], interactive=True,
+                                                  visible=False, elem_id="recipe-models")
 
             @gr.render(inputs=[page.form_state, page.session_state], triggers=[page.form_version.change])
             def render_form(form, state):
                 self.render_fields(form, state, page)
 
-            gr.Markdown("### Per-layer curve")
-            with gr.Row():
-                self.curve_key_dd = gr.Dropdown(label="Curve for", choices=[], value=None, interactive=True, scale=2)
-                self.curve_split = gr.Checkbox(label="separate curves for attention and MLP tensors", value=False,
-                                               scale=2)
-                self.curve_group = gr.Radio(label="Editing", choices=[("attention", "attn"), ("MLP", "mlp"),
-                                                                      ("other tensors", "other")],
-                                            value="attn", visible=False, scale=2)
-            with gr.Row():
-                with gr.Column(scale=3):
-                    self.curve_labels = gr.Markdown("")
-                    self.curve = CurveEditor([0.5, 0.5], layers=8, elem_id="curve-editor")
-                    self.anchors_tb = gr.Textbox(label="Anchors (numbers, kept in sync with the points)",
-                                                 info=ANCHORS_INFO, interactive=True, elem_id="curve-anchors")
-                with gr.Column(scale=1):
-                    self.preset_dd = gr.Dropdown(label="Preset", choices=list(PRESETS), value="ramp up")
-                    self.preset_lo = gr.Number(label="low", value=0.0)
-                    self.preset_hi = gr.Number(label="high", value=1.0)
-                    self.preset_n = gr.Slider(label="points", minimum=2, maximum=16, step=1, value=5)
-                    self.preset_btn = gr.Button("Apply preset")
-            self.formula_md = gr.Markdown("")
+            with gr.Column() as self.method_bottom:  # the curve editor and the formula: a merge method's
+                gr.Markdown("### Per-layer curve")
+                with gr.Row():
+                    self.curve_key_dd = gr.Dropdown(label="Curve for", choices=[], value=None, interactive=True, scale=2)
+                    self.curve_split = gr.Checkbox(label="separate curves for attention and MLP tensors", value=False,
+                                                   scale=2)
+                    self.curve_group = gr.Radio(label="Editing", choices=[("attention", "attn"), ("MLP", "mlp"),
+                                                                          ("other tensors", "other")],
+                                                value="attn", visible=False, scale=2)
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        self.curve_labels = gr.Markdown("")
+                        self.curve = CurveEditor([0.5, 0.5], layers=8, elem_id="curve-editor")
+                        self.anchors_tb = gr.Textbox(label="Anchors (numbers, kept in sync with the points)",
+                                                     info=ANCHORS_INFO, interactive=True, elem_id="curve-anchors")
+                    with gr.Column(scale=1):
+                        self.preset_dd = gr.Dropdown(label="Preset", choices=list(PRESETS), value="ramp up")
+                        self.preset_lo = gr.Number(label="low", value=0.0)
+                        self.preset_hi = gr.Number(label="high", value=1.0)
+                        self.preset_n = gr.Slider(label="points", minimum=2, maximum=16, step=1, value=5)
+                        self.preset_btn = gr.Button("Apply preset")
+                self.formula_md = gr.Markdown("")
             with gr.Accordion("Recipe YAML (live; edit and apply, or import a file)", open=True):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3):
@@ -104,23 +107,33 @@ class RecipeTab:
 
     def outputs(self, page: Page) -> list[Any]:
         return [self.method_dd, self.method_md, self.yaml_code, self.recipe_status, self.formula_md,
-                self.curve_key_dd, *self.curve_outputs, self.models_cb, *self.stats.outputs()]
+                self.curve_key_dd, *self.curve_outputs, self.models_cb, *self.stats.outputs(), self.method_top,
+                self.method_bottom]
 
     def views(self, state: dict[str, Any], form: dict[str, Any], owner: str, *, key: Optional[str] = None,
               group: str = "attn") -> list[Any]:
         method = form.get("method") or forms.default_method()
+        if moe_form.is_on(form):  # the mixture's form: its YAML and line; the method's parts hidden
+            yaml_text, status = moe_form.views(form, state)
+            return [moe_form.MOE, moe_form.method_text(), yaml_text, status, "", gr.Dropdown(choices=[], value=None),
+                    *curve_panel({}, state, None), gr.CheckboxGroup(visible=False), *self.stats.views(state, form),
+                    gr.Column(visible=False), gr.Column(visible=False)]
         targets = curves.curve_targets(form, state) if state.get("models") and form.get("values") else []
         keys = [k for _, k in targets]
         if key not in keys:
             key = next((k for k in keys if isinstance(form["values"].get(k), (list, dict))), keys[0] if keys else None)
         return [method, method_text(method), *recipe_views(form, state), gr.Dropdown(choices=targets, value=key),
-                *curve_panel(form, state, key, group), models_box(form, state), *self.stats.views(state, form)]
+                *curve_panel(form, state, key, group), models_box(form, state), *self.stats.views(state, form),
+                gr.Column(visible=True), gr.Column(visible=True)]
 
     # -- the parameter form (inside gr.render) ----------------------------------------------------
 
     def render_fields(self, form, state, page: Page) -> None:
         if not form or not form.get("values") or not (state or {}).get("models"):
             gr.Markdown("Load the demo or add models on the **Models** tab to get a parameter form.")
+            return
+        if moe_form.is_on(form):
+            moe_panel.render(form, state, page, self.yaml_code, self.recipe_status)
             return
         fields = forms.form_fields(form["method"], state, form)
         if not fields:
@@ -194,8 +207,14 @@ class RecipeTab:
         session = [page.session_state, page.form_state, page.form_version]
 
         def on_method(method, state, form, version, request: gr.Request):
-            if (form or {}).get("method") == method and ((form or {}).get("values") or not state.get("models")):
+            moe = moe_form.is_on(form)
+            if (method == moe_form.MOE and moe) or (not moe and (form or {}).get("method") == method and (
+                    (form or {}).get("values") or not state.get("models"))):
                 return page.skip_refresh()  # the dropdown reports a choice twice (on select, on close)
+            if method == moe_form.MOE:  # the mixture's own form; the method's stays as it was
+                return self.refreshed(page, state, moe_form.switch(forms.filled(form, state), state, True), version,
+                                      request)
+            form = moe_form.switch(form, state, False) if (form or {}).get("moe") else form
             try:
                 form = forms.new_form(method, state, form) if state.get("models") else {"method": method}
             except MergeError as err:
@@ -209,7 +228,7 @@ class RecipeTab:
 
         def on_models(selected, state, form, version, request: gr.Request):
             form = forms.filled(form, state)
-            if not form.get("method"):
+            if not form.get("method") or moe_form.is_on(form):
                 return self.refreshed(page, state, form, version, request)
             method = forms.get_method(form["method"])
             left_out = [n for n in forms.per_model_targets(method, state) if n not in (selected or [])]
@@ -223,6 +242,12 @@ class RecipeTab:
 
         def on_plan(state, form):
             try:
+                if moe_form.is_on(form):  # no dry run for a mixture: the engine's check of its config
+                    c = moe_form.build_config(form, state)
+                    return gr.Textbox(value=f"moe: {len(c.experts)} experts ({c.experts_per_token} per token), "
+                                            f"{c.gate_mode} gates, base {c.base_model}: the config passes the "
+                                            f"engine's checks; the models' shapes are checked when it is built",
+                                      visible=True)
                 from mergecore.plan import plan_merge
 
                 plan = plan_merge(forms.build_recipe(form, state),
