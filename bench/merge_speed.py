@@ -80,8 +80,8 @@ def build_models(root: Path) -> dict[str, Path]:
 
 
 def method_recipe(method: str, models: dict[str, Path], stats: Optional[Path] = None) -> str:
-    """A recipe for any other registered method: base + the two fine-tunes at the method's own
-    defaults (required parameters at their starting values), bf16 out; a data-informed method
+    """A recipe for any other registered method: base + the two fine-tunes (as three models for a
+    method without a base) at the method's own defaults (required parameters at their starting values), bf16 out; a data-informed method
     reads `stats`."""
     from mergecore.methods import get_method
 
@@ -93,7 +93,8 @@ def method_recipe(method: str, models: dict[str, Path], stats: Optional[Path] = 
     if m.base != "ignored":
         lines.append(f"base_model: {models['base']}")
     lines.append("models:")
-    for name in ("ft_a", "ft_b"):
+    # a method that takes no base (CART) merges all three checkpoints: with two, CART is their average
+    for name in ("ft_a", "ft_b") if m.base != "ignored" else ("base", "ft_a", "ft_b"):
         lines.append(f"  - model: {models[name]}")
         if per_model:
             lines.append(f"    parameters: {json.dumps(per_model)}")
