@@ -197,7 +197,8 @@ def test_client_bad_configs_are_one_line_and_cancel_leaves_nothing(app_server, e
     bad = config_dict(experts)
     bad["experts"][1]["positive_prompts"] = ["story", " "]
     out = c.predict(yaml.safe_dump(bad, sort_keys=False), api_name="/import_yaml")
-    assert "line 11, column 3: experts.1.positive_prompts: prompt 1 is empty" in out[-1] and "**Error:**" in out[-1] and "\n" not in out[-1], out[-1]
+    assert out[-1].startswith("**Error:**") and "\n" not in out[-1], out[-1]
+    assert "line 11, column 3: experts.1.positive_prompts: prompt 1 is empty" in out[-1], out[-1]
     bad["experts"][1]["positive_prompts"] = []
     out = c.predict(yaml.safe_dump(bad, sort_keys=False), api_name="/import_yaml")
     assert "line 10, column 3: experts.1 (" in out[-1] and "has no positive_prompts" in out[-1], out[-1]

@@ -7,6 +7,10 @@ running merge and follows it; one started while another runs waits in the browse
 (shown with its place) and starts when the one before it ends. Every merge is recorded in the
 history (`app.history`) when it is submitted and when it ends, also with no page open.
 
+With the Recipe tab on the mixture of experts, Merge builds it instead (`app.moe_job`: the
+engine's `build_moe`, the call `mergecore moe` makes) in the same queue, and it is recorded,
+re-opened, built again and deleted like a merge (its config in the place of the recipe).
+
 Named API endpoints: /merge, /poll_merge, /cancel_merge, /attach_merge, /history_reopen,
 /history_merge_again, /history_delete, /save_recipe, /load_recipe, /delete_recipe.
 """
@@ -175,7 +179,8 @@ class MergeTab:
             log_text = "\n".join(snap["log"][-400:])
             frame = plots.merge_frame(snap["events"])
             if not job.done:
-                return (progress_html(frac, text), log_text, f"{doing(job)} into `{job.meta.get('out')}` ...", gr.skip(),
+                doing_now = f"{doing(job)} into `{job.meta.get('out')}` ..."
+                return (progress_html(frac, text), log_text, doing_now, gr.skip(),
                         *views, frame, queue, cancel, *hist[:2], job.id, hist[2])
             summary, bar = finished_text(job, frac, text)
             timer = gr.Timer(active=bool(live))

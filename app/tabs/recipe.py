@@ -6,6 +6,11 @@ Applying YAML checks it whole first (`app.recipe_yaml`): an error is shown besid
 its line and column, and the text stays; a recipe that changes the session's models, or drops
 parameters, is previewed with Apply / Cancel before anything changes.
 
+"moe (mixture of experts)", the method dropdown's last choice, shows the mixture-of-experts form
+(`app.moe_panel` over `app.moe_form`) instead of the parameter form, curve editor and formula,
+and its mergekit-moe YAML in the same view (a config applied there goes to that form); the
+merge method's form is kept for when a method is chosen again.
+
 Named API endpoints: /set_method, /set_recipe_models, /import_yaml (apply, or preview), /confirm_yaml,
 /set_curve, /preset, /plan; the statistics panel of data-informed methods (`app.stats_panel`):
 /collect_stats, /poll_stats, /cancel_stats.
@@ -62,7 +67,8 @@ class RecipeTab:
             with gr.Column() as self.method_bottom:  # the curve editor and the formula: a merge method's
                 gr.Markdown("### Per-layer curve")
                 with gr.Row():
-                    self.curve_key_dd = gr.Dropdown(label="Curve for", choices=[], value=None, interactive=True, scale=2)
+                    self.curve_key_dd = gr.Dropdown(label="Curve for", choices=[], value=None, interactive=True,
+                                                    scale=2)
                     self.curve_split = gr.Checkbox(label="separate curves for attention and MLP tensors", value=False,
                                                    scale=2)
                     self.curve_group = gr.Radio(label="Editing", choices=[("attention", "attn"), ("MLP", "mlp"),

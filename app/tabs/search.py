@@ -347,7 +347,8 @@ class SearchTab:
                 job, spec, recipe = runs.finished_search(ctx, runs.search_owner(key, request), job_id,
                                                          "no finished search to take the recipe from")
                 state, form, notes = forms.import_recipe(recipe.read_text(), state, ctx.read_roots(),
-                                                         "the search's recipe", search_dirs=[recipe.parent])
+                                                         "the search's recipe", search_dirs=[recipe.parent],
+                                                         form=form)  # a mixture's form stays (off)
             except (MergeError, OSError) as err:
                 return (*refresh(state, form, version, request, status=error_md(err)), gr.skip())
             msg = notes_md(f"Loaded the best {job.meta['search']} recipe.", notes)
