@@ -29,7 +29,7 @@ from mergecore.io.source import ModelSource, dtype_from_name
 from mergecore.lora.factor import LowRank, check_device, check_rank, factorize
 from mergecore.lora.output import AdapterFolder, Entry, write_safetensors
 from mergecore.lora.plan import ExtractPlan, compact_targets, module_of, plan_extraction
-from mergecore.lora.report import Row, rows_csv, rows_table
+from mergecore.lora.report import Row, RowsReport
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -39,7 +39,7 @@ REPORT = "extract_report.csv"
 
 
 @dataclass
-class ExtractReport:
+class ExtractReport(RowsReport):
     """What `extract_lora` wrote: the rows, the config's choices, sizes and time."""
 
     out: Path
@@ -52,25 +52,10 @@ class ExtractReport:
     seconds: float
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def lora(self) -> list[Row]:
-        return [row for row in self.rows if row.kind == "lora"]
-
-    def csv(self) -> str:
-        return rows_csv(self.rows)
-
-    def table(self) -> str:
-        """The rows as an aligned text table, for the terminal."""
-        return rows_table(self.rows)
-
     def summary(self) -> str:
-        ranks = [r.rank or 0 for r in self.lora]
-        energies = [r.energy for r in self.lora]
-        span = f"rank {min(ranks)}" if min(ranks) == max(ranks) else f"ranks {min(ranks)}-{max(ranks)}"
-        return (f"wrote {self.out}: {len(ranks)} layers as LoRA ({span}, r={self.r}), "
+        return (f"wrote {self.out}: {len(self.lora)} layers as LoRA ({self.rank_span()}, r={self.r}), "
                 f"{len(self.modules_to_save)} modules kept whole, {self.unchanged} tensors unchanged; "
-                f"retained energy min {min(energies):.4f} mean {sum(energies) / len(energies):.4f}; "
-                f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.1f}s")
+                f"{self.energy_text()}; {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f}s")
 
 
 def _check_args(rank: Optional[int], energy: Optional[float], device: str) -> torch.device:

@@ -31,7 +31,7 @@ from mergecore.lora.factor import LowRank, check_device
 from mergecore.lora.merge_config import CONFIG_FILE, AdapterMergeConfig, load_config, method_names
 from mergecore.lora.output import MERGE_KIND, AdapterFolder, Entry, write_safetensors
 from mergecore.lora.plan import compact_targets, module_of
-from mergecore.lora.report import Row, rows_csv, rows_table
+from mergecore.lora.report import Row, RowsReport
 from mergecore.methods import get_method
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ TIED_HEAD = "lm_head"  # the head transformers ties to the input embedding (save
 
 
 @dataclass
-class MergeAdaptersReport:
+class MergeAdaptersReport(RowsReport):
     """What `merge_adapters` wrote: the rows, the config's choices, sizes and time."""
 
     out: Path
@@ -56,25 +56,11 @@ class MergeAdaptersReport:
     seconds: float
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def lora(self) -> list[Row]:
-        return [row for row in self.rows if row.kind == "lora"]
-
-    def csv(self) -> str:
-        return rows_csv(self.rows)
-
-    def table(self) -> str:
-        """The rows as an aligned text table, for the terminal."""
-        return rows_table(self.rows)
-
     def summary(self) -> str:
-        ranks = [r.rank or 0 for r in self.lora]
-        energies = [r.energy for r in self.lora]
-        span = f"rank {min(ranks)}" if min(ranks) == max(ranks) else f"ranks {min(ranks)}-{max(ranks)}"
         whole = sum(1 for r in self.rows if r.kind == "full")
-        return (f"wrote {self.out}: {len(ranks)} modules merged by {self.method} as LoRA ({span}, r={self.r}), "
-                f"{whole} tensors kept whole; retained energy min {min(energies):.4f} mean "
-                f"{sum(energies) / len(energies):.4f}; {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f}s")
+        return (f"wrote {self.out}: {len(self.lora)} modules merged by {self.method} as LoRA ({self.rank_span()}, "
+                f"r={self.r}), {whole} tensors kept whole; {self.energy_text()}; "
+                f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.1f}s")
 
 
 def _combiner(config: AdapterMergeConfig, inputs: MergeInputs, dtype: torch.dtype,

@@ -40,3 +40,29 @@ def rows_table(rows: Sequence[Row]) -> str:
         out.write(f"{r.tensor:<{width}}  {r.kind:<4}  {r.rank if r.rank else '-':>5}  {r.energy:8.4f}  "
                   f"{r.error:9.3g}\n")
     return out.getvalue().rstrip("\n")
+
+
+class RowsReport:
+    """The table methods both commands' reports share (they are dataclasses with `rows`)."""
+
+    rows: list[Row]
+
+    @property
+    def lora(self) -> list[Row]:
+        return [row for row in self.rows if row.kind == "lora"]
+
+    def csv(self) -> str:
+        return rows_csv(self.rows)
+
+    def table(self) -> str:
+        """The rows as an aligned text table, for the terminal."""
+        return rows_table(self.rows)
+
+    def rank_span(self) -> str:
+        """'rank 8' or 'ranks 4-16' over the factorised rows."""
+        ranks = [r.rank or 0 for r in self.lora]
+        return f"rank {min(ranks)}" if min(ranks) == max(ranks) else f"ranks {min(ranks)}-{max(ranks)}"
+
+    def energy_text(self) -> str:
+        energies = [r.energy for r in self.lora]
+        return f"retained energy min {min(energies):.4f} mean {sum(energies) / len(energies):.4f}"
