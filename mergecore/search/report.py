@@ -50,6 +50,21 @@ def _dam_teachers(d: dict[str, Any]) -> str:
     return f"teachers: {d['mode']}{extra} ({d['seconds']:.1f}s)"
 
 
+def _validation(d: dict[str, Any]) -> str:
+    subset = f"  (subset {d['subset']:.4f})" if d.get("subset") is not None else ""
+    return f"validation  {d['source']:<9}  {d['label']}: {d['mean']:.4f}{subset}"
+
+
+def _selected(d: dict[str, Any]) -> str:
+    own, free = d.get("search_best"), d.get("data_free_best")
+    if d["data_free"]:
+        beaten = f"the search's best ({own['label']}, {own['mean']:.4f})" if own else "the search"
+        return (f"{beaten} scores below the data-free {d['chosen']} ({d['mean']:.4f}) on the full validation "
+                f"split: returning the data-free merge")
+    best_free = f"; best data-free: {free['label']} ({free['mean']:.4f})" if free else ""
+    return f"chose {d['chosen']}: {d['mean']:.4f} on the full validation split{best_free}"
+
+
 _LINES: dict[str, Callable[[dict[str, Any]], str]] = {
     "rmm.loading": lambda d: f"loading {len(d['models'])} models ...",
     "rmm.resumed": lambda d: f"resumed at episode {d['episode']}",
@@ -61,9 +76,14 @@ _LINES: dict[str, Callable[[dict[str, Any]], str]] = {
     "dam.resumed": lambda d: f"resumed at step {d['step']}",
     "dam.step": _dam_step,
     "dam.eval": _dam_eval,
+    "dam.init": lambda d: f"starting from {d['start']} ({d['mean']:.4f} on the full validation split)",
+    "dam.stopped": lambda d: f"stopped early at step {d['step']}: {d['patience']} evaluations without a better "
+                             f"score than step {d['best_step']}'s {d['best_mean']:.4f}",
     "evo.loading": _evo_loading,
     "evo.resumed": lambda d: f"resumed after generation {d['generation']} ({d['evaluations']} evaluations)",
     "evo.generation": _evo_generation,
+    "search.validation": _validation,
+    "search.selected": _selected,
     "search.replayed": lambda d: d["summary"],
     "search.mismatch": lambda d: f"warning: the replayed checkpoint scores {d['measured']:.6g} on {d['tasks']}, "
                                  f"the search reported {d['reported']:.6g}",
