@@ -70,7 +70,7 @@ def test_rmm_on_ray_equals_local(tiny_fmnist_family, tmp_path, ray_instance):
                       {"name": "dare", "method": "dare_linear", "parameters": {"weight": 1.0, "density": 0.5,
                                                                               "lambda": 0.3}}],
         "tasks": str(fam.val_tasks_file), "data_ratio": 0.25, "episodes": 8, "update_every": 4,
-        "rerank_top": 0, "ppo": {"epochs": 4}, "seed": 0,
+        "rerank_top": 1, "ppo": {"epochs": 4}, "seed": 0,
     }
     (tmp_path / "r.yml").write_text(yaml.safe_dump(cfg))
     config, root = load_config(tmp_path / "r.yml", RMMConfig)

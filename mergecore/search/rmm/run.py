@@ -10,15 +10,21 @@ Search YAML (paths relative to the YAML file)::
     tasks: families/fmnist-vit/tasks-val.yml
     final_tasks: families/fmnist-vit/tasks.yml   # optional: scored once on the replayed result
     data_ratio: 0.1                 # each episode scores this fraction of each task
+    rerank_top: 5                   # the best trajectories (by episode reward) re-scored on all of `tasks`
     episodes: 700
     dar: true                       # Dynamic Average Reward (false: the ablation)
     prefix_cache_size: 1GiB         # memory for cached layer outputs of shared prefixes
     backend: local                  # or ray: the episodes of each PPO update are scored in parallel
     workers: 2                      # Ray actors (each loads the models once); ray_address: a cluster
 
-Outputs in OUT_DIR: `recipe.yml` (the best trajectory as a replayable recipe), `result.json`
-(best trajectory, its rewards and metrics, the kept top trajectories, timings; with a replay,
-the scores of OUT_DIR/model), `events.jsonl`, `rmm_log.jsonl` (one line per episode) and
+The result is chosen on the full validation split (`tasks`, all of it), never on episode rewards:
+the `rerank_top` best trajectories by episode reward and every operator applied to all layers
+(the data-free merges the search can express) are scored there, and the search's best is returned
+unless a data-free one scores higher (`mergecore.search.validation`).
+
+Outputs in OUT_DIR: `recipe.yml` (the chosen trajectory as a replayable recipe), `result.json`
+(the chosen trajectory, its scores, every candidate's validation score, the kept top trajectories,
+timings; with a replay, the scores of OUT_DIR/model), `events.jsonl`, `rmm_log.jsonl` (one line per episode) and
 `rmm_checkpoint.safetensors` (resume state: tensors and JSON, no pickle;
 `mergecore.search.checkpoint`).
 """
@@ -26,7 +32,7 @@ the scores of OUT_DIR/model), `events.jsonl`, `rmm_log.jsonl` (one line per epis
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -36,7 +42,8 @@ from mergecore.search.base import EvalSpec, Found, SearchRun, run_search
 from mergecore.search.config import ModelList, Positive, Ratio, config_file, model_ref
 from mergecore.search.rmm.layers import Operator
 from mergecore.search.rmm.ppo import PPOConfig
-from mergecore.search.rmm.search import RMMSearch, RMMSettings, rerank_on_full, trajectory_recipe
+from mergecore.search.rmm.search import RMMSearch, RMMSettings, trajectory_recipe
+from mergecore.search.validation import DATA_FREE, OWN, Candidate, Emit, choose, validated
 
 
 class OperatorSpec(BaseModel):
@@ -84,8 +91,10 @@ class RMMConfig(BackendSpec):
     memoize: bool = True
     prefix_cache: bool = True
     prefix_cache_size: Union[str, int] = "1GiB"  # bound on cached layer outputs ('4GiB', '500MB', bytes)
-    rerank_top: int = 5  # re-score this many best trajectories on all the data at the end (0: off)
-    reward_scale: float = 100.0  # reward = scale x mean task score (the paper uses accuracy in %)
+    # the result is chosen on the full validation split (`tasks`) among this many best trajectories by
+    # subset reward and every operator applied to all layers (the data-free merges)
+    rerank_top: Positive = 5
+    reward_scale: float = Field(default=100.0, gt=0)  # reward = scale x mean task score (the paper uses accuracy in %)
     ppo: PPOSpec = Field(default_factory=PPOSpec)
 
     @field_validator("prefix_cache_size")
@@ -104,7 +113,7 @@ class RMMConfig(BackendSpec):
         return RMMSettings(
             episodes=self.episodes, max_steps=self.max_steps, update_every=self.update_every, dar=self.dar,
             dar_lambda=self.dar_lambda, back_penalty=self.back_penalty, seed=self.seed, memoize=self.memoize,
-            prefix_cache=self.prefix_cache, cache_bytes=self.cache_bytes(), keep_top=max(self.rerank_top, 1),
+            prefix_cache=self.prefix_cache, cache_bytes=self.cache_bytes(), keep_top=self.rerank_top,
             ppo=self.ppo.settings(),
         )
 
@@ -191,20 +200,14 @@ class RMM:
         finally:
             if backend is not None:
                 backend.close()
-        best, scored = result.best, self.scoring(sampled.subset, result.best.episode % max(1, _Scorer.n_subsets))
-        if config.rerank_top > 0:
-            scored = self.scoring(None)
-            full = scored.evaluator(run.pool)
-
-            def full_scorer(model):
-                res = full.evaluate(model, cancel=run.cancel)
-                return scale * res.mean, res.scores
-
-            best = rerank_on_full(search, full_scorer)
+        chosen, validation, scored = self.choose(search, run)
+        best = chosen.ref
         summary = {
-            "best": {"emitted": [list(x) for x in best.emitted], "reward": best.reward, "metrics": best.metrics,
-                     "episode": best.episode,
-                     "scored_on": "all data" if config.rerank_top > 0 else f"subset (ratio {config.data_ratio})"},
+            "best": {"emitted": [list(x) for x in best], "reward": scale * chosen.mean, "metrics": chosen.scores,
+                     "episode": chosen.info.get("episode"), "scored_on": "all data", "source": chosen.source,
+                     "label": chosen.label,
+                     "subset_reward": None if chosen.subset is None else scale * chosen.subset},
+            "validation": validation,
             "top": [{"emitted": [list(x) for x in t.emitted], "subset_reward": t.reward, "episode": t.episode}
                     for t in result.top],
             "episodes": result.episodes,
@@ -214,14 +217,47 @@ class RMM:
             "cache": {"hits": search.cache.hits, "misses": search.cache.misses} if search.cache else None,
             "config": config.model_dump(),
         }
-        recipe = trajectory_recipe(best.emitted, self.base, self.models, config.operator_list(), seed=config.seed,
+        recipe = trajectory_recipe(best, self.base, self.models, config.operator_list(), seed=config.seed,
                                    artifacts=self.artifacts)
-        # the rmm.done event names the result (after the re-ranking, which may pick another trajectory
-        # than the episodes' subset-best), so a UI draws the same trajectory the recipe holds
-        done = {"best_reward": best.reward, "best_trajectory": summary["best"]["emitted"],
-                "scored_on": summary["best"]["scored_on"], "episode": best.episode,
+        # the rmm.done event names the result (chosen on the full validation split, which may be another
+        # trajectory than the episodes' subset-best), so a UI draws the same trajectory the recipe holds
+        done = {"best_reward": summary["best"]["reward"], "best_trajectory": summary["best"]["emitted"],
+                "scored_on": "all data", "episode": chosen.info.get("episode"), "source": chosen.source,
                 "recipe": str(run.out / "recipe.yml")}
-        return Found(recipe, summary, done, scored, best.reward / scale)
+        return Found(recipe, summary, done, scored, chosen.mean)
+
+    def choose(self, search: RMMSearch, run: SearchRun) -> tuple[Candidate, dict[str, Any], EvalSpec]:
+        """The result, chosen on the full validation split (`choose_trajectory`), and how it was scored."""
+        scored = self.scoring(None)
+        full = scored.evaluator(run.pool)
+
+        def full_scorer(model):
+            res = full.evaluate(model, cancel=run.cancel)
+            return res.mean, res.scores
+
+        chosen, block = choose_trajectory(search, lambda emitted: search.full_score(emitted, full_scorer), run.event,
+                                          str(self.config.tasks), self.config.rerank_top, self.config.reward_scale)
+        return chosen, block, scored
+
+
+def choose_trajectory(search: RMMSearch, score: Callable[[list[tuple[int, int]]], tuple[float, dict[str, float]]],
+                      emit: Emit, tasks: str, top: int, reward_scale: float = 1.0) -> tuple[Candidate, dict[str, Any]]:
+    """The `top` best trajectories by episode reward and each operator on every layer (the data-free
+    merges), each scored by `score` (mean and per-task scores on the full validation split); the
+    result by `mergecore.search.validation.choose`. Returns it and result.json's `validation` block."""
+    candidates = []
+    for t in search.top[:top]:
+        mean, scores = score(t.emitted)
+        candidates.append(validated(emit, Candidate(
+            f"episode {t.episode + 1}", OWN, mean, scores, subset=t.reward / reward_scale, ref=t.emitted,
+            info={"episode": t.episode, "emitted": [list(x) for x in t.emitted]}), tasks))
+    for i, op in enumerate(search.operators):
+        emitted = search.uniform(i)
+        mean, scores = score(emitted)
+        candidates.append(validated(emit, Candidate(
+            f"{op.name} on every layer", DATA_FREE, mean, scores, ref=emitted,
+            info={"operator": op.name, "emitted": [list(x) for x in emitted]}), tasks))
+    return choose(candidates, emit, tasks)
 
 
 SEARCH = RMM

@@ -157,6 +157,9 @@ class RMMSearch:
         # seconds, like its episodes and evaluations, count the whole run
         self.clock = WallClock()
         self.memo: dict[tuple, tuple[float, dict[str, float]]] = {}
+        # trajectory -> (reward, metrics) on the full validation split (the final choice's scores),
+        # checkpointed so a run cut short while choosing does not score them again
+        self.validated: dict[tuple, tuple[float, dict[str, float]]] = {}
         self.top: list[Trajectory] = []
         self.history: list[dict[str, Any]] = []
 
@@ -178,6 +181,8 @@ class RMMSearch:
             "history": self.history,
             "memo": [[[list(x) for x in emitted], subset, reward, metrics]
                      for (emitted, subset), (reward, metrics) in self.memo.items()],
+            "validated": [[[list(x) for x in emitted], reward, metrics]
+                          for emitted, (reward, metrics) in self.validated.items()],
         }
         self.checkpoint.save(tensors, state)
 
@@ -204,6 +209,12 @@ class RMMSearch:
                 if type(reward) not in (int, float) or not isinstance(metrics, dict):
                     raise TypeError("a memo entry is not [emitted, subset, reward, metrics]")
                 memo[(tuple(_emitted(emitted)), subset)] = (float(reward), metrics)
+            validated: dict[tuple, tuple[float, dict[str, float]]] = {}
+            for entry in state.get("validated", []):  # absent from checkpoints written before it was kept
+                if (not isinstance(entry, list) or len(entry) != 3 or type(entry[1]) not in (int, float)
+                        or not isinstance(entry[2], dict)):
+                    raise TypeError("a validated entry is not [emitted, reward, metrics]")
+                validated[tuple(_emitted(entry[0]))] = (float(entry[1]), entry[2])
             if episode < 0 or evaluations < 0:
                 raise ValueError(f"episode {episode} / evaluations {evaluations} out of range")
             # times up to the checkpoint (absent from checkpoints written before they were kept: 0)
@@ -215,7 +226,7 @@ class RMMSearch:
         self.episode, self.evaluations = episode, evaluations
         self.eval_seconds, self.build_seconds = (float(times[k]) for k in times)
         self.dar.last = last
-        self.top, self.history, self.memo = top, history, memo
+        self.top, self.history, self.memo, self.validated = top, history, memo, validated
         if self.replay_history:  # the episodes before the checkpoint, so a plot starts at the first
             for info in self.history:
                 self._emit("rmm.episode", dict(info, replayed=True))
@@ -353,6 +364,23 @@ class RMMSearch:
         self.top.sort(key=lambda t: -t.reward)
         del self.top[self.settings.keep_top:]
 
+    def full_score(self, emitted: list[tuple[int, int]],
+                   full_scorer: Callable[[nn.Module], tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
+        """(reward, metrics) of a trajectory on the full validation split: scored once, then kept
+        (and checkpointed), so a resumed run's final choice sees the same numbers."""
+        key = tuple(emitted)
+        if key not in self.validated:
+            self.cancel.check()
+            with torch.no_grad():
+                self.validated[key] = full_scorer(self.assembler.build(list(emitted)))
+            self.save()
+        reward, metrics = self.validated[key]
+        return reward, dict(metrics)
+
+    def uniform(self, op_index: int) -> list[tuple[int, int]]:
+        """The data-free merge of operator `op_index`: that operator on every layer."""
+        return [(layer, self.bank.n_models + op_index) for layer in range(self.bank.n_layers)]
+
     def run(self) -> RMMResult:
         self.clock.start()
         if self.out_dir:
@@ -386,8 +414,7 @@ def rerank_on_full(search: RMMSearch, full_scorer: Callable[[nn.Module], tuple[f
     and return the best; subset rewards are noisy, so the final pick uses all the data."""
     best: Optional[Trajectory] = None
     for t in search.top:
-        with torch.no_grad():
-            reward, metrics = full_scorer(search.assembler.build(t.emitted))
+        reward, metrics = search.full_score(t.emitted, full_scorer)
         cand = Trajectory(t.emitted, t.actions, reward, metrics, t.episode)
         if best is None or cand.reward > best.reward:
             best = cand
