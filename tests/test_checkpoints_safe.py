@@ -384,7 +384,7 @@ def test_cli_corrupt_pickled_and_old_checkpoints_end_in_one_error_line(tiny_fmni
         path = out / f"{kind}_checkpoint.safetensors"
         good = path.read_bytes()
         if kind == "evo":
-            assert checkpoint_best(out).score == json.loads((out / "result.json").read_text())["best"]["score"]
+            assert checkpoint_best(out).score == json.loads((out / "result.json").read_text())["subset_best"]["score"]
         # truncated
         path.write_bytes(good[: len(good) // 2])
         assert main(["search", kind, str(cfg), str(out), "-q"]) == 2

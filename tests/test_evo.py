@@ -4,6 +4,7 @@ resume, replay of the best recipe, CLI (on the miniature fmnist-vit family)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -155,7 +156,11 @@ def test_search_events_cancel_resume_and_replay(tiny_fmnist_family, tmp_path):
     for g in gens:
         assert g["popsize"] == 4 and g["sigma"] > 0 and g["eval_seconds"] > 0 and g["min"] <= g["mean"] <= g["max"]
     assert [g["best"] for g in gens] == sorted(g["best"] for g in gens)
-    assert full["best"]["score"] == max(s for g in gens for s in g["scores"]) == gens[-1]["best"]
+    assert full["subset_best"]["score"] == max(s for g in gens for s in g["scores"]) == gens[-1]["best"]
+    # the result: chosen on all of the validation tasks among the 5 best by subset score and the start
+    val = full["validation"]
+    assert [c["source"] for c in val["candidates"]] == ["search"] * 5 + ["data-free"]
+    assert full["best"]["score"] == max(c["mean"] for c in val["candidates"]) and full["best"]["label"] == val["chosen"]
     assert full["stop"].startswith("max_evals")
 
     # cancelled during the second generation's bookkeeping, then resumed: the same run
@@ -188,8 +193,8 @@ def test_search_events_cancel_resume_and_replay(tiny_fmnist_family, tmp_path):
     assert recipe.models[0].parameters["weight"][0]["filter"] == "attention"
     out = merge(recipe, tmp_path / "replay").out_dir
     genome = config.genome(root)
-    worker = EvoWorker(genome, config.eval_spec(root, genome))
-    replay = worker.evaluator.evaluate(out, subset_index=config.subset_index)
+    worker = EvoWorker(genome, replace(config.eval_spec(root, genome), subset=None, subset_index=0))
+    replay = worker.evaluator.evaluate(out)  # the choice's score: on all of the validation tasks
     assert replay.mean == full["best"]["score"] and replay.scores == full["best"]["scores"]
 
     # a changed template does not resume from another template's checkpoint

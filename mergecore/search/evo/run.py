@@ -17,14 +17,21 @@ Search YAML (paths relative to the YAML file; `~` is expanded)::
     sigma0: 0.1667                  # CMA-ES initial step on the [0, 1] gene cube
     popsize: null                   # null: CMA-ES's default 4 + 3 ln(genes)
     max_evals: 100
+    rerank_top: 5                   # the best candidates (by subset score) re-scored on all of `tasks`
     seed: 0
     backend: local                  # or ray (pip install mergecore[ray])
     workers: 2                      # Ray actors
     ray_address: null               # an existing Ray cluster; null starts a local instance
 
-Outputs in OUT_DIR: `recipe.yml` (the best candidate as a plain recipe that `mergecore merge`
-replays), `result.json` (best score and per-task scores, the genes, timings; with a replay, the
-scores of OUT_DIR/model), `events.jsonl`, `evo_log.jsonl` (one line per generation) and
+The result is chosen on the full validation split (`tasks`, all of it), never on the subset
+scores that steer CMA-ES: the `rerank_top` best candidates by subset score and the template at
+its starting values (every gene at its `init`, or the middle of its bounds: the data-free merge)
+are scored there, and the search's best is returned unless the data-free one scores higher
+(`mergecore.search.validation`).
+
+Outputs in OUT_DIR: `recipe.yml` (the chosen candidate as a plain recipe that `mergecore merge`
+replays), `result.json` (its validation score and per-task scores, the genes, every candidate's
+validation score, the subset best, timings; with a replay, the scores of OUT_DIR/model), `events.jsonl`, `evo_log.jsonl` (one line per generation) and
 `evo_checkpoint.safetensors` (resume state: plain JSON in a safetensors file, no pickle).
 """
 
@@ -33,7 +40,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -44,6 +51,7 @@ from mergecore.search.config import ModelList, Positive, Ratio, config_file, loa
 from mergecore.search.evo.genome import Bounds, Genome
 from mergecore.search.evo.search import EvoSearch, EvoSettings
 from mergecore.search.evo.worker import EvoWorker
+from mergecore.search.validation import DATA_FREE, OWN, Candidate, Emit, choose, validated
 
 
 class BoundsSpec(BaseModel):
@@ -75,6 +83,9 @@ class EvoConfig(BackendSpec):
     sigma0: Ratio = 1 / 6  # genes live in [0, 1]
     popsize: Optional[int] = None
     max_evals: Positive = 100
+    # the result is chosen on the full validation split (`tasks`) among this many best candidates by
+    # subset score and the template at its starting values (the data-free merge)
+    rerank_top: Positive = 5
     seed: int = 0
     cma_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -187,28 +198,71 @@ class Evo:
             elif search.checkpoint.path.is_file():
                 search.checkpoint.path.unlink()
             result = search.run()
-            seconds = search.clock.elapsed()  # the whole run's, across resumes
         finally:
             backend.close()
-        best = result.best
+        chosen, validation, scored = self.choose(search, run)
+        x, best = chosen.ref, result.best
         summary: dict[str, Any] = {
-            "best": {"score": best.score, "scores": best.scores, "evaluation": best.evaluation,
-                     "generation": best.generation,
-                     "scored_on": f"{config.tasks} (subset {spec.subset}, index {spec.subset_index})",
-                     "genes": dict(zip(genome.labels(), genome.values(best.genome))), "genome": best.genome},
+            "best": {"score": chosen.mean, "scores": chosen.scores, "subset_score": chosen.subset,
+                     "evaluation": chosen.info.get("evaluation"), "generation": chosen.info.get("generation"),
+                     "scored_on": f"{config.tasks} (all)", "source": chosen.source, "label": chosen.label,
+                     "genes": dict(zip(genome.labels(), genome.values(x))), "genome": x},
+            "validation": validation,
+            "subset_best": {"score": best.score, "scores": best.scores, "evaluation": best.evaluation,
+                            "generation": best.generation,
+                            "scored_on": f"{config.tasks} (subset {spec.subset}, index {spec.subset_index})"},
             "generations": result.generations,
             "evaluations": result.evaluations,
             "stop": result.stop,
             "popsize": search.popsize,
             "genes": genome.dim,
             "eval_seconds": search.eval_seconds,
-            "seconds": seconds,
+            "seconds": search.clock.elapsed(),  # the whole run's (the choice too), across resumes
             "backend": {"kind": config.backend, "workers": getattr(backend, "workers", 1),
                         "start_seconds": round(start_s, 2)},
             "config": config.model_dump(),
         }
-        return Found(genome.recipe(best.genome), summary,
-                     {"best_score": best.score, "recipe": str(run.out / "recipe.yml")}, spec, best.score)
+        return Found(genome.recipe(x), summary,
+                     {"best_score": chosen.mean, "source": chosen.source, "recipe": str(run.out / "recipe.yml")},
+                     scored, chosen.mean)
+
+    def choose(self, search: EvoSearch, run: SearchRun) -> tuple[Candidate, dict[str, Any], EvalSpec]:
+        """The result, chosen on the full validation split (`choose_genome`), and how it was scored."""
+        import dataclasses
+
+        genome = self.genome
+        scored = dataclasses.replace(self.spec, subset=None, subset_index=0)
+        worker: list[EvoWorker] = []  # built on first use: a resumed run may have every score already
+
+        def score(x: list[float]) -> tuple[float, dict[str, float]]:
+            if not worker:
+                worker.append(EvoWorker(genome, scored))
+            r = worker[0].evaluate(x, cancel=run.cancel)
+            return r["score"], r["scores"]
+
+        chosen, block = choose_genome(search, lambda x: search.full_score(x, score), run.event, str(self.config.tasks),
+                                      self.config.rerank_top)
+        return chosen, block, scored
+
+
+def choose_genome(search: EvoSearch, score: Callable[[list[float]], tuple[float, dict[str, float]]], emit: Emit,
+                  tasks: str, top: int) -> tuple[Candidate, dict[str, Any]]:
+    """The `top` best candidates by subset score and the template at its starting values (the
+    data-free merge), each scored by `score` (mean and per-task scores on the full validation
+    split); the result by `mergecore.search.validation.choose`. Returns it and the `validation` block."""
+    genome = search.genome
+    candidates = []
+    for c in search.ranked()[:top]:
+        mean, scores = score(c.genome)
+        candidates.append(validated(emit, Candidate(
+            f"evaluation {c.evaluation + 1}", OWN, mean, scores, subset=c.score, ref=c.genome,
+            info={"evaluation": c.evaluation, "generation": c.generation}), tasks))
+    x0 = genome.x0()
+    mean, scores = score(x0)
+    candidates.append(validated(emit, Candidate(
+        f"{genome.method} at its starting values", DATA_FREE, mean, scores, ref=x0,
+        info={"values": dict(zip(genome.labels(), genome.values(x0)))}), tasks))
+    return choose(candidates, emit, tasks)
 
 
 SEARCH = Evo

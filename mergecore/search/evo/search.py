@@ -127,6 +127,9 @@ class EvoSearch:
         self.best: Optional[Candidate] = None
         self.history: list[dict[str, Any]] = []
         self.generations: list[dict[str, list]] = []  # asked solutions and told fitness: replayed on resume
+        # decoded values -> (mean, scores) on the full validation split (the final choice's scores),
+        # checkpointed so a run cut short while choosing does not score them again
+        self.validated: dict[tuple, tuple[float, dict[str, float]]] = {}
         self.stop_reason = ""
 
     def _new_es(self):
@@ -178,6 +181,7 @@ class EvoSearch:
             "best": asdict(self.best) if self.best is not None else None,
             "history": self.history,
             "generations": self.generations,
+            "validated": [{"values": list(k), "mean": m, "scores": sc} for k, (m, sc) in self.validated.items()],
         })
 
     def try_resume(self) -> bool:
@@ -199,6 +203,12 @@ class EvoSearch:
             if generation < 0 or len(generations) != generation or len(history) != generation:
                 raise ValueError(f"{len(generations)} recorded generations for generation {generation}")
             records = [(need(g, "solutions", list), need(g, "fitness", list)) for g in generations]
+            validated = {}
+            for v in state.get("validated", []):  # absent from checkpoints written before it was kept
+                values, scores = need(v, "values", list), need(v, "scores", dict)
+                if not all(type(x) in (int, float) for x in values + list(scores.values())):
+                    raise TypeError("a validated candidate's values or scores are not numbers")
+                validated[tuple(float(x) for x in values)] = (need(v, "mean", float), scores)
             es = self._new_es()
             rng = np.random.RandomState(self.settings.seed).get_state()
             self.es, self.rng_state = es, rng
@@ -212,7 +222,7 @@ class EvoSearch:
                                      f"cma version or a changed file)")
                 self._with_rng(self.es.tell, xs, [float(f) for f in fitness])
         self.generation, self.evaluations, self.eval_seconds = generation, evaluations, eval_seconds
-        self.best, self.history, self.generations = best, history, generations
+        self.best, self.history, self.generations, self.validated = best, history, generations, validated
         if self.replay_history:  # the generations before the checkpoint and its best, so a plot starts at the first
             for info in self.history:
                 self._emit("evo.generation", dict(info, replayed=True))
@@ -289,6 +299,35 @@ class EvoSearch:
             self._emit("evo.best", self._best_data())
         self._emit("evo.generation", info)
         return info
+
+    def ranked(self) -> list[Candidate]:
+        """Every scored candidate, best subset score first (the earlier on a tie), one per recipe
+        (candidates that decode to the same rounded values are one)."""
+        everything, n = [], 0
+        for g, record in enumerate(self.generations):
+            for x, f in zip(record["solutions"], record["fitness"]):
+                everything.append(Candidate([float(v) for v in x], -float(f), {}, n, g))
+                n += 1
+        everything.sort(key=lambda c: (-c.score, c.evaluation))
+        seen: set[tuple] = set()
+        out = []
+        for c in everything:
+            key = tuple(self.genome.values(c.genome))
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+        return out
+
+    def full_score(self, x: list[float], score: Any) -> tuple[float, dict[str, float]]:
+        """(mean, scores) of genome `x` on the full validation split, from `score(x)` once, then kept
+        (and checkpointed), so a resumed run's final choice sees the same numbers."""
+        key = tuple(self.genome.values(x))
+        if key not in self.validated:
+            self.cancel.check()
+            self.validated[key] = score(x)
+            self.save()
+        mean, scores = self.validated[key]
+        return mean, dict(scores)
 
     def run(self) -> EvoResult:
         start = time.time()
