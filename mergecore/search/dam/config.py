@@ -8,15 +8,17 @@ Search YAML (paths relative to the YAML file; `~` is expanded)::
       - {model: families/fmnist-vit/expert_digits, task: digits}   # explicit pairing by task name
     train_tasks: families/fmnist-vit/tasks-val.yml   # D_i: a tasks file or an inline task list
                                              # (labels are never used); paired in order by default
-    eval_tasks: families/fmnist-vit/tasks-val.yml    # scored every eval_every steps and at the end
+    eval_tasks: families/fmnist-vit/tasks-val.yml    # the validation split (default: train_tasks): scored
+                                             # every eval_every steps; the result is chosen on all of it
     eval_subset: 0.25                        # periodic evaluations on this part (ratio or count)
-    final_eval_full: true                    # the last evaluation on all of eval_tasks (false: the subset)
+    patience: 4                              # stop after this many evaluations without a better score
     final_tasks: families/fmnist-vit/tasks.yml       # optional: scored once on the result, never used
     granularity: column                      # column: one coefficient per input column (DAM)
                                              # layer: one per model and tensor (layer-wise AdaMerging)
     form: sum                                # sum: W = Σ c_i W_i | task_vectors: W = W0 + Σ c_i (W_i − W0)
     transform: none                          # none | tanh (written into the recipe)
-    init: null                               # effective start value; default 1/N (sum) or 0.3 (task_vectors)
+    init: null                               # effective start value; default: the best uniform merge on
+                                             # eval_tasks (weight averaging, task arithmetic λ 0.3 / 1)
     include_base: false                      # also merge the base as an input (form sum)
     merge_embeddings: false                  # default: embeddings and norms stay the base's (the paper's best)
     merge_norms: false
@@ -104,7 +106,8 @@ class DAMConfig(_Strict):
     train_tasks: TaskList
     eval_tasks: Optional[TaskList] = None
     eval_subset: Optional[Union[int, float]] = None
-    final_eval_full: bool = True  # the last evaluation on all of eval_tasks (false: on eval_subset too)
+    # older configs set this; the result is now always chosen on all of eval_tasks, so it changes nothing
+    final_eval_full: bool = True
     final_tasks: Optional[TaskList] = None
     granularity: Literal["column", "layer"] = "column"
     form: Literal["sum", "task_vectors"] = "sum"
@@ -127,6 +130,7 @@ class DAMConfig(_Strict):
     max_length: Optional[int] = Field(default=512, ge=2)
     eval_every: int = Field(default=50, ge=0)
     eval_at_start: bool = True
+    patience: int = Field(default=4, ge=0)  # evaluations in a row without a better score before stopping (0: never)
     checkpoint_every: int = Field(default=50, ge=0)
     eval_batch_size: int = Field(default=256, ge=1)
     seed: int = 0
@@ -171,7 +175,8 @@ class DAMConfig(_Strict):
             steps=self.steps, batch_size=self.batch_size, lr=o.lr, weight_decay=o.weight_decay,
             betas=tuple(o.betas), eps=o.eps, max_grad_norm=o.max_grad_norm or None, schedule=o.schedule,
             warmup_steps=o.warmup_steps, clamp=tuple(o.clamp) if o.clamp else None, seed=self.seed,
-            eval_every=self.eval_every, eval_at_start=self.eval_at_start, checkpoint_every=self.checkpoint_every,
+            eval_every=self.eval_every, eval_at_start=self.eval_at_start, patience=self.patience,
+            checkpoint_every=self.checkpoint_every,
             loss=LossSettings(**loss.model_dump()))
 
     def identity(self, base: str, refs: list[str], include_base: bool) -> dict[str, Any]:

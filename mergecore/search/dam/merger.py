@@ -214,6 +214,15 @@ class Merger:
     def raw_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.coefs.items()}
 
+    def uniform_state(self, values: list[float]) -> dict[str, torch.Tensor]:
+        """Raw coefficients that give every merged tensor the effective row values `values`: the
+        uniform merge (weight averaging, task arithmetic) a start or a baseline is."""
+        if len(values) != self.n_rows:
+            raise MergeError(f"{len(values)} uniform coefficients for {self.n_rows} rows")
+        raw = torch.tensor([inverse_activate(v, self.transform) for v in values], dtype=torch.float32)
+        return {s.name: raw.view(-1, *([1] * len(s.coef_shape))).expand(self.n_rows, *s.coef_shape).clone()
+                for s in self.slots}
+
     def load_raw_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.coefs) - set(state)
         if missing:

@@ -5,11 +5,17 @@
     summary = run_dam(cfg, root, "out/", on_event=print)  # out/recipe.yml replays with `mergecore merge`
 
 Outputs in OUT_DIR: `dam_coefficients.safetensors` (raw coefficients, one entry per merged
-tensor), `recipe.yml` (method `dam`, replayable with `mergecore merge`), `result.json` (last
-evaluation, timings, memory, config; with a replay, the scores of OUT_DIR/model), `events.jsonl`,
-`dam_log.jsonl` (one line per step and evaluation) and `dam_checkpoint.safetensors` (resume state:
-tensors and JSON, no pickle). The coefficients file and the recipe are also rewritten at every
-checkpoint, so a cancelled run leaves a usable recipe.
+tensor), `recipe.yml` (method `dam`, replayable with `mergecore merge`), `result.json` (the
+result's validation scores, every candidate's, timings, memory, config; with a replay, the scores
+of OUT_DIR/model), `events.jsonl`, `dam_log.jsonl` (one line per step and evaluation) and
+`dam_checkpoint.safetensors` (resume state: tensors and JSON, no pickle). The coefficients file
+and the recipe are also rewritten at every checkpoint (with the best state so far), so a
+cancelled run leaves a usable recipe.
+
+With validation tasks (`eval_tasks`, default `train_tasks`), the run starts from the uniform merge
+that scores best on all of them, keeps the best state by its periodic evaluations, stops after
+`patience` evaluations without a better score, and returns whichever of the best state, the last
+state and the uniform merges scores highest on all of eval_tasks (`mergecore.search.dam.keep`).
 """
 
 from __future__ import annotations
@@ -122,6 +128,7 @@ class DAM:
         from mergecore.io.source import ModelSource, resolve_model_path
         from mergecore.search.dam.data import task_data
         from mergecore.search.dam.merger import Merger, assign_checkpoint_names, find_slots
+        from mergecore.search.dam.keep import uniform_starts
         from mergecore.search.dam.search import DAMSearch
 
         t_start = time.time()
@@ -168,7 +175,8 @@ class DAM:
 
             periodic = EvalSpec(eval_tasks, subset=cfg.eval_subset, seed=cfg.seed, batch_size=cfg.eval_batch_size,
                                 processor_from=str(paths[self.base]), label=self._eval_label())
-            final = periodic if cfg.eval_subset is None or not cfg.final_eval_full else EvalSpec(
+            # the result is chosen on all of eval_tasks, whatever part the periodic evaluations score
+            final = periodic if cfg.eval_subset is None else EvalSpec(
                 _load_task_list(self.eval_tasks, self.root, "eval_tasks"), seed=cfg.seed,
                 batch_size=cfg.eval_batch_size, processor_from=str(paths[self.base]), label=self._eval_label())
             evaluate = Evaluate(periodic.evaluator(run.pool), final.evaluator(run.pool), run.cancel)
@@ -181,7 +189,7 @@ class DAM:
 
             meta = {"transform": cfg.transform, "form": cfg.form, "include_base": self.include_base,
                     "granularity": cfg.granularity, "rows": rows, "step": search.step, "loss": cfg.loss.kind}
-            raw = search.merger.raw_state()
+            raw = search.result_state()
             save_coefficients(run.out / COEF_FILE, {s.ckpt: raw[s.name] for s in slots}, meta)
             recipe.save(run.out / "recipe.yml")
 
@@ -189,7 +197,10 @@ class DAM:
                            teacher_params=teacher_params if teachers["mode"] == "on_the_fly" else None,
                            out_dir=run.out, on_event=emit, cancel=run.cancel,
                            identity=cfg.identity(self.base, self.refs, self.include_base), on_checkpoint=write_recipe,
-                           replay_history=run.replay_history)
+                           replay_history=run.replay_history, starts=uniform_starts(
+                               cfg.form, self.include_base, len(self.inputs), cfg.transform, cfg.init,
+                               cfg.optimizer.clamp), choose_start=cfg.init is None,
+                           periodic_is_full=cfg.eval_subset is None, tasks=self._eval_label())
         return DAMRun(search, module, self, run, program, recipe, final, teachers, t_start)
 
     def _eval_label(self) -> str:
@@ -280,10 +291,21 @@ class DAMRun:
         self.ctx.event("dam.start", {"step": search.step, "steps": cfg.steps, "coefficients": merger.num_coefficients(),
                                      "tensors": len(merger.slots), "teachers": self.teachers["mode"]})
         search.run()
+        chosen = validation = None
+        if search.last_eval is not None:  # validation tasks: the result is chosen on all of them
+            chosen, validation = search.choose()
         merger.write_into(self.module)
-        last = search.last_eval
+        if search.on_checkpoint:  # the coefficients file and recipe.yml now hold the result
+            search.on_checkpoint(search)
+        ev = None if chosen is None else {
+            "tasks": self.dam._eval_label(), "step": chosen.info.get("step"), "mean": chosen.mean,
+            "scores": chosen.scores, "final": True, "label": chosen.label, "source": chosen.source}
         summary: dict[str, Any] = {
-            "eval": {"tasks": self.dam._eval_label(), **last} if last else None,
+            "eval": ev,
+            "validation": validation,
+            "start": search.start,
+            "best_step": search.kept.step,
+            "stopped_early": search.kept.stopped,
             "evals": search.evals,
             "last_step": search.history[-1] if search.history else None,
             "steps": search.step,
@@ -301,7 +323,7 @@ class DAMRun:
             "config": cfg.model_dump(mode="json"),
         }
         return Found(self.recipe, summary, {"recipe": summary["recipe"], "eval": summary["eval"]},
-                     self.final_eval if last else None, last["mean"] if last else None)
+                     self.final_eval if chosen else None, chosen.mean if chosen else None)
 
 
 SEARCH = DAM

@@ -29,7 +29,9 @@ from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.search.checkpoint import SearchCheckpoint, WallClock, need, pack_tree, restoring, unpack_tree
 from mergecore.search.dam import losses
 from mergecore.search.dam.data import TaskData, run_model
+from mergecore.search.dam.keep import ChoosesOnValidation, Kept
 from mergecore.search.dam.merger import Merger
+from mergecore.search.validation import Candidate
 
 LEGACY_CHECKPOINT = "dam_checkpoint.pt"  # the old pickle format: refused, never loaded
 
@@ -64,6 +66,7 @@ class DAMSettings:
     seed: int = 0
     eval_every: int = 50  # 0: evaluate only at the end
     eval_at_start: bool = True
+    patience: int = 4  # stop after this many evaluations in a row without a better score (0: never)
     checkpoint_every: int = 50
     loss: LossSettings = field(default_factory=LossSettings)
 
@@ -79,15 +82,23 @@ class Evaluate:
         return ev.evaluate(module, cancel=self.cancel, subset_index=0)
 
 
-class DAMSearch:
-    """One DAM run over a resident model; resumable from `out_dir`."""
+class DAMSearch(ChoosesOnValidation):
+    """One DAM run over a resident model; resumable from `out_dir`. It starts from the best uniform
+    merge, keeps the best state by its periodic evaluations, stops early, and `choose()` picks the
+    result on the full validation split (`mergecore.search.dam.keep`)."""
 
     def __init__(self, module: nn.Module, merger: Merger, data: list[TaskData], settings: DAMSettings, *,
                  evaluate: Optional[Callable[[nn.Module, bool], Any]] = None,
                  teacher_params: Optional[list[dict[str, torch.Tensor]]] = None,
                  out_dir: Optional[Path] = None, on_event: Optional[EventCallback] = None,
                  cancel: Optional[CancelToken] = None, identity: Optional[dict[str, Any]] = None,
-                 on_checkpoint: Optional[Callable[["DAMSearch"], None]] = None, replay_history: bool = False):
+                 on_checkpoint: Optional[Callable[["DAMSearch"], None]] = None, replay_history: bool = False,
+                 starts: Optional[list[tuple[str, list[float]]]] = None, choose_start: bool = True,
+                 periodic_is_full: bool = False, tasks: str = "validation"):
+        """`evaluate(module, full)` scores on the validation split (`full`: all of it, else the periodic
+        evaluations' part, the same when `periodic_is_full`); `starts` are the uniform merges scored
+        first (`keep.uniform_starts`), the best of which is the start when `choose_start`, else the
+        first; `tasks` names the validation tasks in events."""
         self.module = module.eval().requires_grad_(False)
         self.merger = merger
         self.data = data
@@ -118,6 +129,12 @@ class DAMSearch:
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.last_eval: Optional[dict[str, Any]] = None
+        self.starts, self.choose_start, self.periodic_is_full, self.tasks = starts or [], choose_start, \
+            periodic_is_full, tasks
+        self.baselines: list[dict[str, Any]] = []  # the uniform merges, scored on the full validation split
+        self.start: Optional[str] = None  # the one training started from
+        self.kept = Kept()  # the best state by the periodic evaluations; early stopping
+        self.chosen: Optional[Candidate] = None  # the result, once chosen
 
     # -- schedule ----------------------------------------------------------------------------
 
@@ -151,6 +168,9 @@ class DAMSearch:
             "seconds": self.clock.elapsed(),
             "history": self.history,
             "evals": self.evals,
+            "baselines": self.baselines,
+            "start": self.start,
+            "kept": self.kept.pack(tensors),
         }
         return tensors, state
 
@@ -173,6 +193,12 @@ class DAMSearch:
             history, evals = need(state, "history", list), need(state, "evals", list)
             if step < 0 or not all(isinstance(r, dict) and type(r.get("step")) is int for r in history + evals):
                 raise ValueError("the step count or a history row is malformed")
+            baselines, start = state.get("baselines", []), state.get("start")  # absent before they were kept
+            if not isinstance(baselines, list) or not all(
+                    isinstance(b, dict) and isinstance(b.get("label"), str) and type(b.get("mean")) in (int, float)
+                    for b in baselines) or (start is not None and not isinstance(start, str)):
+                raise TypeError("the scored uniform merges ('baselines', 'start') are malformed")
+            kept = Kept.unpack(state.get("kept"), tensors)
             rng = tensors["torch_rng"]
             self.merger.load_raw_state({k[5:]: v for k, v in tensors.items() if k.startswith("coef.")})
             self.optimizer.load_state_dict(unpack_tree(need(state, "optimizer", dict), tensors))
@@ -181,6 +207,7 @@ class DAMSearch:
         self.examples_seen, self.tokens_seen = counters["examples_seen"], counters["tokens_seen"]
         self.train_seconds, self.eval_seconds = seconds["train_seconds"], seconds["eval_seconds"]
         self.history, self.evals = history, evals
+        self.baselines, self.start, self.kept = baselines, start, kept
         if self.replay_history:  # the steps and evaluations before the checkpoint, so a plot starts at the first
             for row in self._rows():
                 self._emit("dam.eval" if "mean" in row else "dam.step", dict(row, replayed=True))
@@ -297,20 +324,46 @@ class DAMSearch:
     # -- evaluation --------------------------------------------------------------------------
 
     def evaluate(self, final: bool = False) -> Optional[dict[str, Any]]:
+        """Score the current state (`final`: on the full validation split); a periodic evaluation
+        offers it to the kept best state and may stop the run early."""
         if self.evaluate_fn is None:
             return None
-        t0 = time.time()
-        self.merger.write_into(self.module)
-        res = self.evaluate_fn(self.module, final)
-        dt = time.time() - t0
-        self.eval_seconds += dt
-        info = {"step": self.step, "mean": res.mean, "scores": res.scores, "final": final, "seconds": dt,
-                "examples": {t.name: t.n for t in res.tasks}}
+        reuse = self._already_scored(final)
+        if reuse is not None:
+            info = dict(reuse, step=self.step, final=final, seconds=0.0)
+        else:
+            t0 = time.time()
+            self.merger.write_into(self.module)
+            res = self.evaluate_fn(self.module, final)
+            dt = time.time() - t0
+            self.eval_seconds += dt
+            info = {"step": self.step, "mean": res.mean, "scores": res.scores, "final": final, "seconds": dt,
+                    "examples": {t.name: t.n for t in res.tasks}}
         if not final:
+            info["improved"] = self.kept.offer(self.step, info["mean"], info["scores"], self.merger.raw_state())
+            info["best_step"] = self.kept.step
             self.evals.append(info)
         self.last_eval = info
         self._emit("dam.eval", info)
+        p = self.settings.patience
+        if not final and p and self.kept.since >= p and self.kept.stopped is None and self.step < self.settings.steps:
+            self.kept.stopped = self.step
+            self._emit("dam.stopped", {"step": self.step, "best_step": self.kept.step, "best_mean": self.kept.mean,
+                                       "patience": p})
         return info
+
+    def _already_scored(self, final: bool) -> Optional[dict[str, Any]]:
+        """The full-split score of the current state when it is known: at step 0 the start's (when the
+        periodic evaluations use the full split), or the periodic evaluation at this very step (an
+        early stop) for the final one."""
+        if not self.periodic_is_full:
+            return None
+        if self.step == 0 and self.start is not None:
+            b = next(b for b in self.baselines if b["label"] == self.start)
+            return {"mean": b["mean"], "scores": b["scores"], "examples": b.get("examples", {})}
+        if final and self.evals and self.evals[-1]["step"] == self.step:
+            return {k: self.evals[-1][k] for k in ("mean", "scores", "examples")}
+        return None
 
     def run(self) -> dict[str, Any]:
         s = self.settings
@@ -321,16 +374,19 @@ class DAMSearch:
             for row in self._rows():
                 log.write(json.dumps({"event": "eval" if "mean" in row else "step", **row}) + "\n")
         try:
+            if self.step == 0 and self.evaluate_fn is not None and self.start is None:
+                self.pick_start()
             if self.step == 0 and s.eval_at_start and not any(e["step"] == 0 for e in self.evals):
                 self._write(log, "eval", self.evaluate())
-            while self.step < s.steps:
+            while self.step < s.steps and self.kept.stopped is None:
                 if self.cancel.cancelled:
                     self.save()  # a step boundary: the state is consistent
                     raise Cancelled(f"DAM search cancelled at step {self.step}")
                 self._write(log, "step", self.train_step())
                 if s.eval_every and self.step % s.eval_every == 0 and self.step < s.steps:
                     self._write(log, "eval", self.evaluate())
-                if s.checkpoint_every and self.step % s.checkpoint_every == 0 and self.step < s.steps:
+                if self.kept.stopped is None and s.checkpoint_every and self.step % s.checkpoint_every == 0 \
+                        and self.step < s.steps:
                     self.save()
             self.cancel.check()
             final = self.evaluate(final=True)
