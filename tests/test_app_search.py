@@ -172,7 +172,7 @@ def test_client_search_stop_resume_and_a_second_page(fmnist_server, fmnist_demo)
     c = client(url)
     c.predict(api_name="/load_demo")
     assert "nothing to resume" in c.predict(KEY_B, api_name="/resume_search")[2]
-    c.predict(**rmm_args(fmnist_demo, KEY_B, episodes=400, rerank_top=0), api_name="/start_search")
+    c.predict(**rmm_args(fmnist_demo, KEY_B, episodes=400, rerank_top=1), api_name="/start_search")
     poll_search(c, KEY_B, episodes=5)
     assert "a search is already running" in c.predict(**rmm_args(fmnist_demo, KEY_B),
                                                       api_name="/start_search")[2]

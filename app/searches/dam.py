@@ -141,7 +141,8 @@ def _summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
     out = (f"**Trained** {result['coefficients']} {kind} coefficients on {len(result.get('tensors') or [])} tensors "
            f"in {result['steps']} steps ({meta.get('loss', 'kl')} loss, {result.get('examples_seen', 0)} examples).")
     if ev:
-        out += f"\n\nFinal evaluation (step {ev.get('step')}): mean **{ev['mean']:.3f}**" + (
+        what = f"step {ev['step']}" if ev.get("step") is not None else f"the data-free {ev.get('label')}"
+        out += f"\n\nResult ({what}, chosen on all the validation data): mean **{ev['mean']:.3f}**" + (
             f"; {scores}." if scores else ".")
     out += ("\n\nThe recipe (`recipe.yml`) reads the coefficients from `dam_coefficients.safetensors` "
             "next to it; `mergecore merge` replays it."

@@ -159,7 +159,7 @@ def _progress(events, meta) -> tuple[Optional[float], str]:
     text = (f"generation {last['generation'] + 1} · {n}/{total or '?'} evaluations · best {last['best']:.4f} · "
             f"sigma {last['sigma']:.3f} · {last.get('eval_seconds') or 0:.2f} s each")
     if total and n >= total and not has_event(events, "evo.done"):
-        text += " · writing the recipe ..."
+        text += " · scoring the best candidates on all the validation data ..."
     return fraction(n, total), text
 
 
@@ -168,8 +168,10 @@ def _summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
     scores = scores_text(best.get("scores"))
     genes = best.get("genes") or {}
     shown = ", ".join(f"{k} = {v:g}" for k, v in list(genes.items())[:12]) + (" ..." if len(genes) > 12 else "")
-    out = (f"**Best candidate**: score **{best['score']:.4f}** ({best['scored_on']}), evaluation "
-           f"{best['evaluation'] + 1} (generation {best['generation'] + 1}) of {result['evaluations']}.")
+    found = (f"evaluation {best['evaluation'] + 1} (generation {best['generation'] + 1}) of {result['evaluations']}"
+             if best.get("evaluation") is not None else
+             f"the data-free {best.get('label')}: none of the {result['evaluations']} candidates scored higher")
+    out = f"**Best candidate**: score **{best['score']:.4f}** ({best['scored_on']}), {found}."
     if scores:
         out += f"\n\nTask scores: {scores}."
     if shown:

@@ -21,7 +21,7 @@ def _config(values: dict[str, Any], session: SearchSession):
         "operators": parse_operators(values.get("operators") or "", len(names)), "tasks": tasks,
         "data_ratio": float(values.get("data_ratio") or 0), "episodes": int(values.get("episodes") or 0),
         "dar": bool(values.get("dar")), "seed": int(values.get("seed") or 0),
-        "update_every": int(values.get("update_every") or 0), "rerank_top": int(values.get("rerank_top") or 0),
+        "update_every": int(values.get("update_every") or 0), "rerank_top": int(values.get("rerank_top") or 1),
         "max_steps": int(values["max_steps"]) if values.get("max_steps") else None,
     })
 
@@ -140,8 +140,10 @@ def _summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
     steps = [f"#{pos + 1} = layer {layer} of **{names[action] if action < len(names) else f'action {action}'}**"
              for pos, (layer, action) in enumerate(best["emitted"])]
     metrics = scores_text(best.get("metrics"))
-    return (f"**Best merge**: reward **{best['reward']:.2f}** ({best['scored_on']}), found at episode "
-            f"{best['episode'] + 1}; {len(best['emitted'])} layers: " + "; ".join(steps) + "."
+    found = (f"found at episode {best['episode'] + 1}" if best.get("episode") is not None else
+             f"the data-free {best.get('label')}: no trajectory the search found scored higher")
+    return (f"**Best merge**: reward **{best['reward']:.2f}** ({best['scored_on']}), {found}; "
+            f"{len(best['emitted'])} layers: " + "; ".join(steps) + "."
             + (f"\n\nTask scores: {metrics}." if metrics else "")
             + f"\n\n{result['episodes']} episodes, {result['evaluations']} evaluations "
               f"({result['eval_seconds']:.1f} s evaluating), {result['seconds']:.1f} s in all.")
@@ -167,7 +169,8 @@ RMM = register_search(SearchSpec(
         SEED,
         Field("update_every", "PPO update every (episodes)", "int", 4, minimum=1, advanced=True,
               info="also the checkpoint interval: Stop resumes from the last update"),
-        Field("rerank_top", "Re-score the top trajectories on all the data", "int", 3, minimum=0, advanced=True),
+        Field("rerank_top", "Re-score the top trajectories on all the data", "int", 3, minimum=1, advanced=True,
+              info="the result is the best of these and of each operator on every layer, on all the data"),
         Field("max_steps", "Max steps per episode (0: twice the layers)", "int", 0, minimum=0, advanced=True),
     ],
     plots=[PlotSpec("Reward per episode", _reward_figure), PlotSpec("Time per evaluation", _time_figure),

@@ -31,8 +31,9 @@ are scored there, and the search's best is returned unless the data-free one sco
 
 Outputs in OUT_DIR: `recipe.yml` (the chosen candidate as a plain recipe that `mergecore merge`
 replays), `result.json` (its validation score and per-task scores, the genes, every candidate's
-validation score, the subset best, timings; with a replay, the scores of OUT_DIR/model), `events.jsonl`, `evo_log.jsonl` (one line per generation) and
-`evo_checkpoint.safetensors` (resume state: plain JSON in a safetensors file, no pickle).
+validation score, the subset best, timings; with a replay, the scores of OUT_DIR/model),
+`events.jsonl`, `evo_log.jsonl` (one line per generation) and `evo_checkpoint.safetensors`
+(resume state: plain JSON in a safetensors file, no pickle).
 """
 
 from __future__ import annotations

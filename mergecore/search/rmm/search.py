@@ -38,6 +38,9 @@ def _emitted(value: Any) -> list[tuple[int, int]]:
     return [(x[0], x[1]) for x in value]
 
 
+Scored = tuple[float, dict[str, float]]  # a score and its per-task metrics
+
+
 class Scorer(Protocol):
     n_subsets: int
 
@@ -365,7 +368,7 @@ class RMMSearch:
         del self.top[self.settings.keep_top:]
 
     def full_score(self, emitted: list[tuple[int, int]],
-                   full_scorer: Callable[[nn.Module], tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
+                   full_scorer: Callable[[nn.Module], Scored]) -> Scored:
         """(reward, metrics) of a trajectory on the full validation split: scored once, then kept
         (and checkpointed), so a resumed run's final choice sees the same numbers."""
         key = tuple(emitted)
