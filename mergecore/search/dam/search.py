@@ -196,7 +196,7 @@ class DAMSearch(ChoosesOnValidation):
             baselines, start = state.get("baselines", []), state.get("start")  # absent before they were kept
             if not isinstance(baselines, list) or not all(
                     isinstance(b, dict) and isinstance(b.get("label"), str) and type(b.get("mean")) in (int, float)
-                    for b in baselines) or (start is not None and not isinstance(start, str)):
+                    and isinstance(b.get("scores"), dict) and isinstance(b.get("values"), list) for b in baselines) or (start is not None and not isinstance(start, str)):
                 raise TypeError("the scored uniform merges ('baselines', 'start') are malformed")
             kept = Kept.unpack(state.get("kept"), tensors)
             rng = tensors["torch_rng"]
@@ -358,8 +358,8 @@ class DAMSearch(ChoosesOnValidation):
         early stop) for the final one."""
         if not self.periodic_is_full:
             return None
-        if self.step == 0 and self.start is not None:
-            b = next(b for b in self.baselines if b["label"] == self.start)
+        b = next((b for b in self.baselines if b["label"] == self.start), None) if self.step == 0 else None
+        if b is not None:
             return {"mean": b["mean"], "scores": b["scores"], "examples": b.get("examples", {})}
         if final and self.evals and self.evals[-1]["step"] == self.step:
             return {k: self.evals[-1][k] for k in ("mean", "scores", "examples")}
