@@ -122,7 +122,6 @@ def search_config(fam, variant: dict[str, Any], *, steps: int, batch_size: int, 
         "train_tasks": tasks,
         "eval_tasks": str(fam.val_tasks_file),
         "eval_subset": 0.1,
-        "final_eval_full": False,
         "eval_every": max(1, steps // 3),
         "checkpoint_every": max(1, steps // 3),
         "steps": steps,
@@ -160,7 +159,7 @@ def run_search(cfg: dict[str, Any], out: Path, threads: int, log) -> dict[str, A
     result["process_peak_rss_bytes"] = usage.ru_maxrss * 1024
     result["process_seconds"] = wall
     log(f"    {out.name}: {result['steps']} steps, train {result['train_seconds']:.0f} s, search {wall:.0f} s, "
-        f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB, val-subset mean {result['eval']['mean']:.4f}")
+        f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB, validation mean {result['eval']['mean']:.4f}")
     return result
 
 

@@ -80,7 +80,7 @@ def speed_rows(fam, args) -> list[dict]:
                      "evals/min": round(60 * res["evaluations"] / res["seconds"], 1),
                      "s/eval (one worker)": round(res["eval_seconds"] / res["evaluations"], 3),
                      "start_s": res["backend"]["start_seconds"], "wall_s": round(wall, 1),
-                     "best (val subset)": round(res["best"]["score"], 4)})
+                     "best (validation)": round(res["best"]["score"], 4)})
         print(json.dumps(rows[-1]), flush=True)
     first = logs[variants[0][0]]
     for r, (label, *_rest) in zip(rows, variants):
@@ -105,7 +105,7 @@ def quality_rows(fam, args) -> list[dict]:
             eval_s = time.time() - t0
             recipe_text = (Path(tmp) / "search" / "recipe.yml").read_text()
         how = (f"{tmpl['method']}, {res['genes']} genes, popsize {res['popsize']}, {res['evaluations']} evals on val "
-               f"(ratio 0.1): val-subset best {res['best']['score']:.4f}; {config.backend}")
+               f"(ratio 0.1): validation best {res['best']['score']:.4f}; {config.backend}")
         rows.append({"row": label, **r.scores, "mean": r.mean, "merge_s": round(res["seconds"] + merge_s, 2),
                      "eval_s": round(eval_s, 2), "wall_s": round(res["seconds"] + merge_s + eval_s, 2), "how": how})
         print(json.dumps(rows[-1]), flush=True)

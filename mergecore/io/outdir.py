@@ -143,7 +143,8 @@ def check_output_dir(out: str | Path, *, kind: str, overwrite: bool = False,
         if not target.is_dir():
             raise MergeError(f"output path {shown} exists and is not a folder")
         try:
-            empty = next(os.scandir(target), None) is None
+            with os.scandir(target) as entries:
+                empty = next(entries, None) is None
         except OSError as err:
             raise MergeError(f"cannot read output folder {shown}: {err.strerror or err}") from None
         if not empty:
