@@ -141,6 +141,11 @@ def override_dataclass(preset: Any, overrides: Optional[dict[str, Any]], where: 
             empty = value.strip().lower() in ("none", "null", "~", "")
             value = None if empty else load_yaml(value, f"{where}: setting '{key}'")
         current = getattr(preset, key)
+        if isinstance(current, float) and isinstance(value, str):
+            try:  # YAML 1.1 reads 2e-4 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
         if value is not None and current is not None:
             if isinstance(current, bool) != isinstance(value, bool) and not isinstance(current, (str, tuple)):
                 raise MergeError(f"{where}: setting '{key}' expects {type(current).__name__}, got {short(value)}")
@@ -158,7 +163,8 @@ def override_dataclass(preset: Any, overrides: Optional[dict[str, Any]], where: 
 
 # the built-in families, by where their builder is (loaded on first use, so this module imports none)
 _BUILTIN: dict[str, str] = {"fmnist-vit": "mergecore.families.fmnist_vit:FmnistVitBuilder",
-                            "smollm2-domains": "mergecore.families.smollm2_domains:Smollm2DomainsBuilder"}
+                            "smollm2-domains": "mergecore.families.smollm2_domains:Smollm2DomainsBuilder",
+                            "minilm-textclass": "mergecore.families.minilm_textclass:MinilmTextclassBuilder"}
 _BUILDERS: dict[str, Callable[[], FamilyBuilder]] = {}
 
 

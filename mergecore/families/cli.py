@@ -63,6 +63,8 @@ def _cmd_build_family(args: argparse.Namespace) -> int:
                   f"{e['test_next_line_accuracy_after']:.3f}")
             continue
         extra = f", base linear probe {e['base_linear_probe_accuracy']:.4f}" if "base_linear_probe_accuracy" in e else ""
+        if "base_test_accuracy" in e:  # the base body under this expert's head (minilm-textclass)
+            extra += f", base body + this head {e['base_test_accuracy']:.4f}"
         print(f"  expert {name:<18} own-task test accuracy {e.get('test_accuracy', float('nan')):.4f}{extra}")
     print(f"tasks: {fam.tasks_file} (test), {fam.val_tasks_file} (validation)")
     return 0
@@ -76,8 +78,8 @@ def _cmd_families(args: argparse.Namespace) -> int:
         b = get_builder(name)
         built = [f"{'quick' if q else 'full'}: {family_dir(name, root, q)}" for q in (False, True)
                  if (family_dir(name, root, q) / "family.json").is_file()]
-        print(f"{name:<14} {b.summary}")
-        print(f"{'':<14} built -- {'; '.join(built) if built else 'not yet (mergecore bench build-family ' + name + ')'}")
+        print(f"{name:<16} {b.summary}")
+        print(f"{'':<16} built -- {'; '.join(built) if built else 'not yet (mergecore bench build-family ' + name + ')'}")
     return 0
 
 

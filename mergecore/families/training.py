@@ -3,7 +3,8 @@
 Plain PyTorch: AdamW, linear warm-up then cosine decay, gradient clipping, seeded batch
 sampling. `train` (image classifiers): cross-entropy over the logits of `classes` only (a
 task-subset expert never sees the other outputs), so all experts keep one head shape and merge
-cleanly. `train_lm` (causal LMs): next-token cross-entropy on random windows of a token stream,
+cleanly. `train_text` (text classifiers): the same on class-balanced batches of tokenised
+texts, over the first `num_outputs` logits, updating only the parameters that require grad. `train_lm` (causal LMs): next-token cross-entropy on random windows of a token stream,
 updating only the parameters it is given (e.g. LoRA adapters).
 """
 
@@ -164,6 +165,50 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         opt.step()
     with torch.no_grad():
         return float((lin(vx).argmax(-1) == test_y).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# text classifiers (the minilm-textclass family)
+
+TextBatchFn = Callable[[torch.Generator], tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def text_batches(ids: Sequence[Sequence[int]], labels: Sequence[int], batch_size: int, pad_id: int) -> TextBatchFn:
+    """Class-balanced random batches: per row a class drawn uniformly, then one of its texts
+    (so a large class does not drown a small one); padded to the longest row."""
+    from mergecore.eval.prep import pad_batch
+
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    if not by_class:
+        raise ValueError("no training texts")
+    classes = sorted(by_class)
+    pools = [torch.as_tensor(by_class[c]) for c in classes]
+
+    def batch(gen: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        cls = torch.randint(0, len(classes), (batch_size,), generator=gen).tolist()
+        pick = [int(pools[c][torch.randint(0, len(pools[c]), (1,), generator=gen)]) for c in cls]
+        x, mask = pad_batch([ids[i] for i in pick], pad_id)
+        return {"input_ids": x, "attention_mask": mask}, torch.as_tensor([classes[c] for c in cls])
+
+    return batch
+
+
+def train_text(model: torch.nn.Module, batches: TextBatchFn, *, num_outputs: int, steps: int, lr: float,
+               weight_decay: float = 0.01, warmup_steps: int = 0, seed: int = 0, grad_clip: float = 1.0,
+               on_step: Optional[StepCallback] = None, cancel: Optional[CancelToken] = None) -> TrainStats:
+    """Fine-tune a sequence classifier (cross-entropy over its first `num_outputs` logits) with
+    `train`'s schedule; the parameters that require grad are trained, dropout is seeded by `seed`."""
+    torch.manual_seed(seed)
+
+    def loss_of(gen: torch.Generator) -> torch.Tensor:
+        x, y = batches(gen)
+        return F.cross_entropy(model(**x).logits[:, :num_outputs], y)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _optimise(model, params, loss_of, steps=steps, lr=lr, weight_decay=weight_decay,
+                     warmup_steps=warmup_steps, seed=seed, grad_clip=grad_clip, on_step=on_step, cancel=cancel)
 
 
 # ---------------------------------------------------------------------------------------------
