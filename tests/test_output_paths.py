@@ -393,10 +393,25 @@ def test_a_signal_handler_cleanup_stops_a_merge_in_a_worker_thread(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_signal_during_the_final_renames_waits_for_them(tmp_path):
+def test_a_signal_during_the_final_renames_waits_for_them(tmp_path, monkeypatch):
     """Ctrl-C between 'old output renamed away' and 'new output renamed in' would lose both:
     the handler holds the signal until the renames are done, then cleans up and interrupts."""
+    from mergecore.io import outdir
+
     install_signal_handlers()
+    # the handler chains to whatever SIGINT did when handlers were first installed in this
+    # process (an earlier test's server may have set its own): here it is Python's default
+    monkeypatch.setitem(outdir._PREVIOUS, signal.SIGINT, signal.default_int_handler)
+    before = signal.signal(signal.SIGINT, outdir._on_signal)
+    monkeypatch.setattr(outdir, "_DEFER", 0)
+    monkeypatch.setattr(outdir, "_PENDING", [])
+    try:
+        _renames_wait_for_a_signal(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _renames_wait_for_a_signal(tmp_path):
     w = ShardedWriter(tmp_path / "o", [("x", torch.float32, (2,))])
     w.write("x", torch.ones(2))
     reached = False
