@@ -11,6 +11,16 @@ import sys
 from pathlib import Path
 
 
+def _print_report(report, table_file: str, quiet: bool) -> int:
+    """Warnings on stderr, the per-tensor table (unless quiet) and the one-line summary."""
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if not quiet:
+        print(report.table())
+    print(report.summary() + f" (table in {table_file})")
+    return 0
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from mergecore.events import MergeProgress, TerminalBar, interruptible
     from mergecore.lora.extract import REPORT, extract_lora
@@ -24,12 +34,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         report = extract_lora(args.model, args.base, args.out, rank=args.rank, energy=args.energy,
                               modules=args.modules, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
                               progress=progress, cancel=cancel)
-    for w in report.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    if not args.quiet:
-        print(report.table())
-    print(report.summary() + f" (table in {REPORT})")
-    return 0
+    return _print_report(report, REPORT, args.quiet)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -114,12 +119,7 @@ def _cmd_merge_adapters(args: argparse.Namespace) -> int:
 
         report = merge_adapters(config, args.paths[-1], device=args.device, overwrite=args.overwrite,
                                 progress=progress, cancel=cancel, search_dirs=search_dirs)
-    for w in report.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    if not args.quiet:
-        print(report.table())
-    print(report.summary() + f" (table in {REPORT})")
-    return 0
+    return _print_report(report, REPORT, args.quiet)
 
 
 def _register_merge(sub: argparse._SubParsersAction) -> None:
