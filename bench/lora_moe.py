@@ -15,7 +15,8 @@
 3. MoE: `mergecore moe` (a process: time, peak RSS) from the base and the three experts,
    `gate_mode: hidden`, positive prompts = a window from the middle of N training files per domain
    (data/<domain>-train.jsonl; never validation or test text), experts_per_token 1 and 2
-   (`--negatives`: also a top-1 variant with the other domains' prompts as negative prompts).
+   (`--negatives`: also top-1 with the other domains' prompts negative; `--avg-base`: also top-1
+   with the weight-averaged experts as base, so attention is averaged rather than the base's).
    Routing: forward hooks on every layer's router (`mlp.gate` in transformers 5's
    MixtralForCausalLM, `block_sparse_moe.gate` before) count each token's top-1 expert on each
    domain's test perplexity texts (the `_ppl` task's own token chunks). Test scores of the
@@ -24,8 +25,7 @@
    ft_b as experts, `gate_mode: random`: these random Llamas have no tokenizer) on the three 1B
    Llamas of bench/merge_speed.py (built once into --models), cold cache, as processes.
 
-Tables are printed as markdown and saved in bench/results/ (lora_moe*.csv, lora_moe.md, and
-lora_moe_speed.md for part 4).
+Tables are printed as markdown and saved in bench/results/ (lora_moe*.csv, lora_moe.md, lora_moe_speed.md).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -124,8 +125,7 @@ def max_diff(a: Path, b: Path) -> tuple[float, float, str]:
             rel = max(rel, float((x - y).norm() / y.norm().clamp(min=1e-30)))
         return worst, rel, where
     finally:
-        sa.close()
-        sb.close()
+        sa.close(), sb.close()
 
 
 def peft_vs_fold(base: Path, adapter: Path, folded: Path) -> float:
@@ -144,6 +144,10 @@ def peft_vs_fold(base: Path, adapter: Path, folded: Path) -> float:
         src.close()
 
 
+def relative(x: float, ref: float) -> str:
+    return f"{100 * (x - ref) / ref:+.2f}%, {'no worse' if x <= ref else 'WORSE'}"
+
+
 def ppl(result, task: str) -> float:
     return result[task].metrics["perplexity"]
 
@@ -158,8 +162,7 @@ def extraction(fam, ev, ranks: dict[str, list[int]], train_rank: int, own: dict[
             out = work / f"adapter-{d}-r{r}"
             wall, rss, text = timed(PY + ["extract-lora", "--model", str(path), "--base", str(fam.base), str(out),
                                           "--rank", str(r), "--quiet"], env)
-            with open(out / "extract_report.csv") as f:
-                rep = list(csv.DictReader(f))
+            rep = list(csv.DictReader((out / "extract_report.csv").read_text().splitlines()))
             lora = [x for x in rep if x["kind"] == "lora"]
             energy = [float(x["retained_energy"]) for x in lora]
             f_out = fold(f"{fam.base}+{out}", work / f"folded-{d}-r{r}", threads)
@@ -280,18 +283,20 @@ def routing_rows(label: str, route: dict[str, dict[str, Any]], domains: list[str
 
 def moe_part(fam, ev, domains: list[str], args, work: Path, env: dict[str, str], log):
     prompts = {d: train_prompts(fam, d, args.prompts, args.prompt_chars) for d in domains}
-    variants = [("hidden, top-1", 1, False), ("hidden, top-2", 2, False)]
+    variants = [("hidden, top-1", 1, False, fam.base), ("hidden, top-2", 2, False, fam.base)]
     if args.negatives:
-        variants.append(("hidden + negatives, top-1", 1, True))
+        variants.append(("hidden + negatives, top-1", 1, True, fam.base))
+    if args.avg_base:
+        variants.append(("hidden, top-1, averaged base", 1, False, work / "wa-experts"))
     builds, routes, folders = [], [], {}
-    for label, k, neg in variants:
+    for label, k, neg, base in variants:
         experts = [{"source_model": str(fam.experts[d]), "positive_prompts": prompts[d]} for d in domains]
         if neg:
             for e, d in zip(experts, domains):
                 e["negative_prompts"] = [p for o in domains if o != d for p in prompts[o]]
-        cfg = {"base_model": str(fam.base), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": k,
+        cfg = {"base_model": str(base), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": k,
                "experts": experts}
-        cfg_file = work / f"moe-{k}{'-neg' if neg else ''}.yml"
+        cfg_file = work / f"moe-{k}{'-neg' if neg else ''}{'-avg' if base != fam.base else ''}.yml"
         cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
         out = work / cfg_file.stem
         wall, rss, text = timed(PY + ["moe", str(cfg_file), str(out), "--quiet"], env)
@@ -353,6 +358,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--prompts", type=int, default=16, help="gate prompts per domain (training files)")
     p.add_argument("--prompt-chars", type=int, default=600, help="characters per gate prompt")
     p.add_argument("--negatives", action="store_true", help="also a top-1 MoE with the other domains' prompts negative")
+    p.add_argument("--avg-base", action="store_true",
+                   help="also a top-1 MoE on the weight-averaged experts as its base (their attention averaged)")
     p.add_argument("--next-line", action="store_true", help="also score the next-line tasks (slow on a CPU)")
     p.add_argument("--speed", action="store_true", help="part 4 on the 1B Llamas of bench/merge_speed.py")
     p.add_argument("--no-family", action="store_true", help="skip parts 1-3")
@@ -368,9 +375,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
+    log = partial(print, flush=True)
     if not args.no_family:
         family(args, threads, log)
     if args.speed:
@@ -458,8 +463,7 @@ def family(args, threads: int, log) -> None:
         route_rows, per_layer = [], []
         for label, route in routes:
             tr, pl = routing_rows(label, route, domains)
-            route_rows += tr
-            per_layer += pl
+            route_rows, per_layer = route_rows + tr, per_layer + pl
         md += [md_table(["MoE", "test text", "tokens"] + [f"→ {d}" for d in domains] +
                         ["own expert", "per layer min / med / max",
                          f"layers > 60% (of {len(per_layer) // len(domains) // len(routes)})",
@@ -471,15 +475,12 @@ def family(args, threads: int, log) -> None:
             for tname in tasks:
                 row[tname] = ppl(r, tname) if tname.endswith("_ppl") else r[tname].score
             score_rows.append(row)
-            table.append([label] + [f"{row[t]:.3f}" if t.endswith("_ppl") else f"{row[t]:.3f}" for t in tasks])
+            table.append([label] + [f"{row[t]:.3f}" for t in tasks])
         save_csv(f"lora_moe_scores{args.tag}.csv", score_rows)
         wa = next(r for r in score_rows if r["row"] == "weight averaging (experts)")
-        verdict = []
-        for r in score_rows:
-            if r["row"].startswith("MoE"):
-                verdict.append([r["row"]] + [f"{r[f'{d}_ppl']:.3f} vs {wa[f'{d}_ppl']:.3f} "
-                                             f"({'no worse' if r[f'{d}_ppl'] <= wa[f'{d}_ppl'] else 'WORSE'})"
-                                             for d in domains])
+        verdict = [[r["row"]] + [f"{r[f'{d}_ppl']:.3f} vs {wa[f'{d}_ppl']:.3f} "
+                                 f"({relative(r[f'{d}_ppl'], wa[f'{d}_ppl'])})" for d in domains]
+                   for r in score_rows if r["row"].startswith("MoE")]
         md += ["Test perplexity (lower is better)" + ("; `*_next_line`: accuracy" if args.next_line else "") + ":\n",
                md_table(["row"] + tasks, table), "",
                md_table(["MoE perplexity vs weight averaging"] + domains, verdict), "",
