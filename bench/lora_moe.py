@@ -2,13 +2,12 @@
 
     python bench/lora_moe.py [--threads 2] [--ranks 4,8,16,32] [--prompts 16] [--speed] [--no-family]
 
-1. Extraction: each expert minus the base through `mergecore extract-lora` at each rank (and the
-   expert's training rank, family.json's `lora_rank`), each run a separate process (wall time and
-   peak RSS from wait4); retained energy from its extract_report.csv. The adapter is folded into
+1. Extraction: each expert minus the base through `mergecore extract-lora` at each rank and the
+   training rank (family.json's `lora_rank`), each a process (wall time, peak RSS from wait4);
+   retained energy from its extract_report.csv. The adapter is folded into
    the base by a one-model `passthrough` recipe through `mergecore.merge` (the engine's streaming
    BASE+ADAPTER read), and that folder is scored on the expert's own `<domain>_ppl` test task.
-   At the training rank, peft's own `PeftModel.from_pretrained(...).merge_and_unload()` is
-   compared with the fold.
+   At the training rank, peft's `PeftModel.from_pretrained(...).merge_and_unload()` is compared too.
 2. BASE+ADAPTER identity: weight averaging (`linear`, weight 1, normalize) of the three
    `base+adapter` references (training rank) against the same recipe over the experts, and over
    the passthrough-folded adapters: max |difference| over all tensors, and test scores.
@@ -19,8 +18,8 @@
    with the weight-averaged experts as base, so attention is averaged rather than the base's).
    Routing: forward hooks on every layer's router (`mlp.gate` in transformers 5's
    MixtralForCausalLM, `block_sparse_moe.gate` before) count each token's top-1 expert on each
-   domain's test perplexity texts (the `_ppl` task's own token chunks). Test scores of the
-   mixtures next to the base, each expert and weight averaging.
+   domain's test perplexity texts (the `_ppl` task's own token chunks). Test perplexity of the
+   mixtures next to the base, each expert and weight averaging (`--next-line`: accuracy too).
 4. `--speed`: `mergecore extract-lora --rank 16` (ft_a over base) and `mergecore moe` (base, ft_a,
    ft_b as experts, `gate_mode: random`: these random Llamas have no tokenizer) on the three 1B
    Llamas of bench/merge_speed.py (built once into --models), cold cache, as processes.
@@ -59,19 +58,26 @@ FAMILY = "smollm2-domains"
 PY = [sys.executable, "-m", "mergecore.cli"]
 
 
+# Linux hands a spawned process the RSS high-water mark of its parent (recorded at exec), so a
+# command started from this big process would report this process's peak as its own: each
+# command runs under a small launcher that forks it and reports its wait4 ru_maxrss.
+LAUNCHER = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execvp(sys.argv[1], sys.argv[1:])\n"
+            "_, status, usage = os.wait4(pid, 0)\nprint(f'@maxrss {usage.ru_maxrss}', file=sys.stderr)\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Run cmd as a process; (wall s, peak RSS GiB from wait4, stdout + stderr). Fails loudly."""
+    """Run cmd as a process; (wall s, its peak RSS GiB, stdout + stderr). Fails loudly."""
     with tempfile.TemporaryFile() as log:
         t0 = time.time()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        rc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], env=env, stdout=log,
+                            stderr=subprocess.STDOUT).returncode
         wall = time.time() - t0
         log.seek(0)
         text = log.read().decode(errors="replace")
-    rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{text[-3000:]}")
-    return wall, usage.ru_maxrss / 1024**2, text
+    return wall, int(re.findall(r"^@maxrss (\d+)$", text, re.M)[-1]) / 1024**2, text
 
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -81,31 +87,22 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
 
 
-def save_csv(name: str, rows: list[dict[str, Any]]) -> Path:
-    path = RESULTS / name
-    with open(path, "w", newline="") as f:
+def save_csv(name: str, rows: list[dict[str, Any]]) -> None:
+    with open(RESULTS / name, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    return path
 
 
 def linear(models: list[str]):
+    """Weight averaging (linear, weight 1 each, normalize) in float32; with one model and no weights,
+    `passthrough`: a BASE+ADAPTER reference written out whole through the engine."""
     from mergecore.recipe import recipe_from_dict
 
-    return recipe_from_dict({"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}}
-                                                                  for m in models],
-                             "parameters": {"normalize": True}, "dtype": "float32"}, where="weight averaging")
-
-
-def fold(ref: str, out: Path, threads: int) -> Path:
-    """BASE+ADAPTER written out whole: a one-model passthrough recipe through the engine."""
-    from mergecore.merging import merge
-    from mergecore.recipe import recipe_from_dict
-
-    merge(recipe_from_dict({"merge_method": "passthrough", "models": [{"model": ref}], "dtype": "float32"}),
-          out, threads=threads)
-    return out
+    avg = len(models) > 1
+    return recipe_from_dict({"merge_method": "linear" if avg else "passthrough", "dtype": "float32",
+                             "models": [{"model": m, **({"parameters": {"weight": 1.0}} if avg else {})}
+                                        for m in models], **({"parameters": {"normalize": True}} if avg else {})})
 
 
 def max_diff(a: Path, b: Path) -> tuple[float, float, str]:
@@ -156,6 +153,8 @@ def ppl(result, task: str) -> float:
 
 def extraction(fam, ev, ranks: dict[str, list[int]], train_rank: int, own: dict[str, float], work: Path,
                env: dict[str, str], threads: int, log) -> tuple[list[dict[str, Any]], dict[str, Path], dict[str, Path]]:
+    from mergecore.merging import merge
+
     rows, adapters, folded = [], {}, {}
     for d, path in fam.experts.items():
         for r in ranks[d]:
@@ -165,7 +164,7 @@ def extraction(fam, ev, ranks: dict[str, list[int]], train_rank: int, own: dict[
             rep = list(csv.DictReader((out / "extract_report.csv").read_text().splitlines()))
             lora = [x for x in rep if x["kind"] == "lora"]
             energy = [float(x["retained_energy"]) for x in lora]
-            f_out = fold(f"{fam.base}+{out}", work / f"folded-{d}-r{r}", threads)
+            f_out = merge(linear([f"{fam.base}+{out}"]), work / f"folded-{d}-r{r}", threads=threads).out_dir
             p = ppl(ev.evaluate(f_out, tasks=[f"{d}_ppl"]), f"{d}_ppl")
             diff, rel, _ = max_diff(f_out, path)
             row = {"expert": d, "rank": r, "training_rank": r == train_rank, "ppl_expert": own[d], "ppl_adapter": p,
