@@ -36,7 +36,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from _proc import run_measured  # noqa: E402
 from mergecore.errors import MergeError  # noqa: E402
 from mergecore.threads import check_threads  # noqa: E402
 
@@ -145,21 +146,18 @@ def run_search(cfg: dict[str, Any], out: Path, threads: int, log) -> dict[str, A
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, "-m", "mergecore.cli", "search", "dam", str(path), str(out), "--threads", str(threads),
            "--log-every", "20"]
-    t0 = time.time()
-    with open(out.parent / f"{out.name}.log", "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(ROOT),
-                                env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"})
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.time() - t0
-    if proc.returncode != 0:
-        tail = (out.parent / f"{out.name}.log").read_text().strip().splitlines()[-3:]
+    log_file = out.parent / f"{out.name}.log"
+    m = run_measured(cmd, cwd=ROOT, log=log_file,
+                     env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"})
+    wall = m.wall_s
+    if m.returncode != 0:
+        tail = log_file.read_text().strip().splitlines()[-3:]
         raise MergeError(f"DAM search failed ({out.name}): {' | '.join(tail)}")
     result = json.loads((out / "result.json").read_text())
-    result["process_peak_rss_bytes"] = usage.ru_maxrss * 1024
+    result["process_peak_rss_bytes"] = int(m.peak_rss_gib * 1024**3)
     result["process_seconds"] = wall
     log(f"    {out.name}: {result['steps']} steps, train {result['train_seconds']:.0f} s, search {wall:.0f} s, "
-        f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB, validation mean {result['eval']['mean']:.4f}")
+        f"peak RSS {m.peak_rss_gib * 1024:.0f} MiB, validation mean {result['eval']['mean']:.4f}")
     return result
 
 

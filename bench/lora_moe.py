@@ -36,7 +36,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,32 +51,19 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _proc import run_measured  # noqa: E402
 from mergecore.threads import check_threads  # noqa: E402
 
 FAMILY = "smollm2-domains"
 PY = [sys.executable, "-m", "mergecore.cli"]
 
 
-# Linux hands a spawned process the RSS high-water mark of its parent (recorded at exec), so a
-# command started from this big process would report this process's peak as its own: each
-# command runs under a small launcher that forks it and reports its wait4 ru_maxrss.
-LAUNCHER = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execvp(sys.argv[1], sys.argv[1:])\n"
-            "_, status, usage = os.wait4(pid, 0)\nprint(f'@maxrss {usage.ru_maxrss}', file=sys.stderr)\n"
-            "sys.exit(os.waitstatus_to_exitcode(status))")
-
-
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Run cmd as a process; (wall s, its peak RSS GiB, stdout + stderr). Fails loudly."""
-    with tempfile.TemporaryFile() as log:
-        t0 = time.time()
-        rc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], env=env, stdout=log,
-                            stderr=subprocess.STDOUT).returncode
-        wall = time.time() - t0
-        log.seek(0)
-        text = log.read().decode(errors="replace")
-    if rc != 0:
-        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{text[-3000:]}")
-    return wall, int(re.findall(r"^@maxrss (\d+)$", text, re.M)[-1]) / 1024**2, text
+    """Run cmd as a process; (wall s, its own peak RSS GiB, stdout + stderr). Fails loudly."""
+    m = run_measured(cmd, env)
+    if m.returncode != 0:
+        raise SystemExit(f"command failed ({m.returncode}): {' '.join(cmd)}\n{m.output[-3000:]}")
+    return m.wall_s, m.peak_rss_gib, m.output
 
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -30,7 +30,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from _proc import run_measured  # noqa: E402
 from mergecore.io.source import ModelSource, fadvise_dontneed  # noqa: E402
 from mergecore.threads import check_threads  # noqa: E402
 
@@ -210,16 +212,11 @@ def drop_cache(files: list[Path]) -> str:
 
 
 def timed_run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """Run cmd; return (wall seconds, peak RSS GiB, exit status)."""
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        print(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}", file=sys.stderr)
-    return wall, usage.ru_maxrss / 1024**2, proc.returncode
+    """Run cmd; return (wall seconds, its own peak RSS GiB, exit status)."""
+    m = run_measured(cmd, env)
+    if m.returncode != 0:
+        print(f"command failed ({m.returncode}): {' '.join(cmd)}\n{m.output[-2000:]}", file=sys.stderr)
+    return m.wall_s, m.peak_rss_gib, m.returncode
 
 
 def reference_ties(base: torch.Tensor, fts: list[torch.Tensor], density: float, weights: list[float]) -> torch.Tensor:
