@@ -69,7 +69,7 @@ class MergeRow:
     global_params: dict[str, Any] = field(default_factory=dict)
     with_base: bool = True  # base_model in the recipe (task-vector methods)
     seed: Optional[int] = None
-    tune: Optional[tuple[str, tuple[float, ...]]] = None  # (global parameter, grid): chosen on validation
+    tune: Optional[str] = None  # a global parameter chosen on validation from the method's own `grid`
 
     def describe(self) -> str:
         params = {**self.per_model, **self.global_params}
@@ -118,15 +118,15 @@ MERGE_ROWS: list[MergeRow] = [
     MergeRow("RegMean++", "regmean_plusplus", {}),
     # the scale of the strongest data-free methods chosen on the validation split (as their papers
     # choose it), from a small grid; the test split is scored once, with the chosen value
-    MergeRow("TSV-M (α on val)", "tsv_m", {}, tune=("alpha", (0.5, 1.0, 1.5, 2.0, 3.0))),
-    MergeRow("Iso-C (α on val)", "iso_c", {}, tune=("alpha", (0.5, 1.0, 1.5, 2.0, 3.0))),
-    MergeRow("Iso-CTS (α on val)", "iso_cts", {}, tune=("alpha", (0.5, 1.0, 1.5, 2.0, 3.0))),
-    MergeRow("CART (λ on val)", "cart", {}, tune=("lambda", (0.5, 1.0, 1.5, 2.0, 3.0))),
-    MergeRow("Consensus TA (λ on val)", "consensus_ta", {}, tune=("lambda", (0.2, 0.3, 0.5, 0.7, 1.0))),
-    MergeRow("MagMax (λ on val)", "magmax", {}, tune=("lambda", (0.3, 0.5, 0.7, 1.0, 1.5))),
-    MergeRow("PCB (λ on val)", "pcb", {}, tune=("lambda", (0.2, 0.3, 0.5, 0.7, 1.0))),
-    MergeRow("WUDI (λ on val)", "wudi", {}, tune=("lambda", (0.2, 0.3, 0.5, 0.7, 1.0))),
-    MergeRow("RegMean (α on val)", "regmean", {}, tune=("reduce_non_diagonal_ratio", (0.0, 0.3, 0.6, 0.9, 1.0))),
+    MergeRow("TSV-M (α on val)", "tsv_m", {}, tune="alpha"),
+    MergeRow("Iso-C (α on val)", "iso_c", {}, tune="alpha"),
+    MergeRow("Iso-CTS (α on val)", "iso_cts", {}, tune="alpha"),
+    MergeRow("CART (λ on val)", "cart", {}, tune="lambda"),
+    MergeRow("Consensus TA (λ on val)", "consensus_ta", {}, tune="lambda"),
+    MergeRow("MagMax (λ on val)", "magmax", {}, tune="lambda"),
+    MergeRow("PCB (λ on val)", "pcb", {}, tune="lambda"),
+    MergeRow("WUDI (λ on val)", "wudi", {}, tune="lambda"),
+    MergeRow("RegMean (α on val)", "regmean", {}, tune="reduce_non_diagonal_ratio"),
 ]
 TUNE_SUBSET = 0.2  # share of each validation task scored per grid point
 
@@ -256,8 +256,12 @@ def collected_stats(method, fam, experts: dict[str, Path], work_dir: Path, log) 
 
 def tuned(m: MergeRow, fam, experts: dict[str, Path], artifacts: dict[str, str], work_dir: Path, threads: int,
           batch_size: int, seed: int, merge, log) -> tuple[MergeRow, str]:
-    """`m` with its `tune` parameter set to the grid value that scores best on a validation subset."""
-    key, grid = m.tune
+    """`m` with its `tune` parameter set to the value of the method's grid (`@merge_method(grid=...)`,
+    the one `mergecore leaderboard` tries) that scores best on a validation subset."""
+    from mergecore.methods import get_method
+
+    key = m.tune
+    grid = dict(get_method(m.method).grid)[key]
     ev = fam.evaluator("val", subset=TUNE_SUBSET, seed=seed, batch_size=batch_size)
     ev.prepare(fam.base)
     scores = {}

@@ -45,6 +45,7 @@ from typing import Any, Callable, Generic, Iterable, Literal, Mapping, Optional,
 import torch
 
 from mergecore.errors import MergeError, short
+from mergecore.methods._grid import Grid, check_grid, grid_points
 
 T = TypeVar("T")
 
@@ -272,6 +273,7 @@ class MergeMethod:
     # the statistics a data-informed method reads from its artifact ("gram", "fisher", "gram_plusplus"),
     # so the CLI and the app know it needs a tasks file and which collection to run; None: none
     stats: Optional[str] = None
+    grid: Grid = ()  # a few values of its scale parameters (lambda, alpha, density): what leaderboards try
 
     @property
     def formula_text(self) -> str:
@@ -288,6 +290,9 @@ class MergeMethod:
             elif p.required:
                 out[p.name] = 0.5 if p.type is float else (p.choices[0] if p.choices else 1)
         return out
+
+    def grid_points(self) -> list[dict[str, Any]]:  # every combination of the grid's values ([] without one)
+        return grid_points(self.grid)
 
     def accepts(self, n_models: int) -> bool:
         """Whether the method takes `n_models` inputs (the base not counted when it takes one)."""
@@ -306,10 +311,7 @@ class MergeMethod:
         return "generator" in self.context
 
     def param(self, name: str) -> ParamSpec | None:
-        for p in self.params:
-            if p.name == name:
-                return p
-        return None
+        return next((p for p in self.params if p.name == name), None)
 
     def missing_param(self, spec: ParamSpec, given: Iterable[Any], *, model: str = "", at: str = "",
                       fix: str = "set it in the parameters") -> MergeError:
@@ -436,6 +438,7 @@ def merge_method(
     starting: dict[str, Any] | None = None,
     cost: Optional[Callable[..., Any]] = None,
     stats: Optional[str] = None,
+    grid: Optional[Mapping[str, Sequence[Any]]] = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register `func` as merge method `name` (default: the function's name); its keyword-only
     parameters are its schema.
@@ -447,7 +450,8 @@ def merge_method(
     `starting` gives the values a new operator or template starts from (required parameters
     without one start at 0.5 / their first choice). `cost` estimates the extra work of one
     tensor for `--dry-run` (see `methods._cost`). `stats` names the statistics a data-informed
-    method reads from its artifact ("gram", "fisher", "gram_plusplus"; `mergecore collect-stats`).
+    method reads ("gram", "fisher", "gram_plusplus"; `mergecore collect-stats`). `grid` ({"lambda":
+    (0.5, 1.0)}): values a leaderboard and bench/quality.py choose among on validation.
     """
 
     def decorate(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -482,6 +486,7 @@ def merge_method(
             starting=tuple((starting or {}).items()),
             cost=cost,
             stats=stats,
+            grid=check_grid(key, params, grid),
         )
         return func
 

@@ -32,7 +32,8 @@ def _cart_cost(shape: tuple[int, ...], n_models: int, params: dict[str, Any]) ->
 
 @merge_method(base="ignored", min_models=2, tags=("matrices",), cost=_cart_cost,
               summary="average of the models plus λ times a rank-k approximation of each one's deviation from it",
-              formula="θ = θ̄ + λ·Σᵢ LowRank_k(θᵢ − θ̄),  θ̄ = mean(θᵢ)", paper=_PAPER)
+              formula="θ = θ̄ + λ·Σᵢ LowRank_k(θᵢ − θ̄),  θ̄ = mean(θᵢ)", paper=_PAPER,
+              grid={"lambda": (0.5, 1.0, 1.5, 2.0, 3.0)})
 def cart(tensors: Tensors, base: BaseTensor, *,
          lambda_: Annotated[float, Range(0.0, None), Ends("0 = the plain average", "more = more of each model"),
                             "scale of the summed low-rank deviations"] = 2.0,

@@ -16,7 +16,8 @@ _PAPER = ("Wang, Dimitriadis, Ortiz-Jimenez, Fleuret & Frossard 2024, Localizing
 @merge_method(base="required", min_models=2,
               summary="task arithmetic restricted to entries that at least k tasks' TALL masks keep",
               formula="θ = θ₀ + λ·[Σₜ mₜ ≥ k]⊙τ_MTL,  mₜ = [|τₜ| > λ_tall·|τ_MTL − τₜ|],  τ_MTL = Σᵢ τᵢ",
-              paper=_PAPER, starting={"lambda": 0.3})
+              paper=_PAPER, starting={"lambda": 0.3},
+              grid={"lambda": (0.2, 0.3, 0.5, 0.7, 1.0)})
 def consensus_ta(tensors: Tensors, base: BaseTensor, *,
                  tall_mask_lambda: Annotated[float, Range(0.0, None), Ends(
                      "0 = every task claims every changed entry", "larger = tasks claim fewer entries"),

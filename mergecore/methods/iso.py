@@ -33,7 +33,7 @@ def _iso_c_cost(shape: tuple[int, ...], n_models: int, params: dict[str, Any]) -
 
 @merge_method(base="required", min_models=2, tags=("matrices", "streaming"), cost=_iso_c_cost,
               summary="per matrix: Σ τᵢ with every singular value replaced by their mean (flat spectrum)",
-              formula="θ = θ₀ + α·σ̄·U Vᵀ,  U Σ Vᵀ = Σᵢ τᵢ,  σ̄ = mean(Σ)", paper=_PAPER)
+              formula="θ = θ₀ + α·σ̄·U Vᵀ,  U Σ Vᵀ = Σᵢ τᵢ,  σ̄ = mean(Σ)", paper=_PAPER, grid={"alpha": (0.5, 1.0, 1.5, 2.0, 3.0)})
 def iso_c(tensors: Tensors, base: BaseTensor, *, alpha: Alpha = 1.0) -> torch.Tensor:
     """θ = θ0 + α·σ̄·U Vᵀ with U Σ Vᵀ = Σ_i τ_i and σ̄ = (1/r) Σ_j σ_j, r = min(m, n) (Iso-C).
 
@@ -104,7 +104,7 @@ def _iso_cts_cost(shape: tuple[int, ...], n_models: int, params: dict[str, Any])
 @merge_method(base="required", min_models=2, tags=("matrices",), cost=_iso_cts_cost,
               summary="per matrix: common subspace of Σ τᵢ plus each task's own directions, flat spectrum",
               formula="θ = θ₀ + α·σ̄·U⊥V⊥ᵀ,  U = [Uᶜ, U₁ᵗˢ … U_Tᵗˢ],  Uᵢᵗˢ from (I − UᶜUᶜᵀ)τᵢ",
-              paper=_PAPER)
+              paper=_PAPER, grid={"alpha": (0.5, 1.0, 1.5, 2.0, 3.0)})
 def iso_cts(tensors: Tensors, base: BaseTensor, *, alpha: Alpha = 1.0,
             common_space_fraction: Annotated[
                 float, Range(0.0, 1.0), Ends("0 = task-specific directions only", "1 = Iso-C (common only)"),

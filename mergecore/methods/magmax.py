@@ -15,7 +15,8 @@ _PAPER = ("Marczak et al. 2024, MagMax: Leveraging Model Merging for Seamless Co
 @merge_method(base="required", min_models=1, tags=("streaming",),
               summary="per entry, the task-vector value of largest magnitude, scaled and added to the base",
               formula="θ = θ₀ + λ·τᵢ*[j],  i* = argmaxᵢ |τᵢ[j]|,  τᵢ = θᵢ − θ₀",
-              paper=_PAPER, starting={"lambda": 0.5})
+              paper=_PAPER, starting={"lambda": 0.5},
+              grid={"lambda": (0.3, 0.5, 0.7, 1.0, 1.5)})
 def magmax(tensors: Tensors, base: BaseTensor, *,
            lambda_: Annotated[float, Range(0.0, None), "scale of the selected task vector"] = 0.5) -> torch.Tensor:
     """θ = θ0 + λ·τ_max with τ_max[j] = τ_{i*}[j], i* = argmax_i |τ_i[j]| and τ_i = θ_i − θ0.

@@ -46,7 +46,8 @@ def _pcb_cost(shape: tuple[int, ...], n_models: int, params: dict[str, Any]) -> 
               summary="balance each entry's importance within and across tasks, drop all but the top ratio, "
                       "score-weighted mean",
               formula="θ = θ₀ + λ·Σᵢ βᵢ⊙clip(τᵢ) / Σᵢ βᵢ,  βᵢ = top-r(exp(n·Norm(τᵢ²))⊙tanh(τᵢ⊙Σⱼτⱼ))",
-              paper=_PAPER, starting={"ratio": 0.1, "lambda": 1.0})
+              paper=_PAPER, starting={"ratio": 0.1, "lambda": 1.0},
+              grid={"lambda": (0.2, 0.3, 0.5, 0.7, 1.0)})
 def pcb(tensors: Tensors, base: BaseTensor, *,
         ratio: Annotated[float, Range(0.0, 1.0, lo_open=True), Ends("0 = keep almost nothing", "1 = keep all entries"),
                          "share of each task vector's entries kept (by balancing score)"] = 0.1,

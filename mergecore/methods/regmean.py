@@ -108,7 +108,7 @@ _PAPER = ("Jin, Ren, Preotiuc-Pietro, Cheng 2023, Dataless Knowledge Fusion by M
 @merge_method(tags=("matrices",), stats="gram", cost=_cost, min_models=1,
               summary="closed-form merge of linear layers that best reproduces each model's outputs on its data",
               formula="θ = (Σᵢ G̃ᵢ)⁻¹ Σᵢ G̃ᵢ θᵢᵀ,  G̃ᵢ = α Gᵢ + (1−α) diag(Gᵢ),  Gᵢ = XᵢᵀXᵢ/Nᵢ",
-              paper=_PAPER)
+              paper=_PAPER, grid={"reduce_non_diagonal_ratio": (0.0, 0.3, 0.6, 0.9, 1.0)})
 def regmean(
     tensors: Tensors,
     base: BaseTensor,

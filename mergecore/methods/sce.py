@@ -34,7 +34,8 @@ def _variance_mask(tensors: list[torch.Tensor], base: torch.Tensor, select_topk:
 
 
 @merge_method(base="required", summary="SCE: keep high-variance entries, weight task vectors by energy, elect signs, merge",
-              formula="θ = θ₀ + Σᵢ eᵢ·mᵢ⊙select(τᵢ, topk)", paper="Wan et al. 2024, FuseChat (arXiv:2408.07990)")
+              formula="θ = θ₀ + Σᵢ eᵢ·mᵢ⊙select(τᵢ, topk)", paper="Wan et al. 2024, FuseChat (arXiv:2408.07990)",
+              grid={"select_topk": (0.1, 0.3, 0.5)})
 def sce(tensors: Tensors, base: BaseTensor, *,
         select_topk: Annotated[float, Range(0.0, 1.0), "fraction of entries kept, by variance across models"] = 1.0,
         int8_mask: Annotated[bool, "memory hint in mergekit; accepted, no effect"] = False) -> torch.Tensor:

@@ -82,7 +82,7 @@ def slerp_tensors(
               summary="spherical interpolation between the base and one other model",
               formula="θ = sin((1−t)Ω)/sin Ω · θ₀ + sin(tΩ)/sin Ω · θ₁,  cos Ω = θ̂₀·θ̂₁",
               paper="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); used for model "
-                    "merging by mergekit")
+                    "merging by mergekit", grid={"t": (0.3, 0.5, 0.7)})
 def slerp(tensors: Tensors, base: BaseTensor, *,
           t: Annotated[float, Range(0.0, 1.0), Ends("0 = {base} (base)", "1 = {other}"),
                        "interpolation factor: 0 gives the base, 1 the other model"]) -> torch.Tensor:

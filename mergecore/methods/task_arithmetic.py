@@ -114,6 +114,15 @@ class _Variant:
     formula: str
     doc: str
     starting: tuple[tuple[str, Any], ...] = (("weight", 1.0), ("density", 0.5))
+    # lambda x density (density alone is unused without sparsification); a disjoint mean (normalize)
+    # takes lambda around 1, a plain sum of task vectors smaller ones
+    grid: Optional[dict[str, tuple[float, ...]]] = None
+
+    def grid_values(self) -> dict[str, tuple[float, ...]]:
+        if self.grid is not None:
+            return dict(self.grid)
+        lam = (0.5, 1.0, 1.5) if self.normalize else (0.3, 0.5, 1.0)
+        return {"lambda": lam, "density": (0.3, 0.5, 0.7)}
 
     def parameters(self) -> list[inspect.Parameter]:
         """The keyword-only parameters, in mergekit's order: the method's schema."""
@@ -156,7 +165,7 @@ class _Variant:
              inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=BaseTensor), *params],
             return_annotation=torch.Tensor)
         merge_method(self.name, base="required", tags=("streaming",), summary=self.summary, paper=self.paper,
-                     formula=self.formula, starting=dict(self.starting))(method)
+                     formula=self.formula, starting=dict(self.starting), grid=self.grid_values())(method)
 
 
 # `rescale` per sparsification: (default, help); dropping at random rescales by default, as mergekit does
@@ -185,7 +194,8 @@ VARIANTS = (
              "Task arithmetic: θ = θ0 + λ Σ_i w_i τ_i with task vectors τ_i = θ_i − θ0.\n\n"
              "With `normalize` the sum is divided by Σ_i w_i (skipped when that is ~0). Ilharco et al., "
              '"Editing Models with Task Arithmetic", ICLR 2023 (arXiv:2212.04089).',
-             starting=(("weight", 1.0), ("density", 0.5), ("lambda", 0.3))),
+             starting=(("weight", 1.0), ("density", 0.5), ("lambda", 0.3)),
+             grid={"lambda": (0.2, 0.3, 0.5, 0.7, 1.0)}),
     _Variant("ties", "magnitude", True, True,
              "TIES: trim task vectors by magnitude, elect signs, average the agreeing entries",
              "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",

@@ -53,7 +53,7 @@ def _tsv_cost(shape: tuple[int, ...], n_models: int, params: dict[str, Any]) -> 
 @merge_method(base="required", min_models=2, tags=("matrices", "streaming"), cost=_tsv_cost,
               summary="per matrix: each task's top singular vectors, decorrelated (whitened), summed",
               formula="θ = θ₀ + α·U⊥ Σ V⊥ᵀ,  U = [U₁,k … U_T,k], V likewise, X⊥ = polar(X), τᵢ ≈ Uᵢ,k Σᵢ,k Vᵢ,kᵀ",
-              paper=_PAPER)
+              paper=_PAPER, grid={"alpha": (0.5, 1.0, 1.5, 2.0, 3.0)})
 def tsv_m(tensors: Tensors, base: BaseTensor, *,
           alpha: Annotated[float, Range(0.0, None), Ends("0 = {base} only", "1 = the merged task vector"),
                            "scale of the merged task vector"] = 1.0,

@@ -77,7 +77,8 @@ def _wudi_cost(shape: tuple[int, ...], n_models: int, params: dict[str, Any]) ->
 @merge_method(base="required", min_models=2, tags=("matrices", "streaming"), cost=_wudi_cost,
               summary="per weight matrix, Adam-minimise each task's interference Σ‖(τ_m − τᵢ)τᵢᵀ‖²/‖τᵢ‖²",
               formula="θ = θ₀ + λ·τ_m,  τ_m = argmin Σᵢ ‖(τ_m − τᵢ)τᵢᵀ‖²_F / ‖τᵢ‖²_F  (Adam from Σᵢ τᵢ)",
-              paper=_PAPER, starting={"steps": 300, "lambda": 1.0})
+              paper=_PAPER, starting={"steps": 300, "lambda": 1.0},
+              grid={"lambda": (0.2, 0.3, 0.5, 0.7, 1.0)})
 def wudi(tensors: Tensors, base: BaseTensor, *,
          steps: Annotated[int, Range(0, None), Ends("0 = Σ τᵢ (task arithmetic)", "more = closer to the minimum"),
                           "Adam iterations per weight matrix"] = 300,
