@@ -1,4 +1,5 @@
-"""Merge searches: RMM (`rmm/`), DAM (`dam/`) and the evolutionary search (`evo/`), each a `Search`
+"""Merge searches: RMM (`rmm/`), DAM (`dam/`), the evolutionary search (`evo/`) and the leaderboard
+(`leaderboard/`: every data-free merge and the searches, ranked in a time budget), each a `Search`
 that runs through the one program in `mergecore.search.base`:
 
     from mergecore.search.base import read_events, run_search, search_class

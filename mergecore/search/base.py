@@ -41,7 +41,7 @@ MODEL_DIR = "model"
 
 # kind -> the module that defines it (its `SEARCH` class); loaded by name, so this module imports none
 SEARCHES: dict[str, str] = {"rmm": "mergecore.search.rmm.run", "dam": "mergecore.search.dam.run",
-                            "evo": "mergecore.search.evo.run"}
+                            "evo": "mergecore.search.evo.run", "leaderboard": "mergecore.search.leaderboard.run"}
 
 
 @dataclass(frozen=True)

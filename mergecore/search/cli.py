@@ -21,7 +21,19 @@ KINDS = {
             "override the config's step count"),
     "evo": ("evolutionary search (CMA-ES) over a recipe template's parameters", "--max-evals", "max_evals",
             "override the config's evaluation budget"),
+    "leaderboard": ("every data-free merge and the searches ranked on validation in a time budget (as "
+                    "`mergecore leaderboard`)", "--budget", "budget", "override the config's budget: 30m, 1h, 90s"),
 }
+
+
+def _seconds(text: str) -> int:
+    """--budget's type: a duration in seconds (argparse reports a bad one as a usage error)."""
+    from mergecore.search.leaderboard.config import parse_budget
+
+    try:
+        return parse_budget(text)
+    except MergeError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -61,13 +73,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="search for a merge (rmm, dam, evo)")
+    p = sub.add_parser("search", help="search for a merge (rmm, dam, evo, leaderboard)")
     kinds = p.add_subparsers(dest="search_kind", required=True)
     for kind, (help_text, flag, field, flag_help) in KINDS.items():
         k = kinds.add_parser(kind, help=help_text)
         k.add_argument("config", help="search YAML (its paths are relative to its folder)")
         k.add_argument("out_dir", help="folder for recipe.yml, result.json, events.jsonl, logs and the checkpoint")
-        k.add_argument(flag, dest=field, type=int, default=None, help=flag_help)
+        k.add_argument(flag, dest=field, type=_seconds if kind == "leaderboard" else int, default=None, help=flag_help)
         k.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in OUT_DIR")
         k.add_argument("--merge", action="store_true",
                        help="replay the result: merge it into OUT_DIR/model and score that checkpoint")

@@ -65,7 +65,51 @@ def _selected(d: dict[str, Any]) -> str:
     return f"chose {d['chosen']}: {d['mean']:.4f} on the full validation split{best_free}"
 
 
-_LINES: dict[str, Callable[[dict[str, Any]], str]] = {
+def format_seconds(seconds: float) -> str:
+    """4m12s, 30m, 1h05m, 12s: how progress lines show elapsed time and the budget."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m" + (f"{s % 60:02d}s" if s % 60 else "")
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+_clock = format_seconds
+
+
+def _lb_start(d: dict[str, Any]) -> str:
+    skipped = f"; skipped: {', '.join(s['method'] for s in d['skipped'])}" if d["skipped"] else ""
+    resumed = f", {d['done']} already scored" if d["done"] else ""
+    return (f"{d['candidates']} data-free candidates from {len(d['methods'])} methods{resumed}{skipped}; "
+            f"validation: {d['validation']}; test: {d['test']}; budget {_clock(d['budget'])}")
+
+
+def _lb_candidate(d: dict[str, Any]) -> str:
+    return (f"[{d['index'] + 1}/{d['total']}] {d['label']}: val {d['val_mean']:.4f} "
+            f"({d['seconds']:.1f} s; {_clock(d['elapsed'])} of {_clock(d['budget'])})")
+
+
+def _lb_search(d: dict[str, Any]) -> str:
+    if d["status"] == "skipped":
+        return f"{d['search']}: skipped ({d['reason']})"
+    if d["status"] == "started":
+        return f"{d['search']}: searching with {d['budget']} ..."
+    return f"{d['search']}: {d['label']}: val {d['val_mean']:.4f} ({d['seconds']:.1f} s)"
+
+
+def _lb_progress(d: dict[str, Any]) -> Optional[str]:
+    if d["kind"] not in ("evo.generation", "rmm.episode", "search.selected"):
+        return None
+    line = _LINES[d["kind"]](d["data"])
+    return f"  {d['search']}: {line}"
+
+
+def _lb_test(d: dict[str, Any]) -> str:
+    return f"test #{d['rank']} {d['label']}: val {d['val_mean']:.4f}, test {d['test_mean']:.4f}"
+
+
+_LINES: dict[str, Callable[[dict[str, Any]], Optional[str]]] = {
     "rmm.loading": lambda d: f"loading {len(d['models'])} models ...",
     "rmm.resumed": lambda d: f"resumed at episode {d['episode']}",
     "rmm.episode": _rmm_episode,
@@ -85,6 +129,13 @@ _LINES: dict[str, Callable[[dict[str, Any]], str]] = {
     "search.validation": _validation,
     "search.selected": _selected,
     "search.replayed": lambda d: d["summary"],
+    "leaderboard.start": _lb_start,
+    "leaderboard.candidate": _lb_candidate,
+    "leaderboard.stopped": lambda d: (f"stopped after {d['done']} of {d['total']} candidates: {d['reason']} "
+                                      f"({_clock(d['elapsed'])} of {_clock(d['budget'])})"),
+    "leaderboard.search": _lb_search,
+    "leaderboard.search_progress": _lb_progress,
+    "leaderboard.test": _lb_test,
     "search.mismatch": lambda d: f"warning: the replayed checkpoint scores {d['measured']:.6g} on {d['tasks']}, "
                                  f"the search reported {d['reported']:.6g}",
 }
@@ -107,6 +158,11 @@ def summary_line(kind: str, summary: dict[str, Any], recipe: str) -> str:
     if kind == "rmm":
         best = summary["best"]
         return (f"best reward {best['reward']:.3f} ({best['scored_on']}), {len(best['emitted'])} layers{final}; "
+                f"recipe: {recipe}")
+    if kind == "leaderboard":
+        w = summary["winner"]
+        return (f"winner {w['label']}: val {w['val_mean']:.4f}, test {w['test_mean']:.4f} "
+                f"({len(summary['ranking'])} merges ranked in {_clock(summary['elapsed_seconds'])}){final}; "
                 f"recipe: {recipe}")
     if kind == "evo":
         return (f"best score {summary['best']['score']:.4f} after {summary['evaluations']} evaluations "
