@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add subcommands (eval, search, bench): each has `register(subparsers)`, which
 # adds its parser(s) with `set_defaults(func=...)`; heavy imports stay inside the handlers.
 SUBCOMMAND_MODULES: tuple[str, ...] = ("mergecore.eval.cli", "mergecore.families.cli", "mergecore.search.cli",
-                                       "mergecore.search.leaderboard.cli", "mergecore.stats.cli", "mergecore.lora.cli", "mergecore.moe.cli")
+                                       "mergecore.search.leaderboard.cli", "mergecore.stats.cli", "mergecore.lora.cli",
+                                       "mergecore.moe.cli")
 
 
 _OS_HINTS = {

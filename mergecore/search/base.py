@@ -174,13 +174,15 @@ class Program:
 
     def finish(self, found: Found) -> dict[str, Any]:
         """recipe.yml, the replay and its scores, result.json, the `<kind>.done` event; returns the summary."""
+        from mergecore.search.checkpoint import write_text_atomic
+
         out = self.run.out
-        try:
-            found.recipe.save(out / RECIPE_FILE)
+        try:  # each file whole or not at all, even on Ctrl-C
+            write_text_atomic(out / RECIPE_FILE, found.recipe.to_yaml())
             summary = dict(found.summary)
             if self.replay or self.search.final is not None:
                 summary.update(_replay(self.search, found, self.run))
-            (out / RESULT_FILE).write_text(json.dumps(summary, indent=2, default=str))
+            write_text_atomic(out / RESULT_FILE, json.dumps(summary, indent=2, default=str))
             self.run.event(f"{self.search.kind}.done", found.done)
         finally:
             self.close()

@@ -65,6 +65,22 @@ def corrupt(path: PathLike, reason: str) -> MergeError:
 # -- writing ----------------------------------------------------------------------------------
 
 
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it, synced and renamed: a crash or
+    Ctrl-C leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def save_checkpoint(path: PathLike, tensors: dict[str, torch.Tensor], state: dict[str, Any], *, kind: str) -> None:
     """Write `tensors` and the plain-data `state` (JSON: numbers, strings, lists, dicts) to `path`
     atomically. A value JSON cannot hold is a programming error and raises TypeError."""

@@ -179,7 +179,7 @@ class _Run:
                 self.searched[kind] = {"status": "done", "val_mean": done["val_mean"], "label": done["label"]}
                 continue
             left = budget - self.test_reserve() - self.elapsed()
-            plan, reason = self._plan(kind, left / (len(kinds) - i))
+            plan, reason = self._plan(kind, left / (len(kinds) - i)) if left > 0 else (None, "the budget is spent")
             if plan is None:
                 self.searched[kind] = {"status": "skipped", "reason": reason}
                 self.run.event("leaderboard.search", {"search": kind, **self.searched[kind]})
