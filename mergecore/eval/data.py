@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mergecore.errors import MergeError
 
@@ -28,13 +28,32 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 Format = Literal["auto", "jsonl", "json", "csv", "parquet", "txt", "npy", "npz", "idx", "image_folder"]
 
 
+class SplitSpec(BaseModel):
+    """A seeded, shuffled validation/test split of one file: `part: val` keeps a random
+    `val_fraction` of the rows, `part: test` keeps exactly the others, so a `tasks-val.yml` and a
+    `tasks.yml` naming the same file with the same fraction and seed never share a row and
+    together cover it. `stratify: true` draws the fraction within each label (the task's
+    `label_field`, or an array task's labels): every label keeps its share in both parts.
+    The kept rows stay in file order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    part: Literal["val", "test"]
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    seed: int = 0
+    stratify: bool = False
+
+
 class DataSpec(BaseModel):
     """Where a task's examples come from.
 
     Record formats (text tasks) use `path`. Array formats (image tasks) use `images` and
     `labels` (npy / idx files) or `path` (an .npz file with `images_key`/`labels_key`, or an
-    image folder with one sub-folder per class). `range` keeps rows [start, stop) and
-    `max_examples` the first N rows after that (both before any subset sampling).
+    image folder with one sub-folder per class). `range` keeps rows [start, stop), then `split`
+    keeps its part of those (a shuffled fraction, see `SplitSpec`), then `max_examples` the first
+    N of what is left (all before any subset sampling). A .txt file is one record per non-empty
+    line (`txt_unit: line`) or per paragraph, blocks separated by blank lines (`txt_unit:
+    paragraph`), each as `{"text": ...}`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -47,7 +66,9 @@ class DataSpec(BaseModel):
     labels_key: str = "labels"
     class_names: Optional[list[str]] = None  # image folders: the label order (default: sorted folder names)
     range: Optional[tuple[int, int]] = None
+    split: Optional[SplitSpec] = None
     max_examples: Optional[int] = None
+    txt_unit: Literal["line", "paragraph"] = "line"
 
     @model_validator(mode="after")
     def _check(self) -> "DataSpec":
@@ -194,7 +215,25 @@ def _read_array_cached(path: str, mtime_ns: int, size: int, fmt: str) -> np.ndar
     return a
 
 
-def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
+def read_txt(path: Path, unit: str = "line") -> list[dict[str, Any]]:
+    """A text file as records `{"text": ...}`: one per non-empty line, or per paragraph (blocks of
+    lines separated by blank lines, inner line breaks kept)."""
+    text = path.read_text(encoding="utf-8")
+    if unit == "paragraph":
+        blocks, cur = [], []
+        for line in text.splitlines():
+            if line.strip():
+                cur.append(line.rstrip())
+            elif cur:
+                blocks.append("\n".join(cur))
+                cur = []
+        if cur:
+            blocks.append("\n".join(cur))
+        return [{"text": b} for b in blocks]
+    return [{"text": line.rstrip("\n")} for line in text.splitlines() if line.strip()]
+
+
+def _read_records(path: Path, fmt: str, txt_unit: str = "line") -> list[dict[str, Any]]:
     if not path.is_file():
         raise MergeError(f"data file not found: {path}")
     try:
@@ -217,7 +256,7 @@ def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
                 data = lists[0]
             return list(data)
         if fmt == "txt":
-            return [{"text": line.rstrip("\n")} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return read_txt(path, txt_unit)
         import pandas as pd
 
         if fmt == "csv":
@@ -283,8 +322,9 @@ def _stack_if_uniform(images: list[np.ndarray]) -> Union[np.ndarray, list[np.nda
     return np.stack(images) if len(shapes) == 1 else images
 
 
-def load_data(spec: DataSpec, base_dir: Optional[Path] = None) -> Data:
-    """Read the examples `spec` names (see `DataSpec`)."""
+def load_data(spec: DataSpec, base_dir: Optional[Path] = None, label_field: Optional[str] = None) -> Data:
+    """Read the examples `spec` names (see `DataSpec`); `label_field` names the records' label
+    column for a stratified `split`."""
     if spec.images is not None:
         ipath, lpath = _resolve(spec.images, base_dir), _resolve(spec.labels or "", base_dir)
         images = _read_array(ipath)
@@ -298,7 +338,7 @@ def load_data(spec: DataSpec, base_dir: Optional[Path] = None) -> Data:
             raise MergeError(f"data file not found: {path}")
         fmt = detect_format(path) if spec.format == "auto" else spec.format
         if fmt in RECORD_FORMATS:
-            data = Records(_read_records(path, fmt), str(path))
+            data = Records(_read_records(path, fmt, spec.txt_unit), str(path))
         elif fmt == "npz":
             try:
                 z = np.load(path, allow_pickle=False)
@@ -319,17 +359,60 @@ def load_data(spec: DataSpec, base_dir: Optional[Path] = None) -> Data:
             raise MergeError(f"{path}: a {fmt} file holds one array; give 'images:' and 'labels:' files instead of 'path:'")
         else:  # pragma: no cover - pydantic restricts the format
             raise MergeError(f"unknown data format {fmt}")
-    return _slice(data, spec)
+    return _slice(data, spec, label_field)
 
 
-def _slice(data: Data, spec: DataSpec) -> Data:
+def _take(data: Data, keep: Union[np.ndarray, slice]) -> Data:
+    """The rows `keep` (positions, or a slice: views of arrays, no copy) of `data`."""
+    if isinstance(data, Records):
+        return Records(data.rows[keep] if isinstance(keep, slice) else [data.rows[i] for i in keep], data.source)
+    many = isinstance(data.images, np.ndarray) or isinstance(keep, slice)
+    imgs = data.images[keep] if many else [data.images[i] for i in keep]
+    return Arrays(imgs, data.labels[keep], data.source)
+
+
+def split_rows(labels: Optional[list[Any]], n: int, split: SplitSpec) -> np.ndarray:
+    """Row positions (sorted) of `split.part` among `n` rows: a seeded shuffle per label (every
+    label in one group when `labels` is None), `round(val_fraction * size)` of each group to
+    `val` and the rest to `test`."""
+    rng = np.random.default_rng(split.seed)
+    if labels is None:
+        groups = [np.arange(n)]
+    else:
+        by_label: dict[str, list[int]] = {}
+        for i, v in enumerate(labels):
+            by_label.setdefault(f"{type(v).__name__}:{v}", []).append(i)
+        groups = [np.asarray(by_label[k]) for k in sorted(by_label)]
+    val = [g[rng.permutation(len(g))[:int(round(split.val_fraction * len(g)))]] for g in groups]
+    in_val = np.zeros(n, dtype=bool)
+    for v in val:
+        in_val[v] = True
+    return np.flatnonzero(in_val if split.part == "val" else ~in_val)
+
+
+def _split(data: Data, split: SplitSpec, label_field: Optional[str]) -> Data:
+    labels: Optional[list[Any]] = None
+    if split.stratify:
+        if isinstance(data, Arrays):
+            labels = data.labels.tolist()
+        elif label_field is None:
+            raise MergeError(f"{data.source}: split.stratify needs labels; only classification tasks have them")
+        else:
+            missing = next((i for i, r in enumerate(data.rows) if label_field not in r), None)
+            if missing is not None:
+                raise MergeError(f"{data.source}: row {missing + 1} has no field '{label_field}' to stratify the split by")
+            labels = [data.rows[i][label_field] for i in range(len(data))]
+    return _take(data, split_rows(labels, len(data), split))
+
+
+def _slice(data: Data, spec: DataSpec, label_field: Optional[str] = None) -> Data:
     lo, hi = spec.range if spec.range else (0, len(data))
     if spec.range and hi > len(data):
         raise MergeError(f"{data.source}: range [{lo}, {hi}) is outside its {len(data)} rows")
-    if spec.max_examples is not None:
-        hi = min(hi, lo + spec.max_examples)
-    if (lo, hi) == (0, len(data)):
-        return data
-    if isinstance(data, Records):
-        return Records(data.rows[lo:hi], data.source)
-    return Arrays(data.images[lo:hi], data.labels[lo:hi], data.source)
+    if (lo, hi) != (0, len(data)):
+        data = _take(data, slice(lo, hi))
+    if spec.split is not None:
+        data = _split(data, spec.split, label_field)
+    if spec.max_examples is not None and spec.max_examples < len(data):
+        data = _take(data, slice(0, spec.max_examples))
+    return data

@@ -139,7 +139,7 @@ class Task(ABC):
     def data(self) -> Data:
         if self._data is None:
             try:
-                self._data = self._filter(load_data(self.spec.data, self.base_dir))
+                self._data = self._filter(load_data(self.spec.data, self.base_dir, getattr(self.spec, "label_field", None)))
             except MergeError as err:
                 raise MergeError(f"{self.where()}: {err}") from None
         return self._data

@@ -21,9 +21,9 @@ YAML (a list of tasks, or ``tasks:`` holding one; relative paths are relative to
         data: {images: t10k-images-idx3-ubyte.gz, labels: t10k-labels-idx1-ubyte.gz}
         classes: [0, 2, 4, 6]             # optional: only these labels / logits
         head_from: expert_fmnist_tops     # optional: score with this checkpoint's classifier.*
-      - name: sentiment
+      - name: sentiment                   # no head_from: the evaluated model's own head (shared)
         kind: classification
-        data: {path: sst.csv}             # jsonl / json / csv / tsv / parquet / txt records
+        data: {path: sst.csv, split: {part: test, val_fraction: 0.2, stratify: true}}  # jsonl / json / csv / tsv / parquet / txt
         input: text                       # auto: arrays -> image, records -> text
         text_field: sentence
         label_field: label
@@ -51,7 +51,11 @@ YAML (a list of tasks, or ``tasks:`` holding one; relative paths are relative to
 
 Data blocks (`DataSpec`): ``path`` (records, .npz, or an image folder with one sub-folder per
 class), or ``images`` + ``labels`` (.npy or idx files); ``range: [start, stop]`` and
-``max_examples`` keep a fixed part of the file. Text tasks may name a ``tokenizer`` folder;
+``max_examples`` keep a fixed part of the file. ``split: {part: val, val_fraction: 0.2, seed: 0,
+stratify: true}`` keeps a seeded shuffled fraction of the rows (``part: test`` exactly the
+others; ``stratify`` draws it within each label), so a validation and a test task file can name
+one file without sharing a row. A .txt file is one ``text`` record per non-empty line, or per
+blank-line separated paragraph with ``txt_unit: paragraph``. Text tasks may name a ``tokenizer`` folder;
 otherwise the evaluated checkpoint's tokenizer is used. ``batch_size`` overrides the
 evaluator's per task.
 """
