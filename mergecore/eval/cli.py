@@ -1,4 +1,7 @@
-"""`mergecore eval CHECKPOINT_OR_RECIPE --tasks tasks.yml`: score a checkpoint (or a recipe's merge)."""
+"""`mergecore eval CHECKPOINT_OR_RECIPE --tasks tasks.yml`: score a checkpoint (or a recipe's merge).
+
+`mergecore eval --init-tasks DIR [--models M ...] [--overwrite]` writes DIR/tasks.yml and
+DIR/tasks-val.yml from the data files in DIR instead (`mergecore.eval.scaffold`)."""
 
 from __future__ import annotations
 
@@ -16,11 +19,31 @@ def _is_recipe(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in (".yml", ".yaml")
 
 
+def _cmd_init_tasks(args: argparse.Namespace) -> int:
+    from mergecore.eval.scaffold import init_tasks
+
+    if args.target is not None or args.tasks is not None:
+        raise MergeError("--init-tasks DIR writes a tasks file; give no CHECKPOINT_OR_RECIPE or --tasks with it")
+    found = init_tasks(args.init_tasks, models=args.models, overwrite=args.overwrite)
+    for t in found:
+        print(t.line())
+    root = Path(args.init_tasks).expanduser()
+    print(f"wrote {root / 'tasks.yml'} (test split) and {root / 'tasks-val.yml'} (validation split): "
+          f"{sum(1 for t in found if t.kind)} task(s); check the guesses marked by comments")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mergecore.eval.evaluator import EvalProgress, Evaluator, parse_subset
     from mergecore.events import TerminalBar, interruptible
     from mergecore.merging import merge
 
+    if args.init_tasks is not None:
+        return _cmd_init_tasks(args)
+    if args.models or args.overwrite:
+        raise MergeError("--models and --overwrite go with --init-tasks DIR")
+    if args.target is None or args.tasks is None:
+        raise MergeError("give a CHECKPOINT_OR_RECIPE and --tasks TASKS.yml (or --init-tasks DIR to write a tasks file)")
     target = Path(args.target).expanduser()
     if not target.exists():
         raise MergeError(f"no checkpoint folder or recipe file at {target}")
@@ -67,9 +90,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="score a checkpoint or a recipe's merge on tasks (YAML)")
-    p.add_argument("target", metavar="CHECKPOINT_OR_RECIPE", help="a checkpoint folder, or a recipe YAML (merged to a temporary folder first)")
-    p.add_argument("--tasks", required=True, help="tasks YAML file")
+    p = sub.add_parser("eval", help="score a checkpoint or a recipe's merge on tasks (YAML), or scaffold a tasks file")
+    p.add_argument("target", metavar="CHECKPOINT_OR_RECIPE", nargs="?",
+                   help="a checkpoint folder, or a recipe YAML (merged to a temporary folder first)")
+    p.add_argument("--tasks", help="tasks YAML file (required with CHECKPOINT_OR_RECIPE)")
+    p.add_argument("--init-tasks", metavar="DIR", default=None,
+                   help="write DIR/tasks.yml and DIR/tasks-val.yml from the data files in DIR (and its sub-folders)")
+    p.add_argument("--models", nargs="+", metavar="MODEL", default=None,
+                   help="with --init-tasks: checkpoint folders whose classifier heads may score the tasks (head_from)")
+    p.add_argument("--overwrite", action="store_true", help="with --init-tasks: replace existing tasks files")
     p.add_argument("--subset", default=None, help="score a subset of each task: a ratio (0.1, 10%%) or a count (200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset permutation (default 0)")
     p.add_argument("--subset-index", type=int, default=0, help="which of the disjoint subsets (default 0)")
