@@ -136,6 +136,14 @@ def test_ranks_replays_winner_tests_top_k_and_resumes(tiny_fmnist_family, tmp_pa
     run_leaderboard(_config(fam, top_k=3), Path("."), out)
     assert calls == ["test"]
     assert sum(1 for r in _csv(out / "leaderboard.csv") if r["test_mean"]) == 3
+    # an app that plots from the start gets the recorded rows as replayed events (no line on the CLI)
+    from mergecore.search.report import event_line
+
+    events.clear()
+    run_leaderboard(_config(fam, top_k=3), Path("."), out, on_event=events.append, replay_history=True)
+    replayed = [e for e in events if e.kind == "leaderboard.candidate"]
+    assert [e.data["index"] for e in replayed] == list(range(len(planned))) and calls == ["test"]
+    assert all(e.data["replayed"] and event_line(e) is None for e in replayed)
 
 
 class _Clock:

@@ -95,7 +95,7 @@ def _lb_search(d: dict[str, Any]) -> str:
         return f"{d['search']}: skipped ({d['reason']})"
     if d["status"] == "started":
         return f"{d['search']}: searching with {d['budget']} ..."
-    return f"{d['search']}: {d['label']}: val {d['val_mean']:.4f} ({d['seconds']:.1f} s)"
+    return f"{d['label']}: val {d['val_mean']:.4f} ({d['seconds']:.1f} s)"
 
 
 def _lb_progress(d: dict[str, Any]) -> Optional[str]:

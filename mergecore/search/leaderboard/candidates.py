@@ -131,13 +131,14 @@ class RowFile:
     """A JSON-lines file of rows keyed by `key`: read back on resume (a line cut short by a crash
     is dropped, and cut off before the next append), appended and synced one row at a time."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, repair: bool = True):
+        """`repair=False` for a reader beside a running leaderboard: a cut line is skipped, not cut off."""
         self.path = Path(path)
         self.rows: dict[str, dict[str, Any]] = {}
         if self.path.is_file():
             raw = self.path.read_bytes()
             whole = raw[:raw.rfind(b"\n") + 1]
-            if len(whole) != len(raw):
+            if repair and len(whole) != len(raw):
                 with open(self.path, "r+b") as f:
                     f.truncate(len(whole))
             for line in whole.decode("utf-8", errors="replace").splitlines():
@@ -172,3 +173,11 @@ def ranked(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = list(rows)
     order = {id(r): i for i, r in enumerate(rows)}
     return sorted(rows, key=lambda r: (-r["val_mean"], order[id(r)]))
+
+
+def read_board(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The rows a leaderboard in `out_dir` has recorded so far, ranked by validation, and the test
+    scores by key (for an app or a script, also while the leaderboard runs; nothing is written)."""
+    rows = RowFile(Path(out_dir) / CANDIDATES_FILE, repair=False)
+    tests = RowFile(Path(out_dir) / TEST_FILE, repair=False)
+    return ranked(rows.values()), dict(tests.rows)

@@ -20,6 +20,7 @@ Events (data fields), for the CLI's lines and an app:
                          elapsed, validation, test, backend, workers
   leaderboard.candidate  index, total, key, label, method, params, phase, stage, val_mean,
                          val_scores, seconds, merge_seconds, eval_seconds, elapsed, budget
+                         (replayed: true for a row of an earlier run, with `replay_history`)
   leaderboard.stopped    reason, done, total, elapsed, budget (the data-free phase stopped early)
   leaderboard.search     search, status (started|skipped|done), reason, budget, seconds, val_mean, label
   leaderboard.search_progress  search, kind, data (an event of the running search)
@@ -143,6 +144,10 @@ class _Run:
             "candidates": total, "done": total - len(todo), "methods": sorted({c.method for c in board.candidates}),
             "skipped": board.skipped, "searches": board.searches, "budget": budget, "elapsed": self.elapsed(),
             **board.scoring.describe(), "backend": cfg.backend, "workers": cfg.workers if cfg.backend == "ray" else 1})
+        if self.run.replay_history:  # a UI that plots from the start gets the recorded rows first
+            for i, c in enumerate(board.candidates):
+                if c.key in self.rows:
+                    self._announce(i, self.rows.rows[c.key], replayed=True)
         while todo:
             own = todo[0][1].stage == "grid" and share < budget
             if self.elapsed() + self.costs().candidate > (share if own else budget) - self.test_reserve():
@@ -164,9 +169,12 @@ class _Run:
                "merge_seconds": round(r["merge_seconds"], 3), "eval_seconds": round(r["eval_seconds"], 3),
                "elapsed": round(self.elapsed(), 3), "recipe": c.recipe}
         self.rows.add(row)
+        self._announce(index, row)
+
+    def _announce(self, index: int, row: dict[str, Any], replayed: bool = False) -> None:
         self.run.event("leaderboard.candidate", {
-            "index": index, "total": len(self.board.candidates),
-            **{k: v for k, v in row.items() if k != "recipe"}, "budget": float(self.config.budget)})
+            "index": index, "total": len(self.board.candidates), **{k: v for k, v in row.items() if k != "recipe"},
+            "budget": float(self.config.budget), **({"replayed": True} if replayed else {})})
 
     # -- phase 2 -------------------------------------------------------------------------------
 
