@@ -289,3 +289,9 @@ def test_perplexity_on_txt_and_generation_exact_match_from_jsonl(tok_lm, tmp_pat
     res = json.loads(out)["tasks"]
     assert rc == 0 and res["gen"]["score"] == pytest.approx(0.75)
     assert res["notes"]["metrics"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_text_classification_example_loads():
+    tasks = load_tasks(Path(__file__).resolve().parents[1] / "examples" / "tasks-textclass.yml")
+    assert [(t.name, t.head_from is not None) for t in tasks] == [("man_section", True), ("licence", True)]
+    assert tasks[1].spec.data.split.part == "test" and tasks[1].spec.data.split.stratify
