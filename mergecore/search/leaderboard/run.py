@@ -187,7 +187,8 @@ class _Run:
                 self.searched[kind] = {"status": "done", "val_mean": done["val_mean"], "label": done["label"]}
                 continue
             left = budget - self.test_reserve() - self.elapsed()
-            plan, reason = self._plan(kind, left / (len(kinds) - i)) if left > 0 else (None, "the budget is spent")
+            sharing = sum(1 for k in kinds[i:] if k in phase2.PLANNERS)  # the time left is split among them
+            plan, reason = (self._plan(kind, left / max(1, sharing)) if left > 0 else (None, "the budget is spent"))
             if plan is None:
                 self.searched[kind] = {"status": "skipped", "reason": reason}
                 self.run.event("leaderboard.search", {"search": kind, **self.searched[kind]})
