@@ -95,8 +95,12 @@ def test_split_parts_partition_the_file_stratified_and_seeded(tmp_path):
         assert val == sorted(val) and test == sorted(test)  # file order kept
         assert (val, test) == (part("val", **kw), part("test", **kw))  # deterministic
         if kw["stratify"]:
-            counts = Counter(labels[i] for i in val)
-            assert counts == Counter({"a": 10, "b": 6, "c": 1})  # round(0.2 * n) of every label
+            counts = Counter(labels[i] for i in val)  # 0.2 x (50, 30, 7, 1) = 10, 6, 1.4, 0.2; 18 in all
+            assert counts == Counter({"a": 10, "b": 6, "c": 2})
+    many = [f"l{i // 2}" for i in range(200)]  # 100 labels of 2 rows: still 40 rows to validation
+    val = DataSpec(path="m.jsonl", split={"part": "val", "stratify": True})
+    _jsonl(tmp_path / "m.jsonl", [{"text": str(i), "label": v} for i, v in enumerate(many)])
+    assert len(load_data(val, tmp_path, "label").rows) == 40
     assert part("val", stratify=True) != part("val", stratify=True, seed=7)
     assert len(part("val", stratify=False)) == round(0.2 * len(labels))
     # range first, then the split, then max_examples
@@ -242,9 +246,7 @@ def test_classification_from_csv_with_expert_head_and_jsonl_with_shared_head(tok
     rc, out, _ = _run(capsys, "eval", str(tmp_path / "base"), "--tasks", str(d / "tasks.yml"), "--json", "--batch-size", "3")
     scores = {name: t["score"] for name, t in json.loads(out)["tasks"].items()}
     assert rc == 0 and scores == pytest.approx({"reviews": own_head, "topic": shared})
-    with open(d / "reviews.csv", newline="") as f:
-        per_label = Counter(r["sentiment"] for r in csv.DictReader(f))
-    assert len(rows) == 40 - sum(round(0.2 * n) for n in per_label.values()) and len(topic) == 12
+    assert len(rows) == 32 and len(topic) == 12  # 40 rows less the (stratified) 20% validation part
 
 
 def test_perplexity_on_txt_and_generation_exact_match_from_jsonl(tok_lm, tmp_path, capsys):
@@ -295,3 +297,28 @@ def test_text_classification_example_loads():
     tasks = load_tasks(Path(__file__).resolve().parents[1] / "examples" / "tasks-textclass.yml")
     assert [(t.name, t.head_from is not None) for t in tasks] == [("man_section", True), ("licence", True)]
     assert tasks[1].spec.data.split.part == "test" and tasks[1].spec.data.split.stratify
+
+
+def test_init_tasks_reads_a_bounded_part_of_each_file(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from mergecore.eval import scaffold
+
+    monkeypatch.setattr(scaffold, "LABEL_BYTES", 2000)
+    d = tmp_path / "big"
+    d.mkdir()
+    with open(d / "big.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(400):
+            w.writerow([f"row {i} with some words", "early" if i < 200 else "late"])
+    (d / "big.json").write_text(json.dumps([{"text": "x" * 50, "label": "a"}] * 100))
+    (d / "latin1.jsonl").write_bytes('{"text": "caf\xe9", "label": "a"}\n'.encode("latin-1"))
+    pd.DataFrame({"prompt": ["what color", "the cat"], "completion": ["red", "sat"]}).to_parquet(d / "gen.parquet")
+    found = {t.name: t for t in init_tasks(d)}
+    big = found["big_csv"]  # big.csv and big.json: one task each
+    assert big.fields["label_names"] == ["early"] and "read from the first 0.002 MB" in big.notes["label_names"]
+    assert found["big_json"].kind is None and "over 0.002 MB is not inspected" in found["big_json"].problem
+    assert "not UTF-8" in found["latin1"].problem
+    assert found["gen"].kind == "generation" and found["gen"].fields["answer_field"] == "completion"
+    assert load_tasks(d / "tasks.yml")

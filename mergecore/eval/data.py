@@ -33,7 +33,8 @@ class SplitSpec(BaseModel):
     `val_fraction` of the rows, `part: test` keeps exactly the others, so a `tasks-val.yml` and a
     `tasks.yml` naming the same file with the same fraction and seed never share a row and
     together cover it. `stratify: true` draws the fraction within each label (the task's
-    `label_field`, or an array task's labels): every label keeps its share in both parts.
+    `label_field`, or an array task's labels): every label keeps its share, to within one row,
+    in both parts (see `split_rows`).
     The kept rows stay in file order."""
 
     model_config = ConfigDict(extra="forbid")
@@ -372,9 +373,10 @@ def _take(data: Data, keep: Union[np.ndarray, slice]) -> Data:
 
 
 def split_rows(labels: Optional[list[Any]], n: int, split: SplitSpec) -> np.ndarray:
-    """Row positions (sorted) of `split.part` among `n` rows: a seeded shuffle per label (every
-    label in one group when `labels` is None), `round(val_fraction * size)` of each group to
-    `val` and the rest to `test`."""
+    """Row positions (sorted) of `split.part` among `n` rows: `round(val_fraction * n)` rows go
+    to `val`, the rest to `test`. With `labels`, each label gets its share (the floor of
+    `val_fraction * its rows`, plus one for the labels with the largest remainders until the
+    total is reached), drawn by a seeded shuffle within the label."""
     rng = np.random.default_rng(split.seed)
     if labels is None:
         groups = [np.arange(n)]
@@ -383,7 +385,11 @@ def split_rows(labels: Optional[list[Any]], n: int, split: SplitSpec) -> np.ndar
         for i, v in enumerate(labels):
             by_label.setdefault(f"{type(v).__name__}:{v}", []).append(i)
         groups = [np.asarray(by_label[k]) for k in sorted(by_label)]
-    val = [g[rng.permutation(len(g))[:int(round(split.val_fraction * len(g)))]] for g in groups]
+    exact = np.array([split.val_fraction * len(g) for g in groups])
+    counts = np.floor(exact).astype(np.int64)
+    extra = int(round(split.val_fraction * n)) - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:max(0, extra)]] += 1
+    val = [g[rng.permutation(len(g))[:c]] for g, c in zip(groups, counts)]
     in_val = np.zeros(n, dtype=bool)
     for v in val:
         in_val[v] = True

@@ -22,7 +22,7 @@ import io
 import json
 import os
 import re
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -129,9 +129,9 @@ def _head(folder: Path) -> Optional[dict[str, Any]]:
             "max_length": positions if isinstance(positions, int) and positions > 0 else None}
 
 
-def _group_files(root: Path) -> tuple[dict[tuple[str, str], dict[str, Path]], list[Path], list[str]]:
-    """File groups {(folder, name): {role: path}}, model folders, and what was left out."""
-    groups: dict[tuple[str, str], dict[str, Path]] = {}
+def _group_files(root: Path) -> tuple[dict[tuple[str, str, str], dict[str, Path]], list[Path], list[str]]:
+    """File groups {(folder, name, format): {role: path}}, model folders, and what was left out."""
+    groups: dict[tuple[str, str, str], dict[str, Path]] = {}
     models: list[Path] = []
     left: list[str] = []
     count = 0
@@ -159,7 +159,7 @@ def _group_files(root: Path) -> tuple[dict[tuple[str, str], dict[str, Path]], li
                 name, role = m.group("name"), SPLITS[m.group("split").lower()]
             else:
                 name, role = stem, "whole"
-            group = groups.setdefault((str(folder), name), {})
+            group = groups.setdefault((str(folder), name, fmt), {})
             if role in group:
                 left.append(f"{_rel(f, root)}: a second '{role}' file for '{name}' (kept {_rel(group[role], root)})")
                 continue
@@ -206,7 +206,7 @@ def _rows(path: Path, fmt: str) -> tuple[list[dict[str, Any]], bool]:
     text, whole = _read_head(path)
     if fmt == "json":
         if not whole:
-            raise MergeError(f"a .json file over {LABEL_BYTES // 1000**2} MB is not inspected; use JSONL")
+            raise MergeError(f"a .json file over {LABEL_BYTES / 1e6:g} MB is not inspected; use JSONL")
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as err:
@@ -271,7 +271,7 @@ def _classification(t: FoundTask, rows: list[dict[str, Any]], labels: list[Any],
     f["text_field"], f["label_field"] = text, label
     n["label_field"] = f"label column '{label}' (by its name)"
     values = {v for v in labels if v is not None}
-    cut = "" if whole else f" (read from the first {LABEL_BYTES // 1000**2} MB of each file: add any missing)"
+    cut = "" if whole else f" (read from the first {LABEL_BYTES / 1e6:g} MB of each file: add any missing)"
     match = sorted((p for p in heads if t.name.lower() in p.name.lower()), key=lambda p: (len(p.name), p.name))
     head = heads[match[0]] if match else None
     if match:
@@ -394,10 +394,6 @@ def _describe(name: str, files: dict[str, Path], root: Path, heads: dict[Path, d
     return t
 
 
-# ---------------------------------------------------------------------------------------------
-# writing
-
-
 def _value(v: Any) -> str:
     """`v` as one line of YAML (flow style; JSON where YAML would need more than a line)."""
     text = yaml.safe_dump(v, default_flow_style=True, allow_unicode=True, width=1 << 20, sort_keys=False).rstrip("\n")
@@ -436,7 +432,8 @@ def render(found: list[FoundTask], part: str) -> str:
 
 
 def _write_new(path: Path, text: str, overwrite: bool) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -476,10 +473,11 @@ def init_tasks(dir: str | Path, models: Optional[Sequence[str | Path]] = None, o
     heads = {p: h for p in dict.fromkeys(found_models) if (h := _head(p)) is not None}
     left += [f"--models {p}: no classifier head (classifier.* / score.* tensors): not a head_from"
              for p in map(Path, models or ()) if p.expanduser().resolve() not in heads]
-    names = [name for (_, name) in groups]
+    names = [name for (_, name, _) in groups]
     found = []
-    for (folder, name), files in groups.items():
-        unique = name if names.count(name) == 1 else f"{name}_{Path(folder).name}"
+    for (folder, name, fmt), files in groups.items():  # x.csv and data/x.jsonl: x_csv and x_jsonl
+        unique = name if names.count(name) == 1 else f"{name}_{fmt}"
+        unique = unique if sum(1 for _, n, f in groups if (n, f) == (name, fmt)) == 1 else f"{unique}_{Path(folder).name}"
         found.append(_describe(unique, files, root, heads))
     found += [FoundTask("", {}, problem=why) for why in left]
     if not any(t.kind for t in found):
