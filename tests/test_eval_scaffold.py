@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import random
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -322,3 +323,16 @@ def test_init_tasks_reads_a_bounded_part_of_each_file(tmp_path, monkeypatch):
     assert "not UTF-8" in found["latin1"].problem
     assert found["gen"].kind == "generation" and found["gen"].fields["answer_field"] == "completion"
     assert load_tasks(d / "tasks.yml")
+
+
+def test_csv_cells_are_read_as_written_and_bad_labels_are_one_line(tmp_path):
+    from mergecore.eval.tasks import parse_tasks
+
+    (tmp_path / "c.csv").write_text("text,label\nNA,1\nnull,0\nNone,1\n")
+    rows = load_data(DataSpec(path="c.csv"), tmp_path).rows
+    assert [r["text"] for r in rows] == ["NA", "null", "None"] and [r["label"] for r in rows] == [1, 0, 1]
+    for bad, shown in (("null", "None"), ("1.5", "1.5"), ("[1]", "[1]")):
+        (tmp_path / "j.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": %s}\n' % bad)
+        task = parse_tasks("- {name: t, data: {path: j.jsonl}}", base_dir=tmp_path)[0]
+        with pytest.raises(MergeError, match=rf"row 2: label {re.escape(shown)} is neither a class id"):
+            task.data()

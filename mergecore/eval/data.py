@@ -261,7 +261,8 @@ def _read_records(path: Path, fmt: str, txt_unit: str = "line") -> list[dict[str
         import pandas as pd
 
         if fmt == "csv":
-            df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+            # cells as written: pandas would read "NA", "null", "None" and empty cells as NaN (a text "nan")
+            df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", keep_default_na=False)
         elif fmt == "parquet":
             try:
                 df = pd.read_parquet(path)

@@ -76,14 +76,16 @@ class ClassificationTask(Task):
         self.require_fields(rows, self.spec.text_field, self.spec.label_field, self.spec.text_pair_field)
         names = self.spec.label_names
         out = []
-        for r in rows:
+        for i, r in enumerate(rows):
             v = r[self.spec.label_field]
             if isinstance(v, str) and not v.lstrip("-").isdigit():
                 if names is None or v not in names:
                     raise MergeError(f"{self.where()}: label {short(v)} is not a number; list the label names in label_names")
                 out.append(names.index(v))
-            else:
+            elif isinstance(v, (int, str)) or (isinstance(v, float) and v.is_integer()):
                 out.append(int(v))
+            else:  # null, NaN, 1.5, a list: not a class
+                raise MergeError(f"{self.where()}: row {i + 1}: label {short(v)} is neither a class id nor a label name")
         return np.asarray(out, dtype=np.int64)
 
     def _filter(self, data: Data) -> Data:
