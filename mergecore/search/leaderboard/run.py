@@ -96,6 +96,7 @@ class _Run:
         self.backend: Any = None
         self.searched: dict[str, dict[str, Any]] = {}
         self.stopped: Optional[str] = None
+        self.test_share: Optional[float] = None  # test examples per validation example, counted once
 
     def elapsed(self) -> float:
         return self.prior + time.time() - self.started
@@ -128,8 +129,11 @@ class _Run:
     def test_reserve(self) -> float:
         """Seconds kept back for scoring the top K on the test split at the end."""
         c = self.costs()
-        ratio = (1 - self.config.val_fraction) / self.config.val_fraction if self.board.scoring.split else 1.0
-        return self.config.top_k * (c.merge + c.evaluate * ratio)
+        if not c.evaluate:
+            return 0.0
+        if self.test_share is None:
+            self.test_share = self.board.scoring.test_share()
+        return self.config.top_k * (c.merge + c.evaluate * self.test_share)
 
     # -- phase 1 -------------------------------------------------------------------------------
 

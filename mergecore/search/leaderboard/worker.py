@@ -59,6 +59,15 @@ class Scoring:
                                        processor_from=v.processor_from)
         return Evaluator(self.test_tasks, seed=v.seed, batch_size=v.batch_size, processor_from=v.processor_from)
 
+    def test_share(self) -> float:
+        """Examples on test per example on validation (what a test pass costs against a validation one)."""
+        from mergecore.eval.tasks import load_tasks
+
+        if self.split:
+            return (1 - float(self.val.subset)) / float(self.val.subset)
+        count = [sum(t.num_examples() for t in load_tasks(f)) for f in (self.test_tasks, str(self.val.tasks))]
+        return count[0] / max(1, count[1])
+
     def describe(self) -> dict[str, str]:
         v = self.val
         if self.split:
