@@ -146,6 +146,8 @@ def _mixed_folder(d: Path) -> None:
     (d / "story.txt").write_text("the cat sat\non the mat\n\nthe dog ran\nto the park\n\nit was big\nand red\n")
     for part in ("val", "test"):
         _jsonl(d / f"qa.{part}.jsonl", [{"question": _sentence(rng), "answer": "red"} for _ in range(6)])
+    for part in ("val", "test"):  # the split word inside the name: one task 'lines-next'
+        _jsonl(d / f"lines-{part}-next.jsonl", [{"context": _sentence(rng), "choices": ["red", "blue"], "answer": 1}])
     (d / "config.json.bak").write_text("{}")
     (d / "meta.json").write_text('{"a": 1}')
     (d / "README.txt").write_text("how this folder was made")
@@ -155,7 +157,11 @@ def test_init_tasks_guesses_each_kind_and_groups_splits(tmp_path):
     d = tmp_path / "mine"
     _mixed_folder(d)
     found = {t.name: t for t in init_tasks(d)}
-    assert set(found) == {"reviews", "topic", "notes", "story", "qa", "meta"}
+    assert set(found) == {"reviews", "topic", "notes", "story", "qa", "meta", "lines-next"}
+    mc = found["lines-next"]
+    assert mc.kind == "multiple_choice" and mc.files == {"test": "lines-test-next.jsonl", "val": "lines-val-next.jsonl"}
+    assert (mc.fields["context_field"], mc.fields["choices_field"], mc.fields["answer_field"]) == (
+        "context", "choices", "answer")
     meta = [t for t in found.values() if t.kind is None]
     assert [t.files for t in meta] == [{"whole": "meta.json"}] and "not a list of records" in meta[0].problem
     rv = found["reviews"]
@@ -177,12 +183,13 @@ def test_init_tasks_guesses_each_kind_and_groups_splits(tmp_path):
     assert "# train data: data/topic-train.jsonl" in text and "# head_from: MODEL_FOLDER" in text
     assert "label_names: [neg, neu, pos]  # 3 labels, sorted" in text
     test_tasks, val_tasks = load_tasks(d / "tasks.yml"), load_tasks(d / "tasks-val.yml")
-    assert [t.name for t in test_tasks] == [t.name for t in val_tasks] == ["notes", "qa", "reviews", "story", "topic"]
+    assert [t.name for t in test_tasks] == [t.name for t in val_tasks] == [
+        "lines-next", "notes", "qa", "reviews", "story", "topic"]
     for a, b in zip(test_tasks, val_tasks):  # every val/test pair shares no row
         rows_a, rows_b = a.data().rows, b.data().rows
         if a.spec.data.split:
             assert len(rows_a) + len(rows_b) == len(load_data(DataSpec(path=a.spec.data.path, txt_unit=a.spec.data.txt_unit), d))
-    review_rows = {r["id"] for r in test_tasks[2].data().rows}, {r["id"] for r in val_tasks[2].data().rows}
+    review_rows = {r["id"] for r in test_tasks[3].data().rows}, {r["id"] for r in val_tasks[3].data().rows}
     assert not review_rows[0] & review_rows[1] and len(review_rows[0] | review_rows[1]) == 40
 
 
@@ -220,7 +227,7 @@ def test_classification_from_csv_with_expert_head_and_jsonl_with_shared_head(tok
     lm_path, tok = tok_lm
     d = tmp_path / "mine"
     _mixed_folder(d)
-    for f in ("notes.txt", "story.txt", "qa.val.jsonl", "qa.test.jsonl"):
+    for f in ("notes.txt", "story.txt", "qa.val.jsonl", "qa.test.jsonl", "lines-val-next.jsonl", "lines-test-next.jsonl"):
         (d / f).unlink()
     names = {0: "pos", 1: "neg", 2: "neu", 3: "spare"}  # the expert's output order, not sorted
     expert = _classifier(d / "expert_reviews", lm_path, tok, 1, names)

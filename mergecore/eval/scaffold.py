@@ -2,14 +2,16 @@
 split) scaffolded from the data files (.jsonl .json .csv .tsv .parquet .txt) in DIR and its
 sub-folders, one level down; model folders (a config.json inside) are never searched for data.
 
-Files `NAME-val.jsonl`, `NAME_test.csv`, `NAME.val.jsonl` (or `val.jsonl` in a folder NAME) are
-one task NAME, scored on its test file in tasks.yml and its val file in tasks-val.yml; `-train`
-files are named in a comment (for DAM's `train_tasks`), never scored; a task with one scored file
-gets a seeded shuffled `split:` of it (stratified by label for classification). A text column
-and a label column make a `classification` task (string labels get `label_names`, in the order of
-the matching expert's `id2label`, else sorted); a model folder whose name contains the task's name
-and that has a classifier head becomes its `head_from`. A .txt file or records with only a text
-column make an `lm` task; prompt/answer columns a `generation` task. Every guess is a comment
+Files `NAME-val.jsonl`, `NAME_test.csv`, `NAME.val.jsonl` (or `val.jsonl` in a folder NAME;
+`NAME-test-REST.jsonl` is task NAME-REST) are one task NAME, scored on its test file in
+tasks.yml and its val file in tasks-val.yml; `-train` files are named in a comment (for DAM's
+`train_tasks`), never scored; a task with one scored file gets a seeded shuffled `split:` of it
+(stratified by label for classification). A text column and a label column make a
+`classification` task (string labels get `label_names`, in the order of the matching expert's
+`id2label`, else sorted); a model folder whose name contains the task's name and that has a
+classifier head becomes its `head_from`. A .txt file or records with only a text column make an
+`lm` task; prompt/answer columns a `generation` task; a list column (choices, options, endings)
+with an answer column a `multiple_choice` task. Every guess is a comment
 beside its field. Reading is bounded (`MAX_FILES` files, `LABEL_BYTES` and `MAX_ROWS` of each);
 the text is checked with `parse_tasks` before it is written, atomically, and existing files are
 kept unless `overwrite`.
@@ -22,14 +24,13 @@ import io
 import json
 import os
 import re
-import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
-
 from mergecore.errors import MergeError, clip
+from mergecore.eval.scaffold_out import FoundTask, render, write_new
+
+__all__ = ["FoundTask", "init_tasks"]
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
             ".parquet": "parquet", ".pq": "parquet", ".txt": "txt"}
@@ -49,39 +50,12 @@ SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "
           "test": "test", "testing": "test"}
 NOT_DATA = {"readme", "license", "licence", "copying", "notice", "authors", "changelog", "requirements"}
 HEAD_PREFIXES = ("classifier.", "score.")
-_SPLIT_RE = re.compile(r"^(?P<name>.+?)[-_.](?P<split>" + "|".join(SPLITS) + r")$", re.IGNORECASE)
-
-
-@dataclass
-class FoundTask:
-    """One file group found in the folder: a task (`kind` set) or what could not be understood."""
-
-    name: str
-    files: dict[str, str]  # role (train / val / test / whole) -> path relative to DIR
-    kind: Optional[str] = None  # classification | lm | generation; None: not a task (`problem` says why)
-    fields: dict[str, Any] = field(default_factory=dict)  # YAML keys after name / kind / data
-    notes: dict[str, str] = field(default_factory=dict)  # key -> the comment written beside it
-    problem: str = ""
-    test: dict[str, Any] = field(default_factory=dict)  # data block in tasks.yml
-    val: dict[str, Any] = field(default_factory=dict)  # data block in tasks-val.yml
-
-    def line(self) -> str:
-        """The one-line summary the command prints."""
-        if self.kind is None:
-            return f"not understood: {''.join(f + ': ' for f in list(self.files.values())[:1])}{self.problem}"
-        f = self.fields
-        what = {"classification": f"text '{f.get('text_field')}' -> label '{f.get('label_field')}'"
-                + (f" ({len(f['label_names'])} label names)" if f.get("label_names") else " (integer labels)"),
-                "lm": f"perplexity of '{f.get('text_field', 'text')}'",
-                "generation": f"'{f.get('prompt_field')}' -> exact match of '{f.get('answer_field')}'"}[self.kind]
-        head = "" if self.kind != "classification" else (
-            f", head_from {f['head_from']}" if f.get("head_from") else ", the evaluated model's own head")
-        return f"{self.name}: {self.kind}, {what}; test {_data_text(self.test)}, val {_data_text(self.val)}{head}"
-
-
-def _data_text(d: dict[str, Any]) -> str:
-    s = d.get("split")
-    return d["path"] + (f" ({s['part']} part, {s['val_fraction']:.0%} val)" if s else "")
+_WORD = r"(?P<split>" + "|".join(SPLITS) + r")"
+# NAME-test.jsonl first, then NAME-test-REST.jsonl (task NAME-REST)
+_SPLIT_RES = (re.compile(r"^(?P<name>.+)[-_.]" + _WORD + "$", re.I),
+              re.compile(r"^(?P<name>.+?)(?P<sep>[-_.])" + _WORD + r"[-_.](?P<rest>.+)$", re.I))
+CHOICES = ("choices", "options", "endings", "candidates")
+CONTEXTS = ("context", "question", "prompt", "query", "ctx", "stem")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,11 +126,13 @@ def _group_files(root: Path) -> tuple[dict[tuple[str, str, str], dict[str, Path]
                 return groups, models, left
             count += 1
             stem = f.name[: -len(f.suffix)]
-            m = _SPLIT_RE.match(stem)
+            m = _SPLIT_RES[0].match(stem) or _SPLIT_RES[1].match(stem)
             if stem.lower() in SPLITS:
                 name, role = folder.name, SPLITS[stem.lower()]
             elif m:
-                name, role = m.group("name"), SPLITS[m.group("split").lower()]
+                rest = m.groupdict().get("rest")
+                name = m.group("name") + (m.group("sep") + rest if rest else "")
+                role = SPLITS[m.group("split").lower()]
             else:
                 name, role = stem, "whole"
             group = groups.setdefault((str(folder), name, fmt), {})
@@ -312,6 +288,18 @@ def _decide(t: FoundTask, rows: list[dict[str, Any]], labels: list[Any], whole: 
         t.problem = "no rows" if not rows else "rows are not records (JSON objects / table rows)"
         return
     cols = list(rows[0])
+    choices = _pick([c for c in cols if all(isinstance(r.get(c), list) for r in rows)], CHOICES)
+    answer = _pick(cols, ("answer", "label", "gold", "target"))
+    if choices and answer:
+        context, why = (_pick(cols, CONTEXTS), "by its name") if _pick(cols, CONTEXTS) else _text_column(rows, {answer})
+        if context is not None:
+            t.kind = "multiple_choice"
+            t.fields.update(context_field=context, choices_field=choices, answer_field=answer)
+            t.notes.update(kind=f"a list column '{choices}' and an answer column '{answer}': the likeliest option wins",
+                           context_field=f"context column '{context}' ({why})",
+                           choices_field="each option follows choice_prefix (default a space; \"\\n\": next lines)",
+                           answer_field="an option's index, letter or text")
+            return
     label = _pick(cols, LABEL_COLUMNS)
     if label is not None:
         values = [r.get(label) for r in rows]
@@ -394,61 +382,6 @@ def _describe(name: str, files: dict[str, Path], root: Path, heads: dict[Path, d
     return t
 
 
-def _value(v: Any) -> str:
-    """`v` as one line of YAML (flow style; JSON where YAML would need more than a line)."""
-    text = yaml.safe_dump(v, default_flow_style=True, allow_unicode=True, width=1 << 20, sort_keys=False).rstrip("\n")
-    text = text[:-4] if text.endswith("\n...") else text
-    return json.dumps(v, ensure_ascii=False) if "\n" in text else text
-
-
-def _comment(text: str) -> str:
-    return "  # " + " ".join(text.split()) if text else ""
-
-
-def render(found: list[FoundTask], part: str) -> str:
-    """The YAML text of tasks.yml (`part` test) or tasks-val.yml (`part` val)."""
-    lines = [f"# Scaffolded by `mergecore eval --init-tasks` ({'test' if part == 'test' else 'validation'} split). "
-             "Every guess is a comment beside its field: check them.",
-             "# head_from: score a classification task with that checkpoint's classifier head on the evaluated body "
-             "(each expert's own head);",
-             "# without it the evaluated model's own head scores the task (a shared head). Paths are relative to "
-             "this file. Format: mergecore/eval/tasks.py.", "tasks:"]
-    for t in found:
-        if t.kind is None:
-            continue
-        n = t.notes
-        lines.append(f"- name: {_value(t.name)}")
-        lines.append(f"  kind: {t.kind}{_comment(n.get('kind', ''))}")
-        data = t.test if part == "test" else t.val
-        lines.append(f"  data: {_value(data)}{_comment(n.get('split', '') or (n.get('val', '') if part == 'val' else ''))}")
-        for k, v in t.fields.items():
-            lines.append(f"  {k}: {_value(v)}{_comment(n.get(k, ''))}")
-        if t.kind == "classification" and "head_from" not in t.fields:
-            lines.append("  # head_from: MODEL_FOLDER  # no model folder here is named like this task: add the "
-                         "expert trained on it to score with its own head, or leave this out (a shared head)")
-        if "train" in t.files:
-            lines.append(f"  # train data: {t.files['train']} (what DAM's train_tasks may name; never scored)")
-    return "\n".join(lines) + "\n"
-
-
-def _write_new(path: Path, text: str, overwrite: bool) -> None:
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails, atomically, if the file appeared meanwhile
-            except FileExistsError:
-                raise MergeError(f"{path} exists; give --overwrite to replace it") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def init_tasks(dir: str | Path, models: Optional[Sequence[str | Path]] = None, overwrite: bool = False) -> list[FoundTask]:
     """Scaffold DIR/tasks.yml and DIR/tasks-val.yml from the data files in DIR (see the module).
 
@@ -477,7 +410,8 @@ def init_tasks(dir: str | Path, models: Optional[Sequence[str | Path]] = None, o
     found = []
     for (folder, name, fmt), files in groups.items():  # x.csv and data/x.jsonl: x_csv and x_jsonl
         unique = name if names.count(name) == 1 else f"{name}_{fmt}"
-        unique = unique if sum(1 for _, n, f in groups if (n, f) == (name, fmt)) == 1 else f"{unique}_{Path(folder).name}"
+        if sum(1 for _, n, f in groups if (n, f) == (name, fmt)) > 1:
+            unique = f"{unique}_{Path(folder).name}"
         found.append(_describe(unique, files, root, heads))
     found += [FoundTask("", {}, problem=why) for why in left]
     if not any(t.kind for t in found):
@@ -487,9 +421,9 @@ def init_tasks(dir: str | Path, models: Optional[Sequence[str | Path]] = None, o
     texts = [render(found, "test"), render(found, "val")]
     for p, text in zip(outs, texts):
         parse_tasks(text, base_dir=root, where=str(p))
-    _write_new(outs[0], texts[0], overwrite)
+    write_new(outs[0], texts[0], overwrite)
     try:
-        _write_new(outs[1], texts[1], overwrite)
+        write_new(outs[1], texts[1], overwrite)
     except BaseException:
         if not overwrite:  # this run created tasks.yml: take it back, so a retry starts clean
             outs[0].unlink(missing_ok=True)
