@@ -164,8 +164,9 @@ class _Run:
             n = getattr(self._backend(), "workers", 1)
             chunk, todo = todo[:n], todo[n:]
             items = [{"recipe": c.recipe, "part": "val", "label": c.label} for _, c in chunk]
-            self._backend().map(items, cancel=self.run.cancel,
-                                on_result=lambda j, r, chunk=chunk: self._record(chunk[j][0], chunk[j][1], r))
+            # recorded in candidate order (not as they land), so equal scores rank the same with any backend
+            for (i, c), r in zip(chunk, self._backend().map(items, cancel=self.run.cancel)):
+                self._record(i, c, r)
 
     def _record(self, index: int, c: Candidate, r: dict[str, Any]) -> None:
         row = {"key": c.key, "label": c.label, "method": c.method, "params": c.params, "phase": DATA_FREE,
