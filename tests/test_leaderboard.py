@@ -146,6 +146,36 @@ def test_ranks_replays_winner_tests_top_k_and_resumes(tiny_fmnist_family, tmp_pa
     assert all(e.data["replayed"] and event_line(e) is None for e in replayed)
 
 
+def test_a_cancelled_run_leaves_no_half_file_and_resumes(tiny_fmnist_family, tmp_path, monkeypatch):
+    from mergecore.errors import Cancelled
+    from mergecore.events import CancelToken
+
+    fam = tiny_fmnist_family
+    cancel, calls = CancelToken(), []
+    real = LeaderboardWorker.evaluate
+
+    def counted(self, item, cancel_=None):
+        calls.append(item["label"])
+        if len(calls) == 3:
+            cancel.cancel()  # Ctrl-C while the third candidate is scored
+        return real(self, item, cancel_)
+
+    monkeypatch.setattr(LeaderboardWorker, "evaluate", counted)
+    out = tmp_path / "c"
+    with pytest.raises(Cancelled):
+        run_leaderboard(_config(fam, grid=False), Path("."), out, cancel=cancel)
+    assert not any((out / f).exists() for f in ("leaderboard.csv", "leaderboard.html", "recipe.yml", "result.json"))
+    lines = (out / "candidates.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and [json.loads(x)["label"] for x in lines] == calls
+    # a crash in the middle of a line: the cut line is dropped and scored again
+    (out / "candidates.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
+    calls.clear()
+    summary = run_leaderboard(_config(fam, grid=False), Path("."), out)
+    assert calls[0] == json.loads(lines[2])["label"] and len(calls) == len(METHODS) - 2 + 2  # + the top 2 on test
+    assert len(summary["ranking"]) == len(METHODS)
+    assert all(json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines())
+
+
 class _Clock:
     def __init__(self):
         self.now = 1000.0
