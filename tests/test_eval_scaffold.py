@@ -343,3 +343,15 @@ def test_csv_cells_are_read_as_written_and_bad_labels_are_one_line(tmp_path):
         task = parse_tasks("- {name: t, data: {path: j.jsonl}}", base_dir=tmp_path)[0]
         with pytest.raises(MergeError, match=rf"row 2: label {re.escape(shown)} is neither a class id"):
             task.data()
+
+
+def test_a_null_text_is_an_error_naming_the_row(tok_lm, tmp_path):
+    from mergecore.eval import Evaluator
+    from mergecore.eval.tasks import parse_tasks
+
+    lm_path, _ = tok_lm
+    _jsonl(tmp_path / "t.jsonl", [{"text": "the cat", "label": 0}, {"text": None, "label": 1}])
+    for spec in ("{name: t, kind: lm, data: {path: t.jsonl}}", "{name: t, input: text, data: {path: t.jsonl}}"):
+        tasks = parse_tasks(f"- {spec}", base_dir=tmp_path)
+        with pytest.raises(MergeError, match="row 2: 'text' is empty"):
+            Evaluator(tasks).evaluate(lm_path)

@@ -231,6 +231,15 @@ def fill_template(template: Optional[str], field_name: str, row: dict[str, Any],
                          f"({type(err).__name__}: {clip(err, 80)})") from None
 
 
+def row_text(row: dict[str, Any], field_name: str, index: int, where: str) -> str:
+    """`row[field_name]` as text; a null (JSON null, an empty Parquet cell) is an error naming the
+    row, never the text "None"."""
+    v = row[field_name]
+    if v is None or (isinstance(v, float) and v != v):
+        raise MergeError(f"{where}: row {index + 1}: '{clip(field_name, 60)}' is empty (null)")
+    return str(v)
+
+
 def batches(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for i in range(0, len(indices), size):
         yield indices[i:i + size]

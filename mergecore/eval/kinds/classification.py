@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 from mergecore.errors import MergeError, clip, short
 from mergecore.eval.data import Arrays, Data, Records
 from mergecore.eval.kind import (Prepared, Resources, Task, TaskSpec, TrainingInputs, batches, call_with_head, head_for,
-                                 model_device, model_dtype, register_kind)
+                                 model_device, model_dtype, register_kind, row_text)
 from mergecore.eval.prep import pad_batch, pad_id_of
 from mergecore.eval.yamlspec import relative_path
 
@@ -126,8 +126,9 @@ class ClassificationTask(Task):
         tok = res.tokenizer(self.tokenizer_override())
         s = self.spec
         seqs = []
-        for r in d.rows:
-            args = (str(r[s.text_field]),) + ((str(r[s.text_pair_field]),) if s.text_pair_field else ())
+        for i, r in enumerate(d.rows):
+            args = (row_text(r, s.text_field, i, self.where()),) + (
+                (row_text(r, s.text_pair_field, i, self.where()),) if s.text_pair_field else ())
             seqs.append(tok(*args, truncation=True, max_length=s.max_length)["input_ids"])
         return Prepared(len(labels), {"input_ids": seqs, "labels": labels, "pad_id": pad_id_of(tok)})
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mergecore.errors import MergeError
-from mergecore.eval.kind import Prepared, Resources, Task, TaskSpec, TrainingInputs, model_device, register_kind
+from mergecore.eval.kind import (Prepared, Resources, Task, TaskSpec, TrainingInputs, model_device, register_kind,
+                                 row_text)
 from mergecore.eval.prep import pad_batch, pad_id_of
 
 
@@ -37,8 +38,9 @@ class LMTask(Task):
         tok = res.tokenizer(self.tokenizer_override())
         L = self.spec.max_length
         chunks: list[list[list[int]]] = []
-        for r in rows:
-            ids = tok(str(r[self.spec.text_field]), add_special_tokens=self.spec.add_special_tokens)["input_ids"]
+        for i, r in enumerate(rows):
+            text = row_text(r, self.spec.text_field, i, self.where())
+            ids = tok(text, add_special_tokens=self.spec.add_special_tokens)["input_ids"]
             chunks.append([ids[i:i + L] for i in range(0, len(ids), L)] or [[]])
         return Prepared(len(rows), {"chunks": chunks, "pad_id": pad_id_of(tok)})
 
