@@ -82,16 +82,17 @@ def _is_model(folder: Path) -> bool:
 
 def _head(folder: Path) -> Optional[dict[str, Any]]:
     """{prefix, num_labels, id2label} of a checkpoint with a classifier head, or None."""
-    from mergecore.io.source import ModelSource
+    from mergecore.io.source import ModelSource, read_json_object
 
-    try:
+    try:  # the config first: the weights' index is only opened for a classifier
+        config = read_json_object(folder / "config.json", f"{folder}: config.json")
+        archs = config.get("architectures") if isinstance(config.get("architectures"), list) else []
+        if not any(isinstance(a, str) and "Classification" in a for a in archs):
+            return None
         src = ModelSource(str(folder), folder)
         names = list(src.iter_names())
         src.close()
     except MergeError:
-        return None
-    archs = src.config.get("architectures") or []
-    if not any(isinstance(a, str) and "Classification" in a for a in archs):
         return None
     prefix = next((p for p in HEAD_PREFIXES if any(n.startswith(p) for n in names)), None)
     if prefix is None:
