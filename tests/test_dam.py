@@ -475,3 +475,15 @@ def test_models_pair_with_their_tasks_by_name_then_by_head(tiny_fmnist_family):
     assert [d["task"] for d in pair_models_with_tasks(renamed, paths, tasks)] == names
     with pytest.raises(MergeError, match="no task for stranger"):
         pair_models_with_tasks(["stranger"], [str(fam.base)], tasks)
+
+
+def test_a_model_pairs_with_the_first_task_named_like_it():
+    from mergecore.eval.training import task_named_like
+
+    tasks = ["code_ppl", "code_next_line", "legal_ppl", "docs_ppl", "codex"]
+    assert task_named_like("expert_code", tasks) == "code_ppl"  # the first of its domain's tasks
+    assert task_named_like("/models/ft-Legal", tasks) == "legal_ppl"  # words, case and folders aside
+    assert task_named_like("docs", tasks) == "docs_ppl"
+    assert task_named_like("expert_cod", tasks) is None  # whole words only: not code_ppl
+    assert task_named_like("expert", tasks) is None  # nothing left to match
+    assert task_named_like("expert_math", tasks) is None

@@ -9,6 +9,7 @@ from them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -98,10 +99,31 @@ def task_data(task: Task, res: Resources, model: nn.Module, *, max_examples: Opt
     return TaskData(task.name, kind, items, got.pad_id, got.classes, got.head, rows_total=rows)
 
 
+_MODEL_WORDS = {"expert", "experts", "model", "ft", "finetuned", "finetune", "fine", "tuned"}
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[^0-9a-z]+", name.lower()) if w]
+
+
+def task_named_like(model_name: str, task_names: list[str]) -> Optional[str]:
+    """The first task whose name begins with the model's name once words like `expert` are dropped
+    (`expert_code` -> `code_ppl`, `ft-legal` -> `legal`), or None: a family names its expert
+    folders after the domain and its tasks after the domain and the measure."""
+    stem = [w for w in _words(Path(model_name).name) if w not in _MODEL_WORDS]
+    if not stem:
+        return None
+    for t in task_names:
+        if _words(t)[: len(stem)] == stem:
+            return t
+    return None
+
+
 def pair_models_with_tasks(names: list[str], paths: list[str], tasks_file: str) -> list[Any]:
     """A config's `models:` for models `names` (folders `paths`) from a tasks file, when the user
     named no task per model (the app's form): each model's D_i is the task of its name, else the
-    task scored with its head (`head_from`), else the tasks in order when there are as many."""
+    task scored with its head (`head_from`), else the first task named like it
+    (`task_named_like`: expert_code -> code_ppl), else the tasks in order when there are as many."""
     from mergecore.eval.tasks import load_tasks
 
     tasks = load_tasks(tasks_file)
@@ -114,7 +136,8 @@ def pair_models_with_tasks(names: list[str], paths: list[str], tasks_file: str) 
         if head is not None:
             heads.setdefault(str(Path(head).resolve()), t.name)
     task_names = [t.name for t in tasks]
-    paired = [n if n in task_names else heads.get(str(Path(p).resolve())) for n, p in zip(names, paths)]
+    paired = [n if n in task_names else heads.get(str(Path(p).resolve())) or task_named_like(n, task_names)
+              for n, p in zip(names, paths)]
     if all(paired):
         return [{"model": p, "task": t} for p, t in zip(paths, paired)]
     if len(tasks) == len(names):
