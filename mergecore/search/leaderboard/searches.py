@@ -31,6 +31,7 @@ EVO_DATA_RATIO = 0.1
 RMM_DATA_RATIO = 0.1
 RERANK_TOP = 3
 MIN_RMM_EPISODES = 16
+SLOT_USE = 0.8  # a search is planned for this share of its time: its costs are estimates, the budget is not
 EVAL_OVERHEAD = 0.05  # seconds a search spends per evaluation besides merging and scoring (its bookkeeping)
 
 
@@ -100,6 +101,7 @@ def _values(recipe: dict[str, Any]) -> dict[str, Any]:
 
 def plan_evo(rows: list[dict[str, Any]], config, seconds: float, costs: Costs) -> tuple[Optional[dict], str]:
     """The evo config for `seconds`, or None and why not."""
+    seconds *= SLOT_USE
     from mergecore.search.evo.search import default_popsize
 
     template = evo_template(rows)
@@ -115,7 +117,7 @@ def plan_evo(rows: list[dict[str, Any]], config, seconds: float, costs: Costs) -
     evals = int((seconds - fixed_cost) / max(per_eval, 1e-6))
     pop = default_popsize(genes)
     if evals < pop:
-        return None, (f"{seconds:.0f} s left fit {max(evals, 0)} evaluations, fewer than one generation ({pop}); "
+        return None, (f"{seconds:.0f} s planned for it fit {max(evals, 0)} evaluations, fewer than one generation ({pop}); "
                       f"each takes about {per_eval:.1f} s")
     return {
         "method": method, "base_model": config.base, "models": list(config.models), "parameters": bounds,
@@ -128,6 +130,7 @@ def plan_evo(rows: list[dict[str, Any]], config, seconds: float, costs: Costs) -
 
 def plan_rmm(rows: list[dict[str, Any]], config, seconds: float, costs: Costs) -> tuple[Optional[dict], str]:
     """The rmm config for `seconds`, or None and why not."""
+    seconds *= SLOT_USE
     if not config.base:
         return None, "needs a base model (--base)"
     ops, seen = [], set()
@@ -146,7 +149,7 @@ def plan_rmm(rows: list[dict[str, Any]], config, seconds: float, costs: Costs) -
     fixed_cost = (RERANK_TOP + len(ops) + 1) * (merge + costs.evaluate) + len(ops) * merge
     episodes = int((seconds - fixed_cost) / max(per_episode, 1e-6))
     if episodes < MIN_RMM_EPISODES:
-        return None, (f"{seconds:.0f} s left fit {max(episodes, 0)} episodes, fewer than {MIN_RMM_EPISODES}; "
+        return None, (f"{seconds:.0f} s planned for it fit {max(episodes, 0)} episodes, fewer than {MIN_RMM_EPISODES}; "
                       f"each takes about {per_episode:.1f} s")
     return {
         "base_model": config.base, "models": list(config.models), "operators": ops, "tasks": config.val_tasks,
