@@ -42,7 +42,8 @@ def parse_budget(text: Union[str, int, float]) -> int:
     else:
         m = _BUDGET.match(str(text).lower())
         if not m or m.group(2) not in _UNITS:
-            raise MergeError(f"budget must be a duration such as 30m, 1h, 90s or 1800 (seconds), got '{clip(text, 40)}'")
+            raise MergeError(f"budget must be a duration such as 30m, 1h, 90s or 1800 (seconds), "
+                             f"got '{clip(text, 40)}'")
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     if not seconds >= 1 or seconds > 30 * 86400:
         raise MergeError(f"budget must be between 1 second and 30 days, got {clip(text, 40)}")

@@ -117,8 +117,8 @@ def plan_evo(rows: list[dict[str, Any]], config, seconds: float, costs: Costs) -
     evals = int((seconds - fixed_cost) / max(per_eval, 1e-6))
     pop = default_popsize(genes)
     if evals < pop:
-        return None, (f"{seconds:.0f} s planned for it fit {max(evals, 0)} evaluations, fewer than one generation ({pop}); "
-                      f"each takes about {per_eval:.1f} s")
+        return None, (f"{seconds:.0f} s planned for it fit {max(evals, 0)} evaluations, fewer than one "
+                      f"generation ({pop}); each takes about {per_eval:.1f} s")
     return {
         "method": method, "base_model": config.base, "models": list(config.models), "parameters": bounds,
         "fixed": fixed, "layer_groups": groups, "filters": filters, "dtype": config.dtype, "tasks": config.val_tasks,
