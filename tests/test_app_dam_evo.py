@@ -37,7 +37,7 @@ def evo_args(fam, key, **fields):
 def test_dam_and_evo_forms_make_configs(fmnist_demo):
     from app import searches as srch
 
-    assert srch.search_names() == ["rmm", "dam", "evo"]
+    assert srch.search_names() == ["rmm", "dam", "evo", "leaderboard"]
     session = demo_session(fmnist_demo)
     dam = srch.get_search("dam")
     values = {f.key: srch.field_default(f, session) for f in dam.fields}

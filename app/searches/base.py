@@ -4,11 +4,12 @@ registry, plus the helpers the searches share (form checks, operators, event ser
 A search registers a `SearchSpec` named as the engine's search (`mergecore.search.base.SEARCHES`:
 its config class, and the one program it runs through, come from there):
 
-- `fields`: the form, as `Field`s. Kinds: 'float', 'int', 'bool', 'choice', 'text', 'yaml'
-  (a YAML code box), and session-aware ones the tab fills in: 'models' (the session's models
-  but the base; ticked boxes), 'base' (the session's base model), 'tasks' (a tasks YAML;
-  defaults to the demo family's validation tasks) and 'operators' (a YAML list of merge
-  methods with fixed parameters, with an "add" dropdown fed by the method registry).
+- `fields`: the form, as `Field`s. Kinds: 'float', 'int', 'bool', 'choice', 'multichoice'
+  (several of `choices`), 'text', 'yaml' (a YAML code box), and session-aware ones the tab
+  fills in: 'models' (the session's models but the base; ticked boxes), 'base' (the session's
+  base model), 'tasks' (a tasks YAML; by default the demo family's validation tasks, with
+  `tasks_from` its test tasks or only a separate validation file) and 'operators' (a YAML list
+  of merge methods with fixed parameters, with an "add" dropdown fed by the method registry).
   `advanced=True` puts a field in a closed accordion. The form follows the fields' order:
   the session's models, the scalars listed before the first YAML / tasks field, those wide
   fields, then the other scalars in rows of four.
@@ -19,6 +20,8 @@ its config class, and the one program it runs through, come from there):
 - `plots`: `PlotSpec(title, figure)` where `figure(events, meta) -> plotly Figure`; `events`
   are `Event.as_dict()`s of the job, `meta` what `meta(config, session)` returned at start
   (e.g. the action names of a merging-map heatmap).
+- `table` (optional): `TableSpec(title, rows(events, meta) -> (headers, rows))`, a live table
+  shown above the plots and redrawn with them (the leaderboard's ranking).
 - `progress(events, meta) -> (fraction or None, text)` and `summary_md(result, meta) -> markdown`.
   The search log shows the engine's line for each event (`mergecore.search.report.event_line`).
 - `meta(config, session)`: what the plots and the progress need besides the events;
@@ -40,7 +43,9 @@ from mergecore.errors import MergeError, short
 from mergecore.events import CancelToken, Event
 from mergecore.yamlio import load_yaml
 
-FIELD_KINDS = ("float", "int", "bool", "choice", "text", "yaml", "models", "base", "tasks", "operators")
+FIELD_KINDS = ("float", "int", "bool", "choice", "multichoice", "text", "yaml", "models", "base", "tasks",
+               "operators")
+TASKS_FROM = ("val", "test", "val_file")  # what a tasks field starts from (see `field_default`)
 
 
 @dataclass
@@ -54,10 +59,13 @@ class Field:
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     advanced: bool = False
+    tasks_from: str = "val"  # a tasks field: the session's tasks it starts from (TASKS_FROM)
 
     def __post_init__(self) -> None:
         if self.kind not in FIELD_KINDS:
             raise ValueError(f"field '{self.key}': unknown kind '{self.kind}' (one of {', '.join(FIELD_KINDS)})")
+        if self.tasks_from not in TASKS_FROM:
+            raise ValueError(f"field '{self.key}': tasks_from must be one of {', '.join(TASKS_FROM)}")
 
 
 def session_fields(models_info: str, base_info: str) -> list[Field]:
@@ -77,6 +85,14 @@ SEED = Field("seed", "Seed", "int", 0, minimum=0)
 class PlotSpec:
     title: str
     figure: Callable[[list[dict[str, Any]], dict[str, Any]], Any]
+
+
+@dataclass
+class TableSpec:
+    """A live table beside the plots: `rows(events, meta) -> (headers, rows)`, redrawn as the plots are."""
+
+    title: str
+    rows: Callable[[list[dict[str, Any]], dict[str, Any]], tuple[list[str], list[list[Any]]]]
 
 
 @dataclass
@@ -118,6 +134,7 @@ class SearchSpec:
     meta: Callable[[Any, SearchSession], dict[str, Any]] = lambda config, session: {}
     log_every: int = 1  # the log shows every n-th training step (the first and the last)
     stops_after: str = "the current evaluation"  # what Stop waits for (the engine checks its cancel token there)
+    table: Optional[TableSpec] = None  # a live table above the plots (e.g. the leaderboard's ranking)
 
     def field(self, key: str) -> Field:
         for f in self.fields:
@@ -173,7 +190,13 @@ def field_default(f: Field, session: SearchSession) -> Any:
     if f.kind == "base":
         return session.base
     if f.kind == "tasks":
+        if f.tasks_from == "test":
+            return session.tasks or ""
+        if f.tasks_from == "val_file":  # a validation file apart from the test tasks, or none
+            return session.val_tasks if session.val_tasks and session.val_tasks != session.tasks else ""
         return session.val_tasks or session.tasks or ""
+    if f.kind == "multichoice":
+        return list(f.default or [])
     return f.default
 
 

@@ -1,5 +1,6 @@
 """The Search tab: the form of each registered search (`app.searches`), Start / Stop / Resume,
-live plotly plots from the job's events, and the best recipe when the search is done.
+live plotly plots from the job's events (and a live table for a search that has one, e.g. the
+leaderboard's ranking), and the best recipe when the search is done.
 
 Searches belong to the browser (`app.searches.runs`): a reload or a second tab of the same
 browser finds the running search and keeps plotting it. Closing the page does not stop a
@@ -29,7 +30,7 @@ from app.searches import runs
 
 MIN_PLOTS = 4
 SESSION_KINDS = ("models", "base")
-SCALAR_KINDS = ("float", "int", "bool", "choice", "text")
+SCALAR_KINDS = ("float", "int", "bool", "choice", "multichoice", "text")
 WIDE_KINDS = ("operators", "yaml", "tasks")
 
 
@@ -52,6 +53,9 @@ def _component(spec: srch.SearchSpec, f: srch.Field):
         return gr.Checkbox(label=f.label, value=bool(f.default), info=info, elem_id=elem)
     if f.kind == "choice":
         return gr.Dropdown(label=f.label, choices=f.choices or [], value=f.default, info=info, elem_id=elem)
+    if f.kind == "multichoice":
+        return gr.Dropdown(label=f.label, choices=f.choices or [], value=list(f.default or []), multiselect=True,
+                           info=info, elem_id=elem, interactive=True)
     return gr.Number(label=f.label, value=f.default, minimum=f.minimum, maximum=f.maximum, info=info,
                      precision=0 if f.kind == "int" else None, elem_id=elem)
 
@@ -127,6 +131,8 @@ class SearchTab:
                 self.resume_btn = gr.Button("Resume", elem_id="search-resume")
             self.status_md = gr.Markdown("", elem_id="search-status")
             self.progress = gr.HTML(progress_html(0, "no search yet", "idle"), elem_id="search-progress")
+            self.table = gr.Dataframe(label=first.table.title if first.table else "", interactive=False,
+                                      visible=first.table is not None, elem_id="search-table")
             self.plots = []
             for i in range(0, n_plots, 2):
                 with gr.Row():
@@ -158,6 +164,13 @@ class SearchTab:
         """A plot update per slot: `figure(plot spec)` in the search's slots, the others hidden."""
         return ([gr.Plot(value=figure(p), visible=True) for p in spec.plots]
                 + [gr.Plot(visible=False) for _ in range(self.n_plots - len(spec.plots))])
+
+    def table_update(self, spec: srch.SearchSpec, events=None, meta=None) -> Any:
+        """The table of a search that has one (empty before its first events), hidden for the others."""
+        if spec.table is None:
+            return gr.Dataframe(visible=False)
+        headers, rows = spec.table.rows(events or [], meta or {})
+        return gr.Dataframe(value={"headers": headers, "data": rows}, label=spec.table.title, visible=True)
 
     def wire(self, page: Page) -> None:
         if not self.specs:
@@ -208,13 +221,13 @@ class SearchTab:
     def wire_runs(self, page: Page) -> None:
         ctx, n_plots = self.ctx, self.n_plots
         field_comps = [c for _, _, c in self.comps]
-        start_outputs = [self.job, self.cursor, self.timer, self.progress, self.status_md, *self.plots,
+        start_outputs = [self.job, self.cursor, self.timer, self.progress, self.status_md, *self.plots, self.table,
                          self.result_md, self.recipe_code, self.result_row, self.replay_df, self.replay_progress]
 
         def started(job: Job, spec: srch.SearchSpec, msg: str):
             return (job.id, -1, gr.Timer(active=True), progress_html(0, "starting ..."), msg,
-                    *self.figures(spec, lambda p: plots.empty_figure(p.title)), "", gr.Code(visible=False),
-                    gr.Row(visible=False), gr.DataFrame(visible=False), "")
+                    *self.figures(spec, lambda p: plots.empty_figure(p.title)), self.table_update(spec), "",
+                    gr.Code(visible=False), gr.Row(visible=False), gr.DataFrame(visible=False), "")
 
         def failed(msg: str):
             return (*[gr.skip()] * 4, error_md(msg), *[gr.skip()] * (len(start_outputs) - 5))
@@ -268,9 +281,9 @@ class SearchTab:
 
         self.resume_btn.click(on_resume, [page.browser_key], start_outputs, api_name="resume_search")
 
-        poll_outputs = [self.progress, self.log_tb, *self.plots, self.result_md, self.recipe_code, self.result_row,
-                        self.status_md, self.start_btn, self.stop_btn, self.resume_btn, self.timer, self.cursor,
-                        self.data_json]
+        poll_outputs = [self.progress, self.log_tb, *self.plots, self.table, self.result_md, self.recipe_code,
+                        self.result_row, self.status_md, self.start_btn, self.stop_btn, self.resume_btn, self.timer,
+                        self.cursor, self.data_json]
 
         def buttons(running: bool) -> tuple[Any, Any, Any]:
             """Start and Resume while nothing runs, Stop while the search runs."""
@@ -293,6 +306,7 @@ class SearchTab:
             frac, text = spec.progress(events, meta)
             redraw = snap["cursor"] != seen or done
             figs = self.figures(spec, lambda p: p.figure(events, meta)) if redraw else [gr.skip()] * n_plots
+            figs.append(self.table_update(spec, events, meta) if redraw else gr.skip())
             log_text = "\n".join(snap["log"][-300:])
             data = {"id": job.id, "search": spec.name, "status": status, "events": snap["cursor"],
                     "episodes": len([e for e in events if e["kind"].endswith(".episode")]), "fraction": frac,
