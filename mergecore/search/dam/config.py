@@ -39,6 +39,10 @@ Search YAML (paths relative to the YAML file; `~` is expanded)::
     teacher_top_k: 128
     steps: 200
     batch_size: 32                           # examples per task per step
+    max_tokens_per_backward: 4096            # the most tokens whose activations are held at once (padded
+                                             # length x examples; an image counts one): a larger batch
+                                             # runs in chunks, gradients accumulated (the same step);
+                                             # it also bounds each forward that caches teacher outputs
     examples_per_task: 1000                  # a seeded sample of each task's data (null: all)
     max_length: 512                          # tokens per LM example
     eval_every: 50
@@ -126,6 +130,7 @@ class DAMConfig(_Strict):
     teacher_top_k: int = Field(default=128, ge=1)
     steps: int = Field(default=200, ge=1)
     batch_size: int = Field(default=32, ge=1)
+    max_tokens_per_backward: int = Field(default=4096, ge=1)
     examples_per_task: Optional[int] = Field(default=1000, ge=1)
     max_length: Optional[int] = Field(default=512, ge=2)
     eval_every: int = Field(default=50, ge=0)
@@ -172,9 +177,10 @@ class DAMConfig(_Strict):
         """The training loop's settings."""
         o, loss = self.optimizer, self.loss
         return DAMSettings(
-            steps=self.steps, batch_size=self.batch_size, lr=o.lr, weight_decay=o.weight_decay,
-            betas=tuple(o.betas), eps=o.eps, max_grad_norm=o.max_grad_norm or None, schedule=o.schedule,
-            warmup_steps=o.warmup_steps, clamp=tuple(o.clamp) if o.clamp else None, seed=self.seed,
+            steps=self.steps, batch_size=self.batch_size, max_tokens_per_backward=self.max_tokens_per_backward,
+            lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+            max_grad_norm=o.max_grad_norm or None, schedule=o.schedule, warmup_steps=o.warmup_steps,
+            clamp=tuple(o.clamp) if o.clamp else None, seed=self.seed,
             eval_every=self.eval_every, eval_at_start=self.eval_at_start, patience=self.patience,
             checkpoint_every=self.checkpoint_every,
             loss=LossSettings(**loss.model_dump()))

@@ -55,30 +55,37 @@ def run_model(module: nn.Module, params: Optional[dict[str, torch.Tensor]], kwar
 
 @torch.no_grad()
 def compute_teacher(data: TaskData, forward: Callable[[dict[str, Any]], torch.Tensor], *, batch_size: int,
-                    top_k: Optional[int], on_batch: Optional[Callable[[int], None]] = None) -> Teacher:
-    """Run the teacher over all of D_i once and keep its rows (top-k of them when `top_k`)."""
+                    top_k: Optional[int], on_batch: Optional[Callable[[int], None]] = None,
+                    max_tokens: Optional[int] = None) -> Teacher:
+    """Run the teacher over all of D_i once and keep its rows (top-k of them when `top_k`), at most
+    `batch_size` examples and `max_tokens` tokens (padded; `mergecore.search.dam.chunks`) per forward:
+    a causal LM's full logits are tokens x vocabulary floats before the top-k."""
+    from mergecore.search.dam.chunks import example_tokens, split
+
     values: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
     n = len(data)
     use_topk = False
     for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
-        kwargs, mask, _ = data.inputs(idx)
-        logits = forward(kwargs).float()
-        if data.kind == "lm":
-            per = [logits[j, : int(mask[j].sum())] for j in range(len(idx))]
-        else:
-            r = data.rows(logits, None)
-            per = [r[j: j + 1] for j in range(len(idx))]
-        data.width = per[0].shape[-1]
-        use_topk = bool(top_k) and top_k < data.width
-        for rows in per:
-            if use_topk:
-                v, i = rows.topk(top_k, dim=-1)
-                values.append(v.contiguous().clone())
-                indices.append(i.to(torch.int32).contiguous())
+        batch = list(range(start, min(n, start + batch_size)))
+        for idx in split(batch, example_tokens(data, batch), max_tokens) if max_tokens else [batch]:
+            kwargs, mask, _ = data.inputs(idx)
+            logits = forward(kwargs).float()
+            if data.kind == "lm":
+                per = [logits[j, : int(mask[j].sum())] for j in range(len(idx))]
             else:
-                values.append(rows.contiguous().clone())
+                r = data.rows(logits, None)
+                per = [r[j: j + 1] for j in range(len(idx))]
+            data.width = per[0].shape[-1]
+            use_topk = bool(top_k) and top_k < data.width
+            for rows in per:
+                if use_topk:
+                    v, i = rows.topk(top_k, dim=-1)
+                    values.append(v.contiguous().clone())
+                    indices.append(i.to(torch.int32).contiguous())
+                else:
+                    values.append(rows.contiguous().clone())
+            del logits, per
         if on_batch:
             on_batch(min(n, start + batch_size))
     return Teacher(values, indices if use_topk else None)

@@ -239,7 +239,8 @@ class DAM:
             if mode == "cache":
                 run.event("dam.teacher", {"task": d.name, "model": r, "examples": len(d)})
                 d.teacher = compute_teacher(d, lambda kw, m=model, h=d.head: run_model(m, h, kw),
-                                            batch_size=cfg.eval_batch_size, top_k=top_k)
+                                            batch_size=cfg.eval_batch_size, top_k=top_k,
+                                            max_tokens=cfg.max_tokens_per_backward)
             elif mode == "on_the_fly":
                 sd = dict(model.state_dict(keep_vars=False))
                 teacher_params[i] = {k: (v.detach().clone() if resident else v.detach()) for k, v in sd.items()}

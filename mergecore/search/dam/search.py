@@ -4,7 +4,9 @@ Each step draws one batch from every D_i (a deterministic function of the seed a
 builds the merged tensors once, runs the merged model on each batch (with task i's head), adds
 the loss against source model i's outputs (cached or computed on the fly), then the
 regularisers, and takes one AdamW step on the coefficients. The merged tensors are detached
-into leaves for the forward passes, so only one batch's activations are alive at a time; their
+into leaves for the forward passes, so only one batch's activations are alive at a time, and a
+batch larger than `max_tokens_per_backward` tokens runs in chunks, each loss backpropagated with
+its share of the batch's rows (`mergecore.search.dam.chunks`: the same gradient); the leaves'
 gradients flow back into the coefficients in one backward through the merge.
 
 Events: `dam.step` (loss, each term, learning rate, examples and tokens seen, seconds),
@@ -28,6 +30,7 @@ from mergecore.errors import Cancelled, MergeError
 from mergecore.events import CancelToken, Event, EventCallback
 from mergecore.search.checkpoint import SearchCheckpoint, WallClock, need, pack_tree, restoring, unpack_tree
 from mergecore.search.dam import losses
+from mergecore.search.dam.chunks import chunks
 from mergecore.search.dam.data import TaskData, run_model
 from mergecore.search.dam.keep import ChoosesOnValidation, Kept
 from mergecore.search.dam.merger import Merger
@@ -55,6 +58,7 @@ class LossSettings:
 class DAMSettings:
     steps: int = 200
     batch_size: int = 32  # examples per task per step
+    max_tokens_per_backward: int = 4096  # tokens whose activations are held at once (mergecore.search.dam.chunks)
     lr: float = 2e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -269,16 +273,19 @@ class DAMSearch(ChoosesOnValidation):
             examples = tokens = 0
             for i, d in enumerate(self.data):
                 idx = d.batch_indices(self.step, s.batch_size, s.seed, i)
-                loss_i, ntok = self._task_loss(i, d, leaves, idx)
-                if not torch.isfinite(loss_i):
-                    raise MergeError(f"step {self.step + 1}: the {s.loss.kind} loss on task '{d.name}' is not finite; "
-                                     f"lower the learning rate")
-                loss_i.backward()
-                value = loss_i.item()
+                value = 0.0
+                for part, weight in chunks(d, idx, s.max_tokens_per_backward):  # gradients accumulate in leaves
+                    loss_c, ntok = self._task_loss(i, d, leaves, part)
+                    if not torch.isfinite(loss_c):
+                        raise MergeError(f"step {self.step + 1}: the {s.loss.kind} loss on task '{d.name}' is not "
+                                         f"finite; lower the learning rate")
+                    (loss_c if weight == 1.0 else loss_c * weight).backward()
+                    value += loss_c.item() * weight
+                    tokens += ntok
+                    del loss_c
                 terms[f"{s.loss.kind}/{d.name}"] = value
                 task_total += value
                 examples += len(idx)
-                tokens += ntok
             pairs = [(merged[n], leaves[n].grad) for n in merged if leaves[n].grad is not None]
             if pairs:
                 torch.autograd.backward([m for m, _ in pairs], [g for _, g in pairs])
