@@ -10,7 +10,6 @@ import json
 import math
 import random
 import re
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from _text_helpers import word_level_llama
 from mergecore.cli import main
 from mergecore.errors import MergeError
 from mergecore.eval import DataSpec, load_data
@@ -30,23 +30,8 @@ WORDS = "the a cat dog sat on mat ran to park big small red blue green is was an
 @pytest.fixture(scope="module")
 def tok_lm(tmp_path_factory, model_factory):
     """The conftest tiny Llama (vocab 96) with a word-level tokenizer saved beside it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for w in WORDS + ["?", "."]:
-        vocab.setdefault(w, len(vocab))
-    while len(vocab) < 96:
-        vocab[f"w{len(vocab)}"] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    path = tmp_path_factory.mktemp("scaffold_lm") / "llama"
-    shutil.copytree(model_factory("llama", 0), path)
-    tok.save_pretrained(path)
-    return path, tok
+    return word_level_llama(tmp_path_factory.mktemp("scaffold_lm") / "llama", model_factory("llama", 0),
+                            WORDS + ["?", "."])
 
 
 def _classifier(path: Path, lm_path: Path, tok, seed: int, id2label: dict[int, str]) -> torch.nn.Module:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _text_helpers import word_level_llama
 from mergecore.errors import MergeError
 from mergecore.eval import Evaluator, parse_tasks
 
@@ -21,26 +22,8 @@ WORDS = ("the a cat dog sat on mat ran to park big small red blue green is was a
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory, model_factory):
     """The conftest tiny Llama (vocab 96) plus a WordLevel tokenizer built here, saved together."""
-    import shutil
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for w in WORDS + [str(i) for i in range(10)] + ["?", ".", ":"]:
-        vocab.setdefault(w, len(vocab))
-    while len(vocab) < 96:  # every id the model can produce decodes to a word
-        vocab[f"w{len(vocab)}"] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    from tokenizers import processors
-
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    path = tmp_path_factory.mktemp("lm") / "llama"
-    shutil.copytree(model_factory("llama", 0), path)
-    tok.save_pretrained(path)
+    path, tok = word_level_llama(tmp_path_factory.mktemp("lm") / "llama", model_factory("llama", 0),
+                                 WORDS + [str(i) for i in range(10)] + ["?", ".", ":"])
     import transformers as tf
 
     model = tf.LlamaForCausalLM.from_pretrained(str(path)).eval()
