@@ -252,3 +252,29 @@ def test_default_popsize_is_cmas_own():
         warnings.simplefilter("ignore")
         for n in (1, 2, 3, 7, 20, 55, 300):
             assert default_popsize(n) == cma.CMAEvolutionStrategy([0.0] * n, 0.5, {"verbose": -9}).popsize, n
+
+
+class _FlatBackend:
+    """Every candidate scores the same: after the first generation nothing improves."""
+
+    def __init__(self):
+        self.scored = 0
+
+    def map(self, items, cancel=None):
+        self.scored += len(items)
+        return [{"score": 0.5, "scores": {"t": 0.5}, "seconds": 0.0} for _ in items]
+
+
+@pytest.mark.parametrize("patience, generations", [(3, 4), (0, 10)])
+def test_evo_stops_after_patience_generations_without_a_better_best(patience, generations):
+    from mergecore.search.evo.genome import Bounds, Genome
+    from mergecore.search.evo.search import EvoSearch, EvoSettings
+
+    genome = Genome(method="linear", models=("a", "b"), parameters=(("weight", Bounds(0.0, 1.0, 0.5)),))
+    backend = _FlatBackend()
+    search = EvoSearch(genome, backend, EvoSettings(popsize=4, max_evals=40, patience=patience))
+    result = search.run()
+    # generation 0 sets the best; `patience` stalled generations later the run stops (0: the budget ends it)
+    assert result.generations == generations and backend.scored == 4 * generations
+    assert search.stalled_generations() == generations - 1
+    assert result.stop.startswith("patience (3 generations" if patience else "max_evals")

@@ -17,6 +17,7 @@ Search YAML (paths relative to the YAML file; `~` is expanded)::
     sigma0: 0.1667                  # CMA-ES initial step on the [0, 1] gene cube
     popsize: null                   # null: CMA-ES's default 4 + 3 ln(genes)
     max_evals: 100
+    patience: 25                    # stop after this many generations without a better best (0: never)
     rerank_top: 5                   # the best candidates (by subset score) re-scored on all of `tasks`
     seed: 0
     backend: local                  # or ray (pip install mergecore[ray])
@@ -84,6 +85,7 @@ class EvoConfig(BackendSpec):
     sigma0: Ratio = 1 / 6  # genes live in [0, 1]
     popsize: Optional[int] = None
     max_evals: Positive = 100
+    patience: int = Field(default=25, ge=0)  # generations in a row without a better best before stopping (0: never)
     # the result is chosen on the full validation split (`tasks`) among this many best candidates by
     # subset score and the template at its starting values (the data-free merge)
     rerank_top: Positive = 5
@@ -112,7 +114,7 @@ class EvoConfig(BackendSpec):
         return v
 
     def settings(self) -> EvoSettings:
-        return EvoSettings(sigma0=self.sigma0, popsize=self.popsize, max_evals=self.max_evals, seed=self.seed,
+        return EvoSettings(sigma0=self.sigma0, popsize=self.popsize, max_evals=self.max_evals, seed=self.seed, patience=self.patience,
                            cma_options=dict(self.cma_options))
 
     def genome(self, root: Path) -> Genome:

@@ -74,6 +74,7 @@ class EvoSettings:
     max_evals: int = 100  # whole generations are run while they fit in this budget (at least one)
     seed: int = 0
     cma_options: dict[str, Any] = field(default_factory=dict)
+    patience: int = 25  # stop after this many generations in a row without a better best (0: never)
 
 
 @dataclass
@@ -247,6 +248,17 @@ class EvoSearch:
             return True
         return self.evaluations + self.popsize <= self.settings.max_evals
 
+    def stalled_generations(self) -> int:
+        """Generations since the best score last improved (from the recorded history, so a resumed
+        run counts the same as an uninterrupted one)."""
+        best, since = None, 0
+        for info in self.history:
+            if best is None or info["best"] > best:
+                best, since = info["best"], 0
+            else:
+                since += 1
+        return since
+
     def _cma_stop(self) -> str:
         stop = {k: v for k, v in self.es.stop().items() if k not in ("maxfevals", "maxiter")}
         return ", ".join(sorted(stop))
@@ -344,6 +356,10 @@ class EvoSearch:
             while True:
                 if not self._budget_allows():
                     self.stop_reason = f"max_evals ({self.settings.max_evals})"
+                    break
+                patience = self.settings.patience
+                if patience and self.generation and self.stalled_generations() >= patience:
+                    self.stop_reason = f"patience ({patience} generations without a better score)"
                     break
                 stop = self._cma_stop() if self.generation else ""
                 if stop:
