@@ -27,3 +27,18 @@ def word_level_llama(dest: Path, llama_dir: Path, words: Sequence[str], vocab_si
     shutil.copytree(llama_dir, dest)
     tok.save_pretrained(dest)
     return dest, tok
+
+
+def greedy_by_hand(model: Any, tok: Any, prompt: str, n: int) -> str:
+    """Up to `n` greedy tokens after `prompt`, one full forward each (no cache), stopping at </s>:
+    the reference the generation task's exact match is checked against."""
+    import torch
+
+    ids, out = tok(prompt)["input_ids"], []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+    return tok.decode(out, skip_special_tokens=True).strip()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from _text_helpers import word_level_llama
+from _text_helpers import greedy_by_hand, word_level_llama
 from mergecore.cli import main
 from mergecore.errors import MergeError
 from mergecore.eval import DataSpec, load_data
@@ -249,14 +249,7 @@ def test_perplexity_on_txt_and_generation_exact_match_from_jsonl(tok_lm, tmp_pat
     model = tf.LlamaForCausalLM.from_pretrained(str(lm_path)).eval()
 
     def greedy(prompt: str, n: int) -> str:
-        ids, out = tok(prompt)["input_ids"], []
-        with torch.no_grad():
-            for _ in range(n):
-                nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
-                if nxt == tok.eos_token_id:
-                    break
-                out.append(nxt)
-        return tok.decode(out, skip_special_tokens=True).strip()
+        return greedy_by_hand(model, tok, prompt, n)
 
     d = tmp_path / "text"
     d.mkdir()

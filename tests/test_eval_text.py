@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from _text_helpers import word_level_llama
+from _text_helpers import greedy_by_hand, word_level_llama
 from mergecore.errors import MergeError
 from mergecore.eval import Evaluator, parse_tasks
 
@@ -107,15 +107,7 @@ def test_generation_exact_match_greedy(lm, tmp_path):
     prompts = ["the cat sat on", "one two three four five six", "what color"]
 
     def greedy(prompt: str, n: int = 3) -> str:
-        ids = tok(prompt)["input_ids"]
-        out = []
-        with torch.no_grad():
-            for _ in range(n):
-                nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
-                if nxt == tok.eos_token_id:
-                    break
-                out.append(nxt)
-        return tok.decode(out, skip_special_tokens=True).strip()
+        return greedy_by_hand(model, tok, prompt, n)
 
     expected = [greedy(p) for p in prompts]
     assert all(expected)
